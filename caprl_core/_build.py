@@ -84,7 +84,9 @@ def extension() -> ModuleType:
         try:
             return _build(with_cuda=True)
         except Exception as e:
-            warnings.warn(f"caprl_core: the CUDA kernels did not build ({e}); building the CPU kernels only")
+            warnings.warn(
+                f"caprl_core: the CUDA kernels did not build ({e}); building the CPU kernels only", stacklevel=2
+            )
     return _build(with_cuda=False)
 
 

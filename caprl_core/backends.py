@@ -97,7 +97,9 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
                 key = (op, start, name)
                 if key not in _warned:
                     _warned.add(key)
-                    warnings.warn(f"caprl_core.{op}: backend {start!r} unavailable ({reasons[0]}); using {name!r}")
+                    warnings.warn(
+                        f"caprl_core.{op}: backend {start!r} unavailable ({reasons[0]}); using {name!r}", stacklevel=3
+                    )
             return name
         reasons.append(why)
     raise AssertionError("unreachable: the torch backend is always available")

@@ -1,0 +1,40 @@
+"""Shared test setup: Triton runs through its interpreter on CPU-only machines, and ops tests are parametrised
+over every backend that can run here.
+
+Use the `backend` fixture (or `BACKENDS_HERE`) in op tests: each test then runs once per backend, and a backend that
+cannot run on this machine is reported as skipped with the reason (never silently dropped).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any Triton kernel is defined (i.e. before caprl_core.kernels is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from caprl_core import backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every backend that can run on this machine's device; "cuda" only with a GPU.
+BACKENDS_HERE = ("torch", "cpu", "triton") if DEVICE.type == "cpu" else ("torch", "triton", "cuda")
+
+
+def require_backend(name: str, op: str, device: torch.device = DEVICE) -> None:
+    """Skip (with the reason) when backend `name` cannot run `op` on `device`; tests must not pass on a fallback."""
+    why = backends._why_unavailable(name, op, device)
+    if why is not None:
+        pytest.skip(f"{name} backend unavailable for {op}: {why}")
+
+
+@pytest.fixture(params=BACKENDS_HERE)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
