@@ -64,16 +64,28 @@ def _why_unavailable(name: str, op: str, device: torch.device) -> str | None:
     if name == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):
             return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
-        return _triton_importable()
+        if _triton_importable() is not None:
+            return _triton_importable()
     if name == "cuda" and device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors, got {device.type}"
     if name == "cpu" and device.type != "cpu":
         return f"the C++ CPU kernels need CPU tensors, got {device.type}"
+    why = _load_error(name)
+    if why is not None:
+        return why
+    return None if has_op(load(name), op) else f"the {name} backend has no kernel for {op}"
+
+
+@cache
+def _load_error(name: str) -> str | None:
+    """Why the kernel module of `name` does not load (None if it does). Cached: a failed build is not retried
+    on every call."""
     try:
-        module = load(name)
-    except Exception as e:  # a compiler error, a missing toolchain: fall back, say why once
-        return f"the {name} extension did not build: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-    return None if has_op(module, op) else f"the {name} backend has no kernel for {op}"
+        load(name)
+    except Exception as e:  # a compiler error, a missing toolchain, a broken kernel file
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        return f"the {name} kernels did not load: {last}"
+    return None
 
 
 def has_op(module: ModuleType, op: str) -> bool:
