@@ -86,7 +86,7 @@ def token_logprobs(
             logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     out = _TokenLogprobs.apply(
-        _rows(logits, vocab), targets.reshape(-1).long(), temperature, ignore_index, return_entropy, kernels
+        _rows(logits, vocab), targets.reshape(-1).long().contiguous(), temperature, ignore_index, return_entropy, kernels
     )
     if return_entropy:
         return out[0].view(targets.shape), out[1].view(targets.shape)
@@ -156,7 +156,7 @@ def linear_token_logprobs(
         )  # fmt: skip
     out = _LinearTokenLogprobs.apply(
         _rows(hidden, hidden.shape[-1]), weight if weight.stride(-1) == 1 else weight.contiguous(),
-        None if bias is None else bias.contiguous(), targets.reshape(-1).long(), temperature, ignore_index,
+        None if bias is None else bias.contiguous(), targets.reshape(-1).long().contiguous(), temperature, ignore_index,
         return_entropy, kernels,
     )  # fmt: skip
     if return_entropy:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Under the Triton interpreter tl.dot runs through numpy: OpenBLAS threads on a loaded 2-core machine make those
+# small matmuls ~100x slower (measured by the kernel author), so keep it single-threaded. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Must be set before any Triton kernel is defined (i.e. before caprl_core.kernels is imported).
