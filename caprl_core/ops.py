@@ -85,9 +85,8 @@ def token_logprobs(
         return reference.token_logprobs(
             logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    out = _TokenLogprobs.apply(
-        _rows(logits, vocab), targets.reshape(-1).long().contiguous(), temperature, ignore_index, return_entropy, kernels
-    )
+    flat_targets = targets.reshape(-1).long().contiguous()
+    out = _TokenLogprobs.apply(_rows(logits, vocab), flat_targets, temperature, ignore_index, return_entropy, kernels)
     if return_entropy:
         return out[0].view(targets.shape), out[1].view(targets.shape)
     return out.view(targets.shape)
