@@ -1,0 +1,156 @@
+// Torch entry points of the CUDA backend (caprl::cuda in csrc/ops.h): tensor checks, output allocation, the current
+// stream, then the raw-pointer launchers of csrc/cuda/*.cu (declared in launchers.h). Compiled only where torch
+// has CUDA (CAPRL_WITH_CUDA). Index values are validated by caprl_core/ops.py: checking them here would cost a
+// host sync, and the kernels turn an out-of-range index into NaN rather than an out-of-bounds access.
+// c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: the same getCurrentCUDAStream() (at::cuda's is this
+// one), without pulling cuBLAS/cuSPARSE/cuSOLVER headers, so this file also syntax-checks where only nvcc and the
+// CUDA runtime headers are installed (the CPU dev machines: `make nvcc-check`).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+
+#include "launchers.h"
+#include "ops.h"
+
+namespace caprl::cuda {
+namespace {
+
+// The CUDA type of a torch scalar type (same bits: at::BFloat16 and __nv_bfloat16 are both a uint16 of bf16).
+template <typename S>
+struct CudaScalar {
+  using type = S;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+
+template <typename S>
+const typename CudaScalar<S>::type* cuda_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaScalar<S>::type*>(t.data_ptr<S>());
+}
+
+void check_cuda_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                       at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+AdvantageScale parse_scale(const std::string& scale) {
+  if (scale == "group") return AdvantageScale::kGroup;
+  if (scale == "batch") return AdvantageScale::kBatch;
+  TORCH_CHECK(scale == "none", "group_advantages: scale must be 'group', 'batch' or 'none', got '", scale, "'");
+  return AdvantageScale::kNone;
+}
+
+void check_mcq_args(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+                    const at::Tensor& option_ids, const at::Tensor& answers, const at::Tensor& num_options,
+                    const at::Tensor& prompt_order, const at::Tensor& caption_offsets) {
+  const char* op = "mcq_rewards";
+  TORCH_CHECK(hidden.is_cuda(), op, ": hidden must be a CUDA tensor, got ", hidden.device());
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden must be [P, H] and weight [V, H], got ",
+              hidden.sizes(), " and ", weight.sizes());
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": hidden must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t P = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  check_cuda_tensor(op, "weight", weight, hidden, dtype, {V, H});
+  TORCH_CHECK(hidden.stride(1) == 1 || H <= 1, op, ": hidden must have a unit stride along H");
+  TORCH_CHECK(weight.stride(1) == 1 || H <= 1, op, ": weight must have a unit stride along H");
+  if (bias) {
+    check_cuda_tensor(op, "bias", *bias, hidden, dtype, {V});
+    TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
+  }
+  TORCH_CHECK(option_ids.dim() == 2 && option_ids.size(1) >= 1, op, ": option_ids must be [P, K], got ",
+              option_ids.sizes());
+  check_cuda_tensor(op, "option_ids", option_ids, hidden, at::kLong, {P, option_ids.size(1)});
+  check_cuda_tensor(op, "answers", answers, hidden, at::kLong, {P});
+  check_cuda_tensor(op, "num_options", num_options, hidden, at::kLong, {P});
+  check_cuda_tensor(op, "prompt_order", prompt_order, hidden, at::kLong, {P});
+  TORCH_CHECK(caption_offsets.dim() == 1 && caption_offsets.size(0) >= 2, op,
+              ": caption_offsets must be [C + 1] with C >= 1, got ", caption_offsets.sizes());
+  check_cuda_tensor(op, "caption_offsets", caption_offsets, hidden, at::kLong, {caption_offsets.size(0)});
+  for (const auto* t : {&option_ids, &answers, &num_options, &prompt_order, &caption_offsets})
+    TORCH_CHECK(t->is_contiguous(), op, ": index tensors must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor group_advantages(const at::Tensor& rewards, const at::Tensor& group_index, int64_t num_groups,
+                            const std::string& method, const std::string& scale, const at::Tensor& weights,
+                            double eps) {
+  const char* op = "group_advantages";
+  TORCH_CHECK(rewards.is_cuda(), op, ": rewards must be a CUDA tensor, got ", rewards.device());
+  TORCH_CHECK(rewards.dim() == 2 && rewards.size(0) >= 1 && rewards.size(1) >= 1, op,
+              ": rewards must be [N, R] with N, R >= 1, got ", rewards.sizes());
+  TORCH_CHECK(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble, op,
+              ": rewards must be float32 or float64, got ", rewards.scalar_type());
+  TORCH_CHECK(rewards.is_contiguous(), op, ": rewards must be contiguous");
+  const int64_t n = rewards.size(0), num_rewards = rewards.size(1);
+  check_cuda_tensor(op, "group_index", group_index, rewards, at::kLong, {n});
+  check_cuda_tensor(op, "weights", weights, rewards, rewards.scalar_type(), {num_rewards});
+  TORCH_CHECK(group_index.is_contiguous() && weights.is_contiguous(), op,
+              ": group_index and weights must be contiguous");
+  TORCH_CHECK(num_groups >= 1, op, ": num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK(method == "grpo" || method == "rloo", op, ": method must be 'grpo' or 'rloo', got '", method, "'");
+  const AdvantageScale how = parse_scale(scale);
+
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  at::Tensor adv = at::empty({n}, rewards.options());  // [N]
+  const size_t ws_bytes = group_advantages_workspace_bytes(num_groups, rewards.get_device());
+  at::Tensor workspace;  // only when the per-group statistics do not fit in shared memory
+  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, rewards.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "group_advantages_cuda", [&] {
+    const GroupAdvantagesArgs<scalar_t> args{
+        rewards.data_ptr<scalar_t>(), group_index.data_ptr<int64_t>(), weights.data_ptr<scalar_t>(),
+        adv.data_ptr<scalar_t>(), n, num_rewards, num_groups, method == "rloo", how, eps,
+        ws_bytes > 0 ? workspace.data_ptr() : nullptr, ws_bytes};
+    check_launch(op, launch_group_advantages(args, stream));
+  });
+  return adv;
+}
+
+std::tuple<at::Tensor, at::Tensor> mcq_rewards(const at::Tensor& hidden, const at::Tensor& weight,
+                                               const OptTensor& bias, const at::Tensor& option_ids,
+                                               const at::Tensor& answers, const at::Tensor& num_options,
+                                               const at::Tensor& prompt_order, const at::Tensor& caption_offsets,
+                                               double temperature, const std::string& mode) {
+  check_mcq_args(hidden, weight, bias, option_ids, answers, num_options, prompt_order, caption_offsets);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "mcq_rewards: temperature must be finite and > 0");
+  TORCH_CHECK(mode == "hard" || mode == "soft", "mcq_rewards: mode must be 'hard' or 'soft', got '", mode, "'");
+  const int64_t P = hidden.size(0), K = option_ids.size(1), C = caption_offsets.size(0) - 1;
+  const auto out_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  at::Tensor rewards = at::empty({C}, hidden.options().dtype(out_dtype));              // [C]
+  at::Tensor option_logprobs = at::empty({P, K}, hidden.options().dtype(out_dtype));  // [P, K]
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "mcq_rewards_cuda", [&] {
+    using T = typename CudaScalar<scalar_t>::type;
+    using A = acc_t<T>;
+    const McqRewardsArgs<T> args{cuda_ptr<scalar_t>(hidden), cuda_ptr<scalar_t>(weight),
+                                 bias ? cuda_ptr<scalar_t>(*bias) : nullptr, option_ids.data_ptr<int64_t>(),
+                                 answers.data_ptr<int64_t>(), num_options.data_ptr<int64_t>(),
+                                 prompt_order.data_ptr<int64_t>(), caption_offsets.data_ptr<int64_t>(),
+                                 rewards.data_ptr<A>(), option_logprobs.data_ptr<A>(), P, hidden.size(1),
+                                 weight.size(0), K, C, hidden.stride(0), weight.stride(0), temperature,
+                                 mode == "soft"};
+    check_launch("mcq_rewards", launch_mcq_rewards(args, stream));
+  });
+  return {rewards, option_logprobs};
+}
+
+}  // namespace caprl::cuda
