@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             expected = case(None)
             got = case(backend)
-            err = max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, expected, strict=True))
+            err = max(
+                float((a.detach().double() - b.detach().double()).abs().max())
+                for a, b in zip(got, expected, strict=True)
+            )
             seconds = _median_seconds(functools.partial(case, backend))
             failed |= not err <= TOLERANCE
             summary[f"{op}/{backend}"] = {"max_abs_err": err, "seconds": seconds, "shape": [n, h, v]}
