@@ -52,7 +52,8 @@ def _name(sources: list[str], flags: list[str]) -> str:
     """Extension name keyed on the source contents, flags, torch and Python versions, so an edit, another CPU or
     another torch never loads a stale build from the shared cache."""
     digest = hashlib.sha1()
-    for s in sources:
+    headers = sorted(str(h) for h in CSRC.rglob("*.h"))  # included, not compiled: part of the key all the same
+    for s in [*sources, *headers]:
         digest.update(Path(s).read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
