@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <ATen/OpMathType.h>
+
 #include "ops.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -30,17 +32,9 @@
 namespace caprl::cpu {
 namespace {
 
-// Accumulation (and output) type: double for double inputs, float for everything else.
+// Accumulation (and output) type: double for double inputs, float for everything else (ATen's own choice).
 template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
+using acc_t = at::opmath_type<T>;
 
 // Portable dot product: 8 independent partial sums, so the compiler can vectorise it and the rounding does not
 // grow with H as one running sum would.
