@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import machine, peak_extra_bytes
+from conftest import machine, peak_extra_bytes, synced
 
 from caprl_core import backends, ops, reference
 
@@ -26,11 +26,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ("triton", "cuda", "torch") if DEVICE.type == "cuda" else ("cpu", "torch")
 GROUP_SIZE = 8
 WEIGHTS = (1.0, 0.5, 0.25)  # per reward component, e.g. accuracy, format, length
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _rewards(n: int, num_rewards: int) -> torch.Tensor:
@@ -67,10 +62,7 @@ def test_group_advantages(benchmark, backend: str, n: int, num_rewards: int, lev
     weights = torch.tensor(WEIGHTS[:num_rewards], device=DEVICE) if num_rewards > 1 else None
     fn = _call(backend, level, rewards, weights)
 
-    def run() -> torch.Tensor:
-        out = fn()
-        _sync()
-        return out
+    run = synced(fn, DEVICE)
 
     expected = reference.group_advantages(
         rewards.double(), group_size=GROUP_SIZE, method="rloo", scale="group",

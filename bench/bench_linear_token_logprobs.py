@@ -24,13 +24,12 @@ reference, grad_weight against the "torch" contender's.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from functools import cache
 
 import pytest
 import torch
-from conftest import machine, peak_extra_bytes
+from conftest import best_seconds, machine, peak_extra_bytes, synced
 from torch.utils.checkpoint import checkpoint
 
 from caprl_core import backends, ops, reference
@@ -97,11 +96,6 @@ def _call(contender: str, shape: str, dtype: torch.dtype) -> Callable[[], tuple]
     return fwd_bwd
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _torch_outputs(shape: str, dtype: torch.dtype) -> tuple:
     """The "torch" contender's outputs: stored by its benchmark, or computed here when it did not run first."""
     if (shape, dtype) not in _torch_results:
@@ -127,11 +121,7 @@ def _check(contender: str, shape: str, dtype: torch.dtype, out: tuple) -> None:
 def _torch_median(key: tuple) -> float:
     """Seconds per "torch" call: its benchmark's median when it ran first, else one timed call."""
     if key not in _torch_seconds:
-        fn = _call("torch", *key)
-        start = time.perf_counter()
-        fn()
-        _sync()
-        _torch_seconds[key] = time.perf_counter() - start
+        _torch_seconds[key] = best_seconds(_call("torch", *key), DEVICE, rounds=1)
     return _torch_seconds[key]
 
 
@@ -146,10 +136,7 @@ def test_linear_token_logprobs(benchmark, shape: str, dtype: torch.dtype, conten
         pytest.skip("bf16 matmuls run ~80x slower than fp32 on this CPU (no bf16 FMA): 93 s per small call")
     fn = _call(contender, shape, dtype)
 
-    def run() -> tuple:
-        out = fn()
-        _sync()
-        return out
+    run = synced(fn, DEVICE)
 
     outputs = []  # one untimed call gives both the peak memory and the outputs to check
     peak = peak_extra_bytes(lambda: outputs.append(run()), DEVICE)

@@ -16,13 +16,12 @@ Every benchmarked output is checked against the fp64 reference.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import cache
 
 import pytest
 import torch
-from conftest import machine, peak_extra_bytes
+from conftest import best_seconds, machine, peak_extra_bytes, synced
 
 from caprl_core import backends, ops, reference
 
@@ -99,21 +98,11 @@ def _check(contender: str, dtype: torch.dtype, out: tuple[torch.Tensor, torch.Te
     torch.testing.assert_close(out[0].double(), expected[0], **tol)
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _full_vocab_median(dtype: torch.dtype) -> float:
     """Seconds per full_vocab call: its benchmark's median when it ran first, else the best of two timed calls."""
     if dtype not in _full_vocab_seconds:
-        pb, times = _problem(dtype), []
-        for _ in range(2):
-            start = time.perf_counter()
-            full_vocab(pb)
-            _sync()
-            times.append(time.perf_counter() - start)
-        _full_vocab_seconds[dtype] = min(times)
+        pb = _problem(dtype)
+        _full_vocab_seconds[dtype] = best_seconds(lambda: full_vocab(pb), DEVICE, rounds=2)
     return _full_vocab_seconds[dtype]
 
 
@@ -127,10 +116,7 @@ def test_mcq_rewards(benchmark, contender: str, dtype: torch.dtype) -> None:
     pb = _problem(dtype)
     fn = _call(contender, pb)
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        out = fn()
-        _sync()
-        return out
+    run = synced(fn, DEVICE)
 
     outputs = []  # one untimed call gives both the peak memory and the output to check
     peak = peak_extra_bytes(lambda: outputs.append(run()), DEVICE)

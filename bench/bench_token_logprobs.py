@@ -18,13 +18,12 @@ over log_softmax_gather. Every benchmarked output (and gradient) is checked agai
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from functools import cache
 
 import pytest
 import torch
-from conftest import machine, peak_extra_bytes
+from conftest import best_seconds, machine, peak_extra_bytes, synced
 
 from caprl_core import backends, ops, reference
 
@@ -90,11 +89,6 @@ def _call(contender: str, mode: str, shape: str, dtype: torch.dtype) -> Callable
     return fwd_bwd
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _check(mode: str, shape: str, dtype: torch.dtype, out: tuple) -> None:
     """The first CHECK_ROWS rows against the fp64 reference (and its autograd gradient)."""
     logits, targets, grad = _problem(shape, dtype)
@@ -113,13 +107,7 @@ def _check(mode: str, shape: str, dtype: torch.dtype, out: tuple) -> None:
 def _baseline_median(key: tuple) -> float:
     """Seconds per log_softmax_gather call: its benchmark's median when it ran first, else the best of two."""
     if key not in _baseline_seconds:
-        fn, times = _call("log_softmax_gather", *key), []
-        for _ in range(2):
-            start = time.perf_counter()
-            fn()
-            _sync()
-            times.append(time.perf_counter() - start)
-        _baseline_seconds[key] = min(times)
+        _baseline_seconds[key] = best_seconds(_call("log_softmax_gather", *key), DEVICE, rounds=2)
     return _baseline_seconds[key]
 
 
@@ -134,10 +122,7 @@ def test_token_logprobs(benchmark, shape: str, mode: str, dtype: torch.dtype, co
             pytest.skip(f"{contender} backend unavailable: {why}")
     fn = _call(contender, mode, shape, dtype)
 
-    def run() -> tuple:
-        out = fn()
-        _sync()
-        return out
+    run = synced(fn, DEVICE)
 
     outputs = []  # one untimed call gives both the peak memory and the output to check
     peak = peak_extra_bytes(lambda: outputs.append(run()), DEVICE)

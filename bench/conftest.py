@@ -7,6 +7,7 @@ reports VmHWM minus the resident size before the call: the extra memory the call
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,3 +52,25 @@ def machine() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), "cpu")  # fmt: skip
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """fn, followed by a device synchronisation on CUDA, so timings include the kernels and not just the launch."""
+
+    def run() -> object:
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, rounds: int = 2) -> float:
+    """Best wall time of `rounds` synchronised calls of fn (for baselines timed outside pytest-benchmark)."""
+    run, times = synced(fn, device), []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
