@@ -42,3 +42,13 @@ def backend(request) -> str:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need CUDA: without it they are deselected (pytest reports how many), not skipped."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
