@@ -1,0 +1,202 @@
+"""Fixed-size KV blocks: free list, reference counts, prefix cache, forking.
+
+Bookkeeping only (no torch): block ids index the engine's cache tensors, and the one operation that touches K/V
+(copying the partial last block at a fork) is returned to the engine as (src, dst, num_tokens) to perform.
+
+Prefix cache. Every full block gets a hash chained over all blocks before it (prefix hash + its token ids + the
+digests of images overlapping it), so equal hashes mean equal prefixes. A block whose reference count drops to 0
+goes back to the free list but keeps its hash and contents until it is handed out again; a later sequence with the
+same prefix takes it back instead of recomputing it. Hashes are registered when a block is allocated, before its
+K/V is computed: sequences in the same prefill batch can then share it, which is sound because every layer writes
+the whole batch's K/V before any sequence attends. The last token of a sequence is never taken from the cache, as
+its forward pass is what produces the next token's logits (or the prefill hidden state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+
+from caprl_core.sampler.sequence import Sequence
+
+
+def block_hash(prefix_hash: int, token_ids: list[int], key: bytes) -> int:
+    """64-bit hash of a full block given the hash of everything before it (-1 for the first block)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(prefix_hash.to_bytes(8, "little", signed=True))
+    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids))
+    h.update(key)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once the block is full
+    token_ids: tuple[int, ...] = ()  # of a hashed block: checked on a hit, so a hash collision cannot alias KV
+
+
+@dataclass
+class _Plan:
+    """What allocating a sequence would do: per block, its hash (None past the cacheable part) and a cached block
+    to reuse (or None)."""
+
+    hashes: list[int | None]
+    hits: list[int | None]
+    num_free_needed: int
+
+    @property
+    def num_cached_blocks(self) -> int:
+        n = 0
+        for hit in self.hits:
+            if hit is None:
+                break
+            n += 1
+        return n
+
+
+class BlockManager:
+    """`num_blocks` blocks of `block_size` token slots each."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    # --- allocation -------------------------------------------------------------------------------------------
+
+    def _plan(self, seq: Sequence) -> _Plan:
+        bs, n = self.block_size, seq.num_blocks(self.block_size)
+        # Only full blocks that end before the last token may come from the cache (module docstring).
+        cacheable = (len(seq) - 1) // bs
+        hashes: list[int | None] = []
+        hits: list[int | None] = []
+        prefix, missed, needed = -1, False, 0
+        for i in range(n):
+            tokens = seq.block_tokens(i, bs)
+            h = block_hash(prefix, tokens, seq.block_key(i, bs)) if len(tokens) == bs else None
+            hit = None
+            if i < cacheable and not missed and h is not None:
+                bid = self.hash_to_block.get(h)
+                if bid is not None and self.blocks[bid].token_ids == tuple(tokens):
+                    hit = bid
+            missed = missed or hit is None
+            if hit is None or self.blocks[hit].ref_count == 0:
+                needed += 1  # a fresh block, or a cached one that must leave the free list
+            hashes.append(h)
+            hits.append(hit)
+            prefix = h if h is not None else prefix
+        return _Plan(hashes, hits, needed)
+
+    def num_cached_tokens(self, seq: Sequence) -> int:
+        """How many leading tokens of `seq` a prefill now would take from the cache."""
+        return self._plan(seq).num_cached_blocks * self.block_size
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether `seq` fits with `reserve` more free blocks left over (for the copies a fork will make)."""
+        return self._plan(seq).num_free_needed + reserve <= self.num_free
+
+    def allocate(self, seq: Sequence) -> int:
+        """Give `seq` its block table (prefix-cache hits first); returns the number of cached tokens."""
+        assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
+        plan = self._plan(seq)
+        if plan.num_free_needed > self.num_free:
+            raise RuntimeError("BlockManager.allocate without can_allocate: out of blocks")
+        for i, (h, hit) in enumerate(zip(plan.hashes, plan.hits, strict=True)):
+            if hit is not None:
+                block = self.blocks[hit]
+                if block.ref_count == 0:
+                    self.free_ids.remove(hit)
+                block.ref_count += 1
+            else:
+                block = self._take_free()
+                if h is not None:
+                    self._register(block, h, seq.block_tokens(i, self.block_size))
+            seq.block_table.append(block.block_id)
+        seq.num_cached_tokens = plan.num_cached_blocks * self.block_size
+        return seq.num_cached_tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; blocks that nobody uses go back to the free list (keeping their hash)."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {bid} freed twice"
+            if block.ref_count == 0:
+                self.free_ids.append(bid)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    # --- decode -----------------------------------------------------------------------------------------------
+
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether writing `seq`'s last token needs a new block."""
+        return len(seq.block_table) < seq.num_blocks(self.block_size)
+
+    def can_append(self, seq: Sequence) -> bool:
+        return not self.needs_block(seq) or self.num_free >= 1
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make room for `seq`'s last token (whose K/V this step writes); hash the block it completes."""
+        if self.needs_block(seq):
+            seq.block_table.append(self._take_free().block_id)
+        bs = self.block_size
+        if len(seq) % bs == 0:
+            i = len(seq) // bs - 1
+            prefix = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+            if prefix is not None:  # the chain is unbroken (always, unless a shared block was never hashed)
+                tokens = seq.block_tokens(i, bs)
+                h = block_hash(prefix, tokens, seq.block_key(i, bs))
+                self._register(self.blocks[seq.block_table[i]], h, tokens)
+
+    # --- forking ----------------------------------------------------------------------------------------------
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int, int] | None:
+        """Share `parent`'s full blocks with `child`; give it a copy of the partial last block.
+
+        Returns (src_block, dst_block, num_tokens) for the engine to copy K/V, or None when there is no partial block.
+        """
+        assert not child.block_table
+        bs = self.block_size
+        num_full = len(parent) // bs
+        for bid in parent.block_table[:num_full]:
+            self.blocks[bid].ref_count += 1
+            child.block_table.append(bid)
+        child.num_cached_tokens = parent.num_cached_tokens
+        partial = len(parent) - num_full * bs
+        if partial == 0:
+            return None
+        block = self._take_free()
+        child.block_table.append(block.block_id)
+        return parent.block_table[num_full], block.block_id, partial
+
+    # --- internals --------------------------------------------------------------------------------------------
+
+    def _take_free(self) -> Block:
+        if not self.free_ids:
+            raise RuntimeError("out of KV blocks (the scheduler must check before allocating)")
+        block = self.blocks[self.free_ids.popleft()]
+        assert block.ref_count == 0
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block.block_id:
+            del self.hash_to_block[block.hash]  # its old contents are about to be overwritten
+        block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block
+
+    def _register(self, block: Block, h: int, tokens: list[int]) -> None:
+        block.hash, block.token_ids = h, tuple(tokens)
+        self.hash_to_block[h] = block.block_id
+
+    def reset(self) -> None:
+        """Forget everything (after a failed step, the cache contents cannot be trusted)."""
+        self.__init__(self.num_blocks, self.block_size)
