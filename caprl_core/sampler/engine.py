@@ -1,0 +1,449 @@
+"""`Engine`: batched sampling and prefill on the trainer's own model with a paged KV cache.
+
+    engine = Engine(model, kv_cache_tokens=65536)
+    outs = engine.generate([prompt_ids, {"input_ids": ..., "pixel_values": ..., "image_grid_thw": ...}],
+                           SamplingParams(n=8, temperature=1.0, max_new_tokens=256))
+    outs[i][j].token_ids, outs[i][j].logprobs, outs[i][j].finish_reason
+    hidden = engine.prefill(reader_prompts)  # [P, H], last position, prefix cache shared across prompts
+
+One step = one forward pass over a packed batch chosen by the `Scheduler`; the `BlockManager` maps every sequence's
+tokens to cache slots; `ModelAdapter` runs the Hugging Face model with the paged attention function. The KV cache
+is allocated on first use and can be released between rollouts with `free_kv_cache()` (the trainer then gets the
+memory back for its backward pass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caprl_core.sampler.attention import build_gather_slots, select_backend
+from caprl_core.sampler.block_manager import BlockManager
+from caprl_core.sampler.model import ModelAdapter, StepContext
+from caprl_core.sampler.sampling import sample
+from caprl_core.sampler.scheduler import Batch, Scheduler
+from caprl_core.sampler.sequence import Completion, MultimodalPrompt, SamplingParams, Sequence
+
+DEFAULT_MEMORY_FRACTION = {"cuda": 0.3, "cpu": 0.1}
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was made (or `reset_stats()`)."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model at prefill
+    cached_tokens: int = 0  # prefix-cache hit tokens: prefill tokens taken from the cache instead
+    decode_tokens: int = 0
+    sampled_tokens: int = 0
+    forks: int = 0  # samples made by forking a prefilled prompt
+    preemptions: int = 0
+    vision_calls: int = 0  # vision tower runs (one per image)
+    peak_used_blocks: int = 0  # most KV blocks held at once (a block shared by forks counts once)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Engine:
+    """Paged KV-cache sampler over a Hugging Face causal LM or Qwen2.5-VL model (used in place, never copied).
+
+    Size the cache with at most one of: num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction (of the free
+    device memory, or of MemAvailable on CPU; default 0.3 on CUDA, 0.1 on CPU). max_batch_tokens caps the new
+    tokens of a prefill batch (a single longer prompt still runs alone); max_num_seqs caps the sequences of a step.
+    attn_backend: "triton", "flash_attn", "torch" or "reference"; None picks $CAPRL_ATTENTION_BACKEND, else Triton
+    on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_kv_blocks: int | None = None,
+        kv_cache_tokens: int | None = None,
+        kv_cache_memory_fraction: float | None = None,
+        block_size: int = 16,
+        max_batch_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        attn_backend: str | None = None,
+    ) -> None:
+        for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
+                            ("max_num_seqs", max_num_seqs)):  # fmt: skip
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.adapter = ModelAdapter(model)
+        self.block_size = block_size
+        a = self.adapter
+        self.attn_backend = select_backend(a.device, a.dtype, block_size, a.head_dim, attn_backend)
+        self.num_kv_blocks = self._cache_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
+        self.block_manager = BlockManager(self.num_kv_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+        self.kv_cache: torch.Tensor | None = None
+        self.stats = EngineStats()
+        self._next_seq_id = 0
+        self._done: list[Sequence] = []
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    # --- cache --------------------------------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        a = self.adapter
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * a.dtype.itemsize
+
+    def _cache_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int:
+        given = [n for n, v in (("num_kv_blocks", num_kv_blocks), ("kv_cache_tokens", kv_cache_tokens),
+                                ("kv_cache_memory_fraction", fraction)) if v is not None]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one of num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction, got {given}"
+            )
+        if num_kv_blocks is not None:
+            if not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
+                raise ValueError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
+            return num_kv_blocks
+        if kv_cache_tokens is not None:
+            if not (isinstance(kv_cache_tokens, int) and kv_cache_tokens >= 1):
+                raise ValueError(f"kv_cache_tokens must be an integer >= 1, got {kv_cache_tokens!r}")
+            return -(-kv_cache_tokens // self.block_size)
+        device = self.adapter.device
+        if fraction is None:
+            fraction = DEFAULT_MEMORY_FRACTION["cuda" if device.type == "cuda" else "cpu"]
+        if not (0 < fraction <= 1):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available_bytes()
+        blocks = int(free * fraction) // self.block_bytes
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory_fraction={fraction} of {free} free bytes holds no KV block")
+        return blocks
+
+    def _ensure_cache(self) -> torch.Tensor:
+        if self.kv_cache is None:
+            a = self.adapter
+            shape = (2, a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            # zeros, not empty: padded lanes of the attention paths may read never-written slots (weight 0), and
+            # 0 * NaN garbage would be NaN.
+            self.kv_cache = torch.zeros(shape, dtype=a.dtype, device=a.device)
+        return self.kv_cache
+
+    def free_kv_cache(self) -> None:
+        """Release the KV cache memory (and forget the prefix cache); it is allocated again on the next call."""
+        self.kv_cache = None
+        self.block_manager.reset()
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    # --- public API ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: SequenceABC,
+        params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[list[Completion]]:
+        """Sample `params.n` completions for every prompt; result[i][j] is sample j of prompts[i].
+
+        A prompt is a list (or 1-D tensor) of token ids, or a dict of model inputs: `input_ids` and, for
+        Qwen2.5-VL, `pixel_values`, `image_grid_thw` (and optionally `mm_token_type_ids`). `params` is one
+        SamplingParams for all prompts or one per prompt. progress=True prints a status line to stderr every ~5 s.
+        """
+        plist = self._params_list(prompts, params)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            ids, mm = self._normalize(i, prompt)
+            self._check_fits(i, len(ids), p)
+            seq = Sequence(self._new_id(), ids, p, request_index=i, mm=mm)
+            seq.generator = self._generator(p, i, 0)
+            seqs.append(seq)
+        self._run(seqs, progress=progress, total=sum(p.n for p in plist))
+        results: list[list[Completion | None]] = [[None] * p.n for p in plist]
+        for seq in self._done:
+            results[seq.request_index][seq.sample_index] = seq.completion()
+        self._done = []
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def prefill(self, prompts: SequenceABC, *, progress: bool = False) -> torch.Tensor:
+        """Hidden states (after the final norm) at the last position of every prompt: [P, H] in the model's dtype.
+
+        Prefill only, no sampling: the reward reader's path. Prompts sharing a prefix (a caption followed by
+        different questions) compute it once; `stats.cached_tokens` counts what came from the cache.
+        """
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of prompts")
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            ids, mm = self._normalize(i, prompt)
+            self._check_fits(i, len(ids), None)
+            seqs.append(Sequence(self._new_id(), ids, SamplingParams(), request_index=i, mm=mm, prefill_only=True))
+        self._run(seqs, progress=progress, total=len(seqs))
+        self._done = []
+        hidden = torch.stack([self._hidden.pop(i) for i in range(len(prompts))])
+        return hidden
+
+    # --- input checks -------------------------------------------------------------------------------------------
+
+    def _params_list(self, prompts, params) -> list[SamplingParams]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of prompts")
+        if isinstance(prompts[0], int):
+            raise ValueError("prompts must be a list of prompts (each a list of token ids or a dict); wrap one in [ ]")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)}, got {len(params)} items")
+        return params
+
+    def _normalize(self, index: int, prompt) -> tuple[list[int], MultimodalPrompt | None]:
+        """Token ids of prompts[index] (and its multimodal inputs), checked."""
+        name = f"prompts[{index}]"
+        mm = None
+        if isinstance(prompt, dict):
+            if "input_ids" not in prompt:
+                raise ValueError(f"{name}: a dict prompt needs input_ids")
+            ids_t = torch.as_tensor(prompt["input_ids"])
+            if ids_t.dim() == 2 and ids_t.shape[0] == 1:
+                ids_t = ids_t[0]
+            mask = prompt.get("attention_mask")
+            if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+                raise ValueError(f"{name}: attention_mask has padding; pass each prompt unpadded")
+        elif isinstance(prompt, torch.Tensor):
+            ids_t = prompt
+        elif isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, (int, np.integer)) for t in prompt):
+                raise ValueError(f"{name}: a list prompt must hold token ids (ints)")
+            ids_t = torch.tensor(prompt, dtype=torch.long)
+        else:
+            raise ValueError(
+                f"{name}: expected a list of token ids, a 1-D tensor or a dict; got {type(prompt).__name__}"
+            )
+        if ids_t.dim() != 1:
+            raise ValueError(f"{name}: input_ids must be 1-D (or [1, L]), got shape {tuple(ids_t.shape)}")
+        if ids_t.numel() == 0:
+            raise ValueError(f"{name} is empty")
+        if ids_t.is_floating_point():
+            raise ValueError(f"{name}: token ids must be integers, got {ids_t.dtype}")
+        ids_t = ids_t.long().cpu()
+        lo, hi = int(ids_t.min()), int(ids_t.max())
+        if lo < 0 or hi >= self.adapter.vocab_size:
+            raise ValueError(f"{name}: token ids must be in [0, {self.adapter.vocab_size}), got [{lo}, {hi}]")
+        if isinstance(prompt, dict) and prompt.get("pixel_values") is not None:
+            mm = self.adapter.multimodal_prompt(index, ids_t, prompt)
+        return ids_t.tolist(), mm
+
+    def _check_fits(self, index: int, length: int, params: SamplingParams | None) -> None:
+        name, bs = f"prompts[{index}]", self.block_size
+        max_len = self.adapter.max_length
+        if params is None:
+            if length > max_len:
+                raise ValueError(f"{name} has {length} tokens, more than the model's maximum length {max_len}")
+            need = -(-length // bs)
+        else:
+            if length >= max_len:
+                raise ValueError(f"{name} has {length} tokens: no room to generate within the model's maximum "
+                                 f"length {max_len}")  # fmt: skip
+            total = min(length + params.max_new_tokens, max_len)
+            reserve = params.n - 1 if length % bs else 0
+            need = max(-(-total // bs), -(-length // bs) + reserve)
+        if need > self.num_kv_blocks:
+            raise ValueError(
+                f"{name} needs {need} KV blocks of {bs} tokens (prompt {length} tokens"
+                + (f" + max_new_tokens {params.max_new_tokens}, n={params.n}" if params else "")
+                + f"), more than the whole KV cache ({self.num_kv_blocks} blocks); give a larger kv cache"
+            )
+
+    def _new_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id
+
+    def _generator(self, params: SamplingParams, request: int, sample_index: int) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        key = hashlib.blake2b(f"{params.seed}/{request}/{sample_index}".encode(), digest_size=8).digest()
+        return torch.Generator(device=self.adapter.device).manual_seed(int.from_bytes(key, "little") >> 1)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def _run(self, seqs: list[Sequence], *, progress: bool, total: int) -> None:
+        self._ensure_cache()
+        for seq in seqs:
+            self.scheduler.add(seq)
+        last_report = start = time.monotonic()
+        try:
+            while not self.scheduler.is_finished:
+                self._step()
+                if progress and time.monotonic() - last_report > 5:
+                    last_report = time.monotonic()
+                    print(f"[caprl_core.sampler] {len(self._done)}/{total} done, {self.stats.steps} steps, "
+                          f"{time.monotonic() - start:.0f}s", file=sys.stderr)  # fmt: skip
+        except BaseException:
+            # A step that died half way leaves blocks registered whose K/V was never written: forget it all.
+            self.scheduler.waiting.clear()
+            self.scheduler.running.clear()
+            self.block_manager.reset()
+            self._done, self._hidden = [], {}
+            raise
+        self.stats.preemptions = self.scheduler.num_preemptions
+
+    def _step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("scheduler returned an empty batch with work left (a bug: please report)")
+        self._note_usage()
+        ctx, positions, ids, embeds, last_rows = self._prepare(batch)
+        hidden = self.adapter.forward(ctx, positions, input_ids=ids, inputs_embeds=embeds)  # [T, H]
+        last = hidden[last_rows]  # [B, H]
+        self.stats.steps += 1
+        rows, targets = [], []
+        for b, seq in enumerate(batch.seqs):
+            if seq.prefill_only:
+                self._hidden[seq.request_index] = last[b].clone()
+                self._finish(seq, "prefill")
+                continue
+            group = [seq] if seq.forked else [seq, *self._fork(seq)]
+            rows.extend([b] * len(group))
+            targets.extend(group)
+        if targets:
+            self._note_usage()  # after the forks
+            self._sample(last[torch.tensor(rows, device=last.device)], targets)
+
+    def _note_usage(self) -> None:
+        used = self.num_kv_blocks - self.block_manager.num_free
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, used)
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Samples 1..n-1 of a just-prefilled prompt: they share its full blocks; the partial one is copied."""
+        children, copies = [], []
+        for i in range(1, parent.params.n):
+            child = parent.fork(self._new_id(), i)
+            child.generator = self._generator(parent.params, parent.request_index, i)
+            copy = self.block_manager.fork(parent, child)
+            if copy is not None:
+                copies.append(copy)
+            self.scheduler.add_running(child)
+            children.append(child)
+        if copies:  # copy whole blocks: the slots past the prompt are never read before being written
+            src = torch.tensor([c[0] for c in copies], device=self.kv_cache.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.kv_cache.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        parent.forked = True
+        self.stats.forks += len(children)
+        return children
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> None:
+        device = hidden.device
+        logits = self.adapter.logits(hidden)  # [S, V] fp32
+        params = [s.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, [s.generator for s in seqs])
+        self.stats.sampled_tokens += len(seqs)
+        max_len = self.adapter.max_length
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            seq.append(token, logprob)
+            if token in seq.params.stop_token_ids:
+                self._finish(seq, "stop")
+            elif seq.num_completion_tokens >= seq.params.max_new_tokens or len(seq) >= max_len:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._done.append(seq)
+
+    # --- batch inputs -------------------------------------------------------------------------------------------
+
+    def _prepare(self, batch: Batch):
+        """StepContext, positions ([T] or [3, T]), input_ids [T] or inputs_embeds [T, H], last row of each seq [B]."""
+        bs, device, vl = self.block_size, self.adapter.device, self.adapter.vision is not None
+        spans = []  # per sequence: the token range [start, end) this step computes
+        for seq in batch.seqs:
+            start = seq.num_cached_tokens if batch.is_prefill else len(seq) - 1
+            spans.append((start, len(seq)))
+        if batch.is_prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += sum(e - s for s, e in spans)
+            self.stats.cached_tokens += sum(s for s, _ in spans)
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(spans)
+        lengths = np.array([e - s for s, e in spans], dtype=np.int64)
+        cu = np.zeros(len(spans) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = np.full((len(spans), width), -1, dtype=np.int64)
+        slots, ids, pos = [], [], []
+        for b, (seq, (s, e)) in enumerate(zip(batch.seqs, spans, strict=True)):
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tables[b, : len(table)] = table
+            p = np.arange(s, e)
+            slots.append(table[p // bs] * bs + p % bs)
+            ids.extend(seq.token_ids[s:e])
+            pos.append(self._positions(seq, s, e) if vl else p)
+        ctx = StepContext(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
+            block_tables=torch.from_numpy(tables).to(device=device, dtype=torch.int32),
+            cu_seqlens_q=torch.from_numpy(cu).to(device=device, dtype=torch.int32),
+            context_lens=torch.tensor([e for _, e in spans], dtype=torch.int32, device=device),
+            max_seqlen_q=int(lengths.max()),
+            backend=self.attn_backend,
+        )
+        if self.attn_backend == "torch":
+            ctx.gather_slots = build_gather_slots(ctx.block_tables, ctx.context_lens, bs, max(e for _, e in spans))
+        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        positions = torch.from_numpy(np.concatenate(pos, axis=-1)).to(device)
+        last_rows = torch.from_numpy(cu[1:] - 1).to(device)
+        if not vl:
+            return ctx, positions, ids_t, None, last_rows
+        return ctx, positions, None, self._embed(batch.seqs, spans, ids_t, cu), last_rows
+
+    def _positions(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """M-RoPE positions [3, end - start] of tokens start..end-1 (text: the same 1-D position on all rows)."""
+        p = np.arange(start, end)
+        if seq.mm is None:
+            return np.broadcast_to(p, (3, len(p)))
+        out = np.empty((3, len(p)), dtype=np.int64)
+        n_prompt = min(end, seq.num_prompt_tokens) - start
+        if n_prompt > 0:
+            out[:, :n_prompt] = seq.mm.positions[:, start : start + n_prompt].numpy()
+        out[:, max(n_prompt, 0) :] = p[max(n_prompt, 0) :] + seq.mm.rope_delta
+        return out
+
+    def _embed(self, seqs: list[Sequence], spans, ids: torch.Tensor, cu: np.ndarray) -> torch.Tensor:
+        """Token embeddings [T, H] with each image's placeholder rows replaced by its vision-tower output."""
+        embeds = self.adapter.embed(ids)
+        for seq, (s, e), offset in zip(seqs, spans, cu[:-1].tolist(), strict=True):
+            if seq.mm is None:
+                continue
+            for image, span in enumerate(seq.mm.spans):
+                lo, hi = max(span.start, s), min(span.end, e)
+                if lo >= hi:
+                    continue
+                if image not in seq.mm.image_embeds:
+                    self.stats.vision_calls += 1
+                image_rows = self.adapter.image_embeds(seq.mm, image)
+                embeds[offset + lo - s : offset + hi - s] = image_rows[lo - span.start : hi - span.start]
+        return embeds
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; give kv_cache_tokens or num_kv_blocks")
