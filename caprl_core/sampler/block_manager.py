@@ -58,13 +58,15 @@ class _Plan:
 
 
 class BlockManager:
-    """`num_blocks` blocks of `block_size` token slots each."""
+    """`num_blocks` blocks of `block_size` token slots each. With prefix_caching=False no block is ever shared
+    through the cache (forks still share their prompt's blocks)."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -78,7 +80,7 @@ class BlockManager:
     def _plan(self, seq: Sequence) -> _Plan:
         bs, n = self.block_size, seq.num_blocks(self.block_size)
         # Only full blocks that end before the last token may come from the cache (module docstring).
-        cacheable = (len(seq) - 1) // bs
+        cacheable = (len(seq) - 1) // bs if self.prefix_caching else 0
         hashes: list[int | None] = []
         hits: list[int | None] = []
         prefix, missed, needed = -1, False, 0
@@ -194,9 +196,11 @@ class BlockManager:
         return block
 
     def _register(self, block: Block, h: int, tokens: list[int]) -> None:
+        if not self.prefix_caching:
+            return
         block.hash, block.token_ids = h, tuple(tokens)
         self.hash_to_block[h] = block.block_id
 
     def reset(self) -> None:
         """Forget everything (after a failed step, the cache contents cannot be trusted)."""
-        self.__init__(self.num_blocks, self.block_size)
+        self.__init__(self.num_blocks, self.block_size, prefix_caching=self.prefix_caching)

@@ -61,7 +61,8 @@ class Engine:
     device memory, or of MemAvailable on CPU; default 0.3 on CUDA, 0.1 on CPU). max_batch_tokens caps the new
     tokens of a prefill batch (a single longer prompt still runs alone); max_num_seqs caps the sequences of a step.
     attn_backend: "triton", "flash_attn", "torch" or "reference"; None picks $CAPRL_ATTENTION_BACKEND, else Triton
-    on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention).
+    on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention). enable_prefix_caching=False makes every
+    prompt compute all its tokens (for comparisons; forks still share their prompt's blocks).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class Engine:
         max_batch_tokens: int = 8192,
         max_num_seqs: int = 256,
         attn_backend: str | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         for name, value in (("block_size", block_size), ("max_batch_tokens", max_batch_tokens),
                             ("max_num_seqs", max_num_seqs)):  # fmt: skip
@@ -85,7 +87,7 @@ class Engine:
         a = self.adapter
         self.attn_backend = select_backend(a.device, a.dtype, block_size, a.head_dim, attn_backend)
         self.num_kv_blocks = self._cache_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
-        self.block_manager = BlockManager(self.num_kv_blocks, block_size)
+        self.block_manager = BlockManager(self.num_kv_blocks, block_size, prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
         self.kv_cache: torch.Tensor | None = None
         self.stats = EngineStats()
