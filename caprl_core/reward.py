@@ -1,0 +1,373 @@
+"""The CapRL reward: how well a vision-free reader answers multiple-choice questions about an image from a caption.
+
+For every caption the reward draws N questions about its image (with replacement), shuffles each question's
+options, appends a "cannot be answered from the caption" option, and asks the reader. The CapRL recipe lets a vLLM
+reader *generate* a few tokens per question and parses the first capital letter. Here the reader is *scored*
+instead: the prompt ends with an answer cue ("Answer:") so the next token is the option letter, one prefill gives
+the hidden state at that position, and `caprl_core.ops.mcq_rewards` reads the option letters' logits off it
+(lm_head rows of the letters only, never the full vocabulary). Hard mode: a draw is right when the correct letter
+has the highest logit among the valid options (the greedy answer, restricted to the options); soft mode: the
+probability of the correct letter at the reader temperature. A caption's reward is the mean over its N draws.
+
+Prompt layout, shared part first so the sampler's prefix cache computes it once:
+    [header: instruction + few-shot examples] [caption part] [question part + answer cue]
+Each part is tokenised on its own and the ids concatenated, so the header's ids are identical in every prompt and
+a caption's ids identical in its N prompts (tokenising the joined string could merge tokens across the seams). With
+the reader's chat template the header starts the user turn and the answer cue starts the assistant turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from caprl_core import ops
+from caprl_core.data import MCQ
+from caprl_core.sampler.engine import Engine
+from caprl_core.sampler.sequence import SamplingParams
+
+__all__ = ["MCQ", "PromptTemplate", "RewardConfig", "RewardDetails", "CapRLReward"]
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The reader's prompt, in four pieces (see the module docstring for the layout).
+
+    header: the instruction and few-shot examples, shared by every prompt.
+    caption: must contain "{caption}".
+    question: must contain "{question}" and "{options}"; options are rendered one per line with `option`.
+    option: must contain "{letter}" and "{text}".
+    answer_cue: ends the prompt; the option letter follows it as the next token (" A", " B", ... as the tokenizer
+    splits them after the cue).
+    """
+
+    header: str
+    caption: str = "Caption:\n{caption}\n\n"
+    question: str = "Question: {question}\nOptions:\n{options}\n"
+    option: str = "{letter}. {text}"
+    answer_cue: str = "Answer:"
+
+    def __post_init__(self) -> None:
+        for name, keys in (("caption", ("{caption}",)), ("question", ("{question}", "{options}")),
+                           ("option", ("{letter}", "{text}"))):  # fmt: skip
+            for key in keys:
+                if key not in getattr(self, name):
+                    raise ValueError(f"PromptTemplate.{name} must contain {key}, got {getattr(self, name)!r}")
+
+
+# Written for this project, following the structure the CapRL paper describes for its reader: an instruction to
+# answer from the caption only, worked examples (one of them unanswerable), then the caption and the question.
+DEFAULT_HEADER = """You will read a caption of an image and answer a multiple-choice question about the image. \
+You cannot see the image: use only what the caption says. If the caption does not say enough to answer, choose \
+the option saying that the question cannot be answered from the caption. Reply with the letter of one option.
+
+Example 1
+Caption:
+A brown dog sleeps on a red sofa next to a window.
+Question: What colour is the sofa?
+Options:
+A. Blue
+B. Red
+C. Green
+D. The question cannot be answered from the caption.
+Answer: B
+
+Example 2
+Caption:
+Two children fly a kite on a beach.
+Question: What colour is the kite?
+Options:
+A. Yellow
+B. White
+C. The question cannot be answered from the caption.
+Answer: C
+
+Now the real task.
+"""
+DEFAULT_TEMPLATE = PromptTemplate(header=DEFAULT_HEADER)
+CANNOT_ANSWER = "The question cannot be answered from the caption."
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """num_draws: questions drawn per caption (with replacement). mode: "hard" (right/wrong per draw) or "soft"
+    (probability of the right letter). cannot_answer: append the "cannot be answered" option to every question.
+    temperature: the reader's softmax temperature (soft mode). seed: with the step number, fixes every draw and
+    shuffle. use_chat_template: None = use the reader tokenizer's chat template when it has one.
+    engine_kwargs: passed to the reader's `Engine` (cache size, block size, ...)."""
+
+    num_draws: int = 8
+    mode: str = "hard"
+    cannot_answer: bool = True
+    cannot_answer_text: str = CANNOT_ANSWER
+    temperature: float = 1.0
+    seed: int = 0
+    template: PromptTemplate = DEFAULT_TEMPLATE
+    use_chat_template: bool | None = None
+    max_options: int = 10  # options per question, "cannot answer" included; their letters are checked at start
+    engine_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_draws, int) and self.num_draws >= 1):
+            raise ValueError(f"RewardConfig.num_draws must be an integer >= 1, got {self.num_draws!r}")
+        if self.mode not in ("hard", "soft"):
+            raise ValueError(f"RewardConfig.mode must be 'hard' or 'soft', got {self.mode!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"RewardConfig.temperature must be > 0, got {self.temperature!r}")
+        if not (2 <= self.max_options <= len(LETTERS)):
+            raise ValueError(f"RewardConfig.max_options must be in [2, 26], got {self.max_options!r}")
+
+
+@dataclass
+class RewardDetails:
+    """Per draw (P = C x N rows, caption-major): which caption and question, the letters and the probability of
+    the right letter; plus the reader prompt token counts of the call."""
+
+    caption_index: list[int]
+    question_index: list[int]
+    chosen_letter: list[str]
+    correct_letter: list[str]
+    correct_prob: list[float]
+    prompt_tokens: int  # all reader prompt tokens
+    computed_tokens: int  # those actually run through the reader (the rest came from the prefix cache)
+
+    def rows(self) -> list[dict]:
+        """One dict per draw, for JSONL logs."""
+        return [
+            {"caption": c, "question": q, "chosen": a, "correct": b, "p_correct": p}
+            for c, q, a, b, p in zip(self.caption_index, self.question_index, self.chosen_letter,
+                                     self.correct_letter, self.correct_prob, strict=True)
+        ]  # fmt: skip
+
+
+@dataclass
+class _Draws:
+    """The reader prompts of one call: ids [P] lists, answers [P], options per prompt [P], and bookkeeping."""
+
+    prompts: list[list[int]]
+    answers: list[int]
+    num_options: list[int]
+    caption_index: list[int]
+    question_index: list[int]
+
+
+class CapRLReward:
+    """Scores captions with a reader LLM (a Hugging Face causal LM and its tokenizer, used in place).
+
+    `score(captions, questions)` -> (rewards[C] fp32, RewardDetails). `questions[c]` are the MCQs of caption c's
+    image. Draws and shuffles depend on (config.seed, step, caption index) only: pass the trainer's step to make a
+    run reproducible across restarts (by default each call uses the next step number).
+    """
+
+    def __init__(self, reader_model, reader_tokenizer, config: RewardConfig | None = None, *, engine=None) -> None:
+        self.config = config or RewardConfig()
+        self.model = reader_model
+        self.tokenizer = reader_tokenizer
+        self.engine = engine or Engine(reader_model, **self.config.engine_kwargs)
+        self.lm_head = reader_model.get_output_embeddings()
+        self.calls = 0
+        chat = self.config.use_chat_template
+        if chat is None:
+            chat = getattr(reader_tokenizer, "chat_template", None) is not None
+        self._chat = chat
+        self._before, self._after = self._chat_wrapping()
+        self._header_ids = self._encode(self._before + self.config.template.header)
+        self.letter_ids = self._letter_token_ids()  # [max_options] token id of each letter after the cue
+
+    # --- prompt construction ------------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _chat_wrapping(self) -> tuple[str, str]:
+        """The reader's chat template around one user message, split at the message: (before, after)."""
+        if not self._chat:
+            return "", ""
+        marker = "\x00CAPRL_CONTENT\x00"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(marker) != 1:
+            raise ValueError("reader_tokenizer: its chat template does not place the user message exactly once")
+        before, after = text.split(marker)
+        return before, after
+
+    def _letter_token_ids(self) -> list[int]:
+        """Token id of each option letter as it follows the answer cue; a letter that is not exactly one token
+        would make the next-token readout meaningless, so that is an error."""
+        cue = self._after + self.config.template.answer_cue
+        cue_ids = self._encode(cue)
+        ids = []
+        for letter in LETTERS[: self.config.max_options]:
+            full = self._encode(cue + " " + letter)
+            if full[: len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
+                pieces = self.tokenizer.convert_ids_to_tokens(full[len(cue_ids) - 1 :])
+                raise ValueError(
+                    f"reader_tokenizer: option letter {letter!r} after the answer cue {cue!r} is not a single token "
+                    f"(tokens at the end: {pieces}); change PromptTemplate.answer_cue or use another reader"
+                )
+            ids.append(full[-1])
+        if len(set(ids)) != len(ids):
+            raise ValueError("reader_tokenizer: two option letters map to the same token")
+        return ids
+
+    def _question_text(self, mcq: MCQ, order: np.ndarray) -> tuple[str, int]:
+        """The question part (options in `order`, then "cannot answer") and the index of the right option."""
+        t = self.config.template
+        texts = [mcq.options[i] for i in order]
+        if self.config.cannot_answer:
+            texts.append(self.config.cannot_answer_text)
+        options = "\n".join(t.option.format(letter=LETTERS[i], text=x) for i, x in enumerate(texts))
+        answer = int(np.nonzero(order == mcq.answer)[0][0])
+        return t.question.format(question=mcq.question, options=options), answer
+
+    def _draw(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], step: int) -> _Draws:
+        cfg = self.config
+        draws = _Draws([], [], [], [], [])
+        cue = self._after + cfg.template.answer_cue
+        for c, (caption, mcqs) in enumerate(zip(captions, questions, strict=True)):
+            rng = np.random.default_rng([cfg.seed, step, c])
+            caption_ids = self._encode(cfg.template.caption.format(caption=caption))
+            for q in rng.integers(0, len(mcqs), size=cfg.num_draws).tolist():
+                mcq = mcqs[q]
+                text, answer = self._question_text(mcq, rng.permutation(len(mcq.options)))
+                draws.prompts.append(self._header_ids + caption_ids + self._encode(text + cue))
+                draws.answers.append(answer)
+                draws.num_options.append(len(mcq.options) + int(cfg.cannot_answer))
+                draws.caption_index.append(c)
+                draws.question_index.append(q)
+        return draws
+
+    def _check(self, captions, questions) -> None:
+        if len(captions) != len(questions):
+            raise ValueError(f"captions and questions must have the same length, got {len(captions)} and "
+                             f"{len(questions)}")  # fmt: skip
+        if not captions:
+            raise ValueError("captions is empty")
+        limit = self.config.max_options - int(self.config.cannot_answer)
+        for c, (caption, mcqs) in enumerate(zip(captions, questions, strict=True)):
+            if not isinstance(caption, str):
+                raise ValueError(f"captions[{c}] must be a str, got {type(caption).__name__}")
+            if not mcqs:
+                raise ValueError(f"questions[{c}] is empty: every caption needs at least one question")
+            for q, mcq in enumerate(mcqs):
+                if not isinstance(mcq, MCQ):
+                    raise ValueError(f"questions[{c}][{q}] must be an MCQ, got {type(mcq).__name__}")
+                if len(mcq.options) > limit:
+                    raise ValueError(f"questions[{c}][{q}] has {len(mcq.options)} options; at most {limit} fit "
+                                     f"RewardConfig.max_options={self.config.max_options}")  # fmt: skip
+
+    # --- scoring ------------------------------------------------------------------------------------------------
+
+    def reader_prompts(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int) -> _Draws:
+        """The prompts `score` would build (token ids), with their answers and option counts: for tests and tools."""
+        self._check(captions, questions)
+        return self._draw(captions, questions, step)
+
+    def score(
+        self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None
+    ) -> tuple[torch.Tensor, RewardDetails]:
+        """Rewards [C] (fp32, on the reader's device) of the captions, and per-draw details."""
+        step = self._next_step(step)
+        draws = self.reader_prompts(captions, questions, step=step)
+        before = self.engine.stats.prefill_tokens
+        hidden = self.engine.prefill(draws.prompts)  # [P, H]
+        computed = self.engine.stats.prefill_tokens - before
+        device = hidden.device
+        rewards, option_logprobs = ops.mcq_rewards(
+            hidden, self.lm_head.weight,
+            torch.tensor(self.letter_ids, device=device),
+            torch.tensor(draws.answers, device=device),
+            torch.tensor(draws.caption_index, device=device),
+            len(captions),
+            num_options=torch.tensor(draws.num_options, device=device),
+            bias=getattr(self.lm_head, "bias", None),
+            temperature=self.config.temperature,
+            mode=self.config.mode,
+        )  # fmt: skip
+        return rewards, self._details(draws, option_logprobs, computed)
+
+    def _details(self, draws: _Draws, option_logprobs: torch.Tensor, computed: int) -> RewardDetails:
+        logp = option_logprobs.float().cpu()  # [P, K], -inf past each prompt's options
+        chosen = logp.argmax(-1).tolist()
+        answers = torch.tensor(draws.answers)
+        p_correct = logp.gather(1, answers[:, None]).squeeze(1).exp().tolist()
+        return RewardDetails(
+            caption_index=draws.caption_index, question_index=draws.question_index,
+            chosen_letter=[LETTERS[i] for i in chosen], correct_letter=[LETTERS[i] for i in draws.answers],
+            correct_prob=p_correct, prompt_tokens=sum(len(p) for p in draws.prompts), computed_tokens=computed,
+        )  # fmt: skip
+
+    def score_by_generation(
+        self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None,
+        max_new_tokens: int = 10,
+    ) -> torch.Tensor:  # fmt: skip
+        """The recipe's way, for comparison: the reader generates up to `max_new_tokens` greedily per prompt and the
+        first capital letter of its reply is its answer (no letter, or a letter past the options, is wrong).
+        Same draws and shuffles as `score` for the same step. Returns rewards [C] (hard)."""
+        step = self._next_step(step)
+        draws = self.reader_prompts(captions, questions, step=step)
+        eos = [t for t in (self.tokenizer.eos_token_id,) if t is not None]
+        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(eos))
+        outs = self.engine.generate(draws.prompts, params)
+        right = torch.zeros(len(captions))
+        for out, answer, n, c in zip(outs, draws.answers, draws.num_options, draws.caption_index, strict=True):
+            letter = first_capital_letter(self.tokenizer.decode(out[0].token_ids, skip_special_tokens=True))
+            right[c] += float(letter is not None and LETTERS.index(letter) < n and LETTERS.index(letter) == answer)
+        return right / self.config.num_draws
+
+    def _next_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.calls
+        self.calls = step + 1
+        return step
+
+    # --- TRL ------------------------------------------------------------------------------------------------------
+
+    def as_trl_reward(self, questions_column: str = "questions") -> Callable[..., list[float]]:
+        """A reward function with TRL's signature, `f(prompts, completions, **kwargs) -> list[float]`, for
+        `trl.GRPOTrainer(reward_funcs=[...])`. The MCQs come from the dataset column `questions_column`: per row a
+        list of {"question", "options", "answer"} dicts (answer an index or a letter) or MCQ objects. Completions
+        may be strings or conversational ([{"role": "assistant", "content": ...}])."""
+
+        def caprl_reward(prompts, completions, **kwargs) -> list[float]:
+            if questions_column not in kwargs:
+                raise ValueError(f"the dataset has no column {questions_column!r} (columns passed: {sorted(kwargs)})")
+            captions = [_completion_text(c) for c in completions]
+            questions = [[_as_mcq(q) for q in row] for row in kwargs[questions_column]]
+            rewards, _ = self.score(captions, questions)
+            return rewards.tolist()
+
+        return caprl_reward
+
+
+def first_capital_letter(text: str) -> str | None:
+    """The recipe's parse: the first capital letter A-Z of a reply, or None."""
+    match = re.search(r"[A-Z]", text)
+    return match.group(0) if match else None
+
+
+def _completion_text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):  # multimodal content parts
+            return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return str(content)
+    raise ValueError(f"completion must be a str or a list of chat messages, got {type(completion).__name__}")
+
+
+def _as_mcq(q) -> MCQ:
+    if isinstance(q, MCQ):
+        return q
+    answer = q["answer"]
+    if isinstance(answer, str):
+        answer = LETTERS.index(answer.strip().upper())
+    return MCQ(q["question"], tuple(q["options"]), int(answer))

@@ -1,0 +1,201 @@
+"""The CapRL reward against references computed from the reader's full-vocabulary logits, against the recipe's
+generate-and-parse way, and its prefix sharing counted token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from caprl_core.data import MCQ
+from caprl_core.models import tiny_qwen2, tiny_tokenizer
+from caprl_core.reward import LETTERS, CapRLReward, RewardConfig
+
+CAPTIONS = [
+    "A red circle in the top-left and a blue square in the bottom-right.",
+    "Three shapes: a green triangle, a yellow circle and a purple square.",
+    "An orange square.",
+]
+QUESTIONS = [
+    [MCQ("What colour is the circle?", ("red", "green", "blue", "yellow"), 0),
+     MCQ("How many shapes are there?", ("1", "2", "3", "4"), 1)],
+    [MCQ("Is there a triangle?", ("yes", "no"), 0),
+     MCQ("What colour is the square?", ("purple", "orange", "red"), 0),
+     MCQ("How many shapes are there?", ("1", "2", "3", "4"), 2)],
+    [MCQ("What shape is orange?", ("circle", "square", "triangle"), 1)],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _reward(tokenizer, reader=None, **config) -> CapRLReward:
+    reader = reader if reader is not None else tiny_qwen2(tokenizer=tokenizer, seed=1)
+    engine_kwargs = config.pop("engine_kwargs", {"kv_cache_tokens": 32768, "block_size": 1})
+    return CapRLReward(reader, tokenizer, RewardConfig(engine_kwargs=engine_kwargs, **config))
+
+
+def _answer_logits(reward: CapRLReward, step: int) -> tuple[list[torch.Tensor], object]:
+    """Reference: the reader's full-vocabulary logits at the answer position of every prompt, one plain HF
+    forward per prompt, restricted to the option letters."""
+    draws = reward.reader_prompts(CAPTIONS, QUESTIONS, step=step)
+    rows = []
+    with torch.no_grad():
+        for ids, n in zip(draws.prompts, draws.num_options, strict=True):
+            logits = reward.model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # [V]
+            rows.append(logits[reward.letter_ids[:n]])
+    return rows, draws
+
+
+def test_hard_reward_equals_full_vocabulary_reference(tokenizer):
+    reward = _reward(tokenizer, num_draws=6)
+    rewards, details = reward.score(CAPTIONS, QUESTIONS, step=3)
+    rows, draws = _answer_logits(reward, step=3)
+    expect = torch.zeros(len(CAPTIONS))
+    for letters, answer, c in zip(rows, draws.answers, draws.caption_index, strict=True):
+        others = torch.cat([letters[:answer], letters[answer + 1 :]])
+        expect[c] += float(bool((letters[answer] > others).all()))  # ties are wrong
+    torch.testing.assert_close(rewards.cpu(), expect / 6, atol=0, rtol=0)
+    assert details.chosen_letter == [LETTERS[int(r.argmax())] for r in rows]
+    assert details.correct_letter == [LETTERS[a] for a in draws.answers]
+    assert len(details.rows()) == len(CAPTIONS) * 6
+
+
+def test_soft_reward_is_mean_probability_of_the_right_letter(tokenizer):
+    reward = _reward(tokenizer, num_draws=5, mode="soft", temperature=0.5)
+    rewards, details = reward.score(CAPTIONS, QUESTIONS, step=0)
+    rows, draws = _answer_logits(reward, step=0)
+    probs = [(r / 0.5).softmax(-1)[a] for r, a in zip(rows, draws.answers, strict=True)]
+    expect = torch.zeros(len(CAPTIONS))
+    for p, c in zip(probs, draws.caption_index, strict=True):
+        expect[c] += p
+    torch.testing.assert_close(rewards.cpu(), expect / 5, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(details.correct_prob), torch.stack(probs), atol=1e-5, rtol=0)
+
+
+def test_hard_reward_equals_the_recipes_generate_and_parse_way(tokenizer):
+    """A reader whose greedy next token is always one of the option letters (lm_head bias): scoring the letter
+    logits and generating + parsing the first capital letter must agree draw for draw."""
+    reader = tiny_qwen2(tokenizer=tokenizer, seed=3, num_layers=1)
+    with torch.no_grad():  # larger weights: the answer position's hidden state depends more on the question
+        for name, param in reader.named_parameters():
+            if "norm" not in name:
+                param.mul_(6.0)
+    weight = reader.lm_head.weight.detach()
+    reader.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    letters = [tokenizer.convert_tokens_to_ids("Ġ" + x) for x in "ABCDE"]  # 4 options + "cannot answer"
+    with torch.no_grad():
+        reader.lm_head.weight.copy_(weight)
+        reader.lm_head.bias.fill_(-1e4)
+        reader.lm_head.bias[letters] = 0.0
+    questions = [[MCQ(q.question, (q.options + ("x", "y", "z"))[:4], q.answer) for q in qs] for qs in QUESTIONS]
+    reward = _reward(tokenizer, reader, num_draws=8)
+    for step in range(3):
+        scored, details = reward.score(CAPTIONS, questions, step=step)
+        generated = reward.score_by_generation(CAPTIONS, questions, step=step)
+        torch.testing.assert_close(scored.cpu(), generated, atol=0, rtol=0)
+    assert 0 < float(generated.sum()) < len(CAPTIONS)  # the comparison is not between all-0 or all-1 rewards
+    assert len(set(details.chosen_letter)) > 1
+
+
+def _distinct_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Tokens a perfect prefix cache computes: each prompt minus its longest common prefix with an earlier one
+    (the last token of a prompt is always computed: its hidden state is the output)."""
+    total = 0
+    for i, p in enumerate(prompts):
+        shared = 0
+        for q in prompts[:i]:
+            n = 0
+            while n < min(len(p), len(q)) and p[n] == q[n]:
+                n += 1
+            shared = max(shared, n)
+        total += len(p) - min(shared, len(p) - 1)
+    return total
+
+
+def test_prefix_sharing_counts_each_shared_part_once_and_changes_nothing(tokenizer):
+    reward = _reward(tokenizer, num_draws=8)
+    rewards, details = reward.score(CAPTIONS, QUESTIONS, step=1)
+    draws = reward.reader_prompts(CAPTIONS, QUESTIONS, step=1)
+    header = len(reward._header_ids)
+    caption_parts = [len(reward._encode(reward.config.template.caption.format(caption=c))) for c in CAPTIONS]
+    suffixes = [len(p) - header - caption_parts[c] for p, c in zip(draws.prompts, draws.caption_index, strict=True)]
+    # Exactly the distinct tokens (a token trie over the prompts): draws of the same question, and "Question: ...",
+    # share more than header and caption, so the count can only be below header + captions + suffixes.
+    assert details.computed_tokens == _distinct_prefix_tokens(draws.prompts)
+    assert header + sum(caption_parts) < details.computed_tokens <= header + sum(caption_parts) + sum(suffixes)
+    assert details.prompt_tokens == sum(len(p) for p in draws.prompts)
+    assert details.prompt_tokens > 3 * details.computed_tokens  # 24 prompts share one header
+
+    separate = _reward(tokenizer, engine_kwargs={"kv_cache_tokens": 32768, "block_size": 1,
+                                                 "enable_prefix_caching": False})  # fmt: skip
+    alone, alone_details = separate.score(CAPTIONS, QUESTIONS, step=1)
+    assert alone_details.computed_tokens == alone_details.prompt_tokens
+    torch.testing.assert_close(rewards, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(details.correct_prob), torch.tensor(alone_details.correct_prob), atol=1e-5, rtol=0
+    )
+
+
+def test_draws_are_reproducible_per_step(tokenizer):
+    reward = _reward(tokenizer, num_draws=8)
+    a = reward.reader_prompts(CAPTIONS, QUESTIONS, step=5)
+    b = reward.reader_prompts(CAPTIONS, QUESTIONS, step=5)
+    c = reward.reader_prompts(CAPTIONS, QUESTIONS, step=6)
+    assert a.prompts == b.prompts and a.answers == b.answers
+    assert a.prompts != c.prompts
+    # Every answer points at the right option text after the shuffle; "cannot answer" is always the last option.
+    for ids, answer, c_index, q in zip(a.prompts, a.answers, a.caption_index, a.question_index, strict=True):
+        text = tokenizer.decode(ids)
+        mcq = QUESTIONS[c_index][q]
+        assert f"{LETTERS[answer]}. {mcq.options[mcq.answer]}\n" in text
+        assert f"{LETTERS[len(mcq.options)]}. {reward.config.cannot_answer_text}" in text
+    # Without a step, calls count up: two calls draw differently, a fresh reward repeats the first.
+    r1, _ = reward.score(CAPTIONS, QUESTIONS)
+    assert reward.calls == 1
+
+
+def test_option_letters_must_be_single_tokens():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["hello world"] * 10, trainer)  # " A" stays two byte tokens
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="option letter 'A'.*not a single token"):
+        _reward(fast, tiny_qwen2(vocab_size=len(fast)))
+
+
+def test_bad_reward_inputs(tokenizer):
+    reward = _reward(tokenizer)
+    with pytest.raises(ValueError, match="same length"):
+        reward.score(CAPTIONS, QUESTIONS[:2])
+    with pytest.raises(ValueError, match=r"questions\[1\] is empty"):
+        reward.score(CAPTIONS[:2], [QUESTIONS[0], []])
+    with pytest.raises(ValueError, match=r"captions\[0\] must be a str"):
+        reward.score([None], [QUESTIONS[0]])
+    many = MCQ("q?", tuple(f"o{i}" for i in range(10)), 0)
+    with pytest.raises(ValueError, match=r"questions\[0\]\[0\] has 10 options"):
+        reward.score(CAPTIONS[:1], [[many]])
+    with pytest.raises(ValueError, match="mode"):
+        RewardConfig(mode="medium")
+    with pytest.raises(ValueError, match="num_draws"):
+        RewardConfig(num_draws=0)
+
+
+def test_trl_signature_reward_function(tokenizer):
+    twin_a, twin_b = _reward(tokenizer, num_draws=4), _reward(tokenizer, num_draws=4)
+    fn = twin_a.as_trl_reward()
+    rows = [[{"question": q.question, "options": list(q.options), "answer": LETTERS[q.answer]} for q in qs]
+            for qs in QUESTIONS]  # fmt: skip
+    completions = [CAPTIONS[0], [{"role": "assistant", "content": CAPTIONS[1]}], CAPTIONS[2]]
+    out = fn(prompts=["p"] * 3, completions=completions, questions=rows, completion_ids=[[1]] * 3)
+    expect, _ = twin_b.score(CAPTIONS, QUESTIONS)
+    assert isinstance(out, list) and all(isinstance(x, float) for x in out)
+    assert out == expect.tolist()
+    with pytest.raises(ValueError, match="no column 'questions'"):
+        fn(prompts=["p"], completions=["c"])
