@@ -39,7 +39,7 @@ def _workload():
 def _reward(block_size: int, caching: bool) -> CapRLReward:
     tok = tiny_tokenizer()
     reader = tiny_qwen2(tokenizer=tok, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, seed=1)
-    engine = {"kv_cache_tokens": 1 << 19, "block_size": block_size, "enable_prefix_caching": caching}
+    engine = {"kv_cache_tokens": 1 << 16, "block_size": block_size, "enable_prefix_caching": caching}
     return CapRLReward(reader.to(DEVICE, DTYPE), tok, RewardConfig(num_draws=NUM_DRAWS, engine_kwargs=engine))
 
 

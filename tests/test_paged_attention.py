@@ -353,3 +353,12 @@ def test_bad_store_inputs_are_named(field, bad, match):
     args[field] = bad(args[field])
     with pytest.raises(ValueError, match=match):
         attention.store_kvcache(**args)
+
+
+def test_torch_path_groups_uneven_prefills(device):
+    """One long prefill among many short ones: the CPU path splits the batch into padding groups (else it pads every
+    sequence to the longest query); the answer must not change, and the grouping must really happen."""
+    seqs = [(300, 340)] + [(3 + i % 5, 300 + i) for i in range(24)] + [(1, 50), (1, 400)]
+    assert len(attention._padding_groups([q for q, _ in seqs], [c for _, c in seqs])) > 1
+    batch = make_batch(seqs, page_size=4, device=device)
+    torch.testing.assert_close(run("torch", batch), reference(batch), **FP32)

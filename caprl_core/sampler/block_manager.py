@@ -15,6 +15,7 @@ its forward pass is what produces the next token's logits (or the prefill hidden
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ def block_hash(prefix_hash: int, token_ids: list[int], key: bytes) -> int:
     """64-bit hash of a full block given the hash of everything before it (-1 for the first block)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(prefix_hash.to_bytes(8, "little", signed=True))
-    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids))
+    h.update(array("q", token_ids).tobytes())
     h.update(key)
     return int.from_bytes(h.digest(), "little", signed=True)
 
@@ -77,6 +78,10 @@ class BlockManager:
 
     # --- allocation -------------------------------------------------------------------------------------------
 
+    def plan(self, seq: Sequence) -> _Plan:
+        """What allocating `seq` now would take: pass it to `can_allocate` / `allocate` (one hashing pass)."""
+        return self._plan(seq)
+
     def _plan(self, seq: Sequence) -> _Plan:
         bs, n = self.block_size, seq.num_blocks(self.block_size)
         # Only full blocks that end before the last token may come from the cache (module docstring).
@@ -100,18 +105,19 @@ class BlockManager:
             prefix = h if h is not None else prefix
         return _Plan(hashes, hits, needed)
 
-    def num_cached_tokens(self, seq: Sequence) -> int:
+    def num_cached_tokens(self, seq: Sequence, plan: _Plan | None = None) -> int:
         """How many leading tokens of `seq` a prefill now would take from the cache."""
-        return self._plan(seq).num_cached_blocks * self.block_size
+        return (plan or self._plan(seq)).num_cached_blocks * self.block_size
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+    def can_allocate(self, seq: Sequence, reserve: int = 0, plan: _Plan | None = None) -> bool:
         """Whether `seq` fits with `reserve` more free blocks left over (for the copies a fork will make)."""
-        return self._plan(seq).num_free_needed + reserve <= self.num_free
+        return (plan or self._plan(seq)).num_free_needed + reserve <= self.num_free
 
-    def allocate(self, seq: Sequence) -> int:
-        """Give `seq` its block table (prefix-cache hits first); returns the number of cached tokens."""
+    def allocate(self, seq: Sequence, plan: _Plan | None = None) -> int:
+        """Give `seq` its block table (prefix-cache hits first); returns the number of cached tokens. `plan` must
+        come from `plan(seq)` with nothing allocated or freed since."""
         assert not seq.block_table, f"sequence {seq.seq_id} already has blocks"
-        plan = self._plan(seq)
+        plan = plan or self._plan(seq)
         if plan.num_free_needed > self.num_free:
             raise RuntimeError("BlockManager.allocate without can_allocate: out of blocks")
         for i, (h, hit) in enumerate(zip(plan.hashes, plan.hits, strict=True)):

@@ -68,12 +68,13 @@ class Scheduler:
             width = 1 if seq.forked else seq.params.n
             if num_seqs and num_seqs + width > self.max_num_seqs:
                 break
-            new_tokens = len(seq) - bm.num_cached_tokens(seq)
+            plan = bm.plan(seq)  # one hashing pass serves the three questions below
+            new_tokens = len(seq) - bm.num_cached_tokens(seq, plan)
             if seqs and num_tokens + new_tokens > self.max_batch_tokens:
                 break
-            if not bm.can_allocate(seq, reserve=reserved + self._fork_reserve(seq)):
+            if not bm.can_allocate(seq, reserve=reserved + self._fork_reserve(seq), plan=plan):
                 break
-            bm.allocate(seq)
+            bm.allocate(seq, plan)
             num_tokens += len(seq) - seq.num_cached_tokens
             num_seqs += width
             reserved += self._fork_reserve(seq)
