@@ -132,9 +132,10 @@ class Engine:
         if self.kv_cache is None:
             a = self.adapter
             shape = (2, a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-            # zeros, not empty: padded lanes of the attention paths may read never-written slots (weight 0), and
-            # 0 * NaN garbage would be NaN.
-            self.kv_cache = torch.zeros(shape, dtype=a.dtype, device=a.device)
+            # empty, not zeros: no page is touched before it is used (zeros would write the whole cache up front).
+            # Never-written slots are never read: the Triton kernels mask them and the PyTorch path pads with a
+            # real key (tests fill unused slots with NaN to check this).
+            self.kv_cache = torch.empty(shape, dtype=a.dtype, device=a.device)
         return self.kv_cache
 
     def free_kv_cache(self) -> None:
