@@ -1,0 +1,213 @@
+"""The captioning policy's side of CapRL: turning an image into the policy's prompt, and loading policy and reader.
+
+    prompter = PolicyPrompter(tokenizer, image_processor)
+    prompt = prompter(image)  # {"input_ids" [L], "pixel_values" [rows, C*t*p*p], "image_grid_thw" [1, 3],
+                              #  "mm_token_type_ids" [L]}: one prompt of `Engine.generate`
+
+Qwen2.5-VL's own processor (and so `AutoProcessor`) cannot be built without torchvision, which the CPU path must not
+need (DESIGN.md, "Environment facts"). So the prompt is made from the two parts that do work without it, as the
+processor itself does: the image processor turns the image into patches and a [t, h, w] grid, and the tokenizer's
+single `<|image_pad|>` is expanded to t*h*w / merge**2 placeholders (one per merged 2x2 patch group), which the
+model then replaces with the vision tower's output. Users with a full processor pass it to `from_processor`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_INSTRUCTION",
+    "PolicyPrompter",
+    "load_policy",
+    "load_reader",
+    "tiny_image_processor",
+    "tiny_policy_and_reader",
+]
+
+DEFAULT_INSTRUCTION = (
+    "Describe this image in as much detail as you can, accurately: every object, its colour, shape, position and "
+    "number, and any visible text. Mention only what is really in the image."
+)
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+
+
+def tiny_image_processor():
+    """An image processor for `caprl_core.models.tiny_qwen2_5_vl`: 14-px patches, 2x2 merge, temporal patch 2.
+
+    A 112x112 image stays 112x112 (a multiple of patch * merge = 28): an 8x8 patch grid, 16 image tokens after the
+    merge. Other images are resized (aspect kept) to between 56x56 and 112x112 pixels' worth, so a prompt never
+    holds more than 16 image tokens.
+    """
+    from transformers import Qwen2VLImageProcessorPil  # the torchvision-free class (Qwen2VLImageProcessor falls
+    # back to it with a warning when torchvision is missing)
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=112 * 112
+    )
+
+
+class PolicyPrompter:
+    """Builds the policy's prompt dict for one image: the user turn `<|vision_start|><|image_pad|>*n<|vision_end|>`
+    followed by `instruction`, wrapped in the tokenizer's chat template (with the assistant's turn opened) when it
+    has one. use_chat_template: None = use it when the tokenizer (or `chat_template`) has one; False = the raw
+    user text only. chat_template: a template to use instead of the tokenizer's (e.g. a processor's).
+    """
+
+    def __init__(
+        self, tokenizer, image_processor, instruction: str = DEFAULT_INSTRUCTION, *,
+        use_chat_template: bool | None = None, chat_template: str | None = None,
+    ) -> None:  # fmt: skip
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.instruction = instruction
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.image_token_id = self._special_id(IMAGE_PAD)
+        for token in (VISION_START, VISION_END):
+            self._special_id(token)
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if use_chat_template and template is None:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat template (and none was given)")
+        self.chat_template = template if use_chat_template is not False else None
+        # Token ids of the whole prompt with a single <|image_pad|>: the text never changes, only the expansion.
+        self._ids = self._template_ids()
+
+    @classmethod
+    def from_processor(cls, processor, instruction: str = DEFAULT_INSTRUCTION, **kwargs) -> PolicyPrompter:
+        """From a full transformers processor (e.g. Qwen2_5_VLProcessor, which needs torchvision): its tokenizer and
+        image processor, and its chat template when the tokenizer has none."""
+        for part in ("tokenizer", "image_processor"):
+            if getattr(processor, part, None) is None:
+                raise ValueError(f"processor has no {part}: expected a vision-language processor such as "
+                                 f"Qwen2_5_VLProcessor, got {type(processor).__name__}")  # fmt: skip
+        tokenizer = processor.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            kwargs.setdefault("chat_template", getattr(processor, "chat_template", None))
+        return cls(tokenizer, processor.image_processor, instruction, **kwargs)
+
+    def _special_id(self, token: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {token} token: expected a Qwen2-VL style vocabulary")
+        return int(ids[0])
+
+    def _template_ids(self) -> list[int]:
+        content = VISION_START + IMAGE_PAD + VISION_END + self.instruction
+        if self.chat_template is not None:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=True,
+            )  # fmt: skip
+        else:
+            text = content
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(self.image_token_id) != 1:
+            raise ValueError(f"the rendered prompt holds {ids.count(self.image_token_id)} {IMAGE_PAD} tokens, "
+                             f"expected 1 (does the chat template or the instruction add or drop one?)")  # fmt: skip
+        return ids
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor) -> int:
+        """Placeholders of one image with grid [1, 3] (t, h, w in patches): t*h*w / merge**2."""
+        return int(image_grid_thw.prod()) // self.merge_size**2
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The prompt dict of `image` (any PIL mode; converted to RGB)."""
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL.Image, got {type(image).__name__}")
+        vision = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        pixel_values = vision["pixel_values"]  # [t*h*w, C * temporal_patch * patch**2]
+        grid = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long).reshape(1, 3)  # [1, 3]
+        pad = self._ids.index(self.image_token_id)
+        ids = self._ids[:pad] + [self.image_token_id] * self.num_image_tokens(grid) + self._ids[pad + 1 :]
+        input_ids = torch.tensor(ids, dtype=torch.long)  # [L]
+        return {
+            "input_ids": input_ids,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid,
+            "mm_token_type_ids": (input_ids == self.image_token_id).long(),  # [L], 1 on image placeholders
+        }
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def _default_dtype(dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{what} {path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _load_tokenizer(path: Path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from e
+
+
+def _load_image_processor(path: Path, what: str):
+    if not (path / "preprocessor_config.json").is_file():
+        raise ValueError(f"{what} {path}: no preprocessor_config.json (the image processor's settings)")
+    try:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, OSError, ValueError):
+        # Without torchvision the Auto class may refuse the fast processor; the PIL one reads the same file.
+        from transformers import Qwen2VLImageProcessorPil
+
+        try:
+            return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{what} {path}: cannot load its image processor ({type(e).__name__}: {e})") from e
+
+
+def load_policy(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer, image_processor) of a vision-language policy in a local Hugging Face directory.
+    dtype None: bf16 on CUDA, fp32 on CPU. Raises ValueError naming the path when a part is missing."""
+    from caprl_core.models import load_pretrained
+
+    path = _check_dir(path, "policy")
+    tokenizer = _load_tokenizer(path, "policy")
+    image_processor = _load_image_processor(path, "policy")
+    model = load_pretrained(path, dtype=_default_dtype(dtype, device), device=device)
+    if not hasattr(model.config, "vision_config"):
+        raise ValueError(f"policy {path}: {type(model).__name__} has no vision tower; the policy must be a "
+                         f"vision-language model such as Qwen2.5-VL")  # fmt: skip
+    return model, tokenizer, image_processor
+
+
+def load_reader(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of the reader LLM in a local Hugging Face directory. dtype None: bf16 on CUDA, fp32 on
+    CPU. Raises ValueError naming the path when a part is missing."""
+    from caprl_core.models import load_pretrained
+
+    path = _check_dir(path, "reader")
+    tokenizer = _load_tokenizer(path, "reader")
+    model = load_pretrained(path, dtype=_default_dtype(dtype, device), device=device)
+    return model, tokenizer
+
+
+def tiny_policy_and_reader(seed: int = 0):
+    """The built-in defaults, random weights: (policy, reader, tokenizer, image_processor) with a tiny Qwen2.5-VL
+    policy and a tiny Qwen2 reader sharing `tiny_tokenizer()`, and `tiny_image_processor()`."""
+    from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    policy = tiny_qwen2_5_vl(tokenizer=tokenizer, seed=seed)
+    reader = tiny_qwen2(tokenizer=tokenizer, seed=seed + 1)  # another stream: the two embeddings are not copies
+    return policy, reader, tokenizer, tiny_image_processor()

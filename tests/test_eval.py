@@ -1,0 +1,133 @@
+"""`python -m caprl_core.eval` on a tiny synthetic set: the summary and the per-image details are consistent, every
+question is asked exactly once per caption, loading the models from directories gives the built-in defaults'
+result, and bad paths are argparse errors that name them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from caprl_core.data import load_jsonl, make_synthetic_dataset
+from caprl_core.eval import CaptionEvaluator, EvalConfig, main
+from caprl_core.policy import PolicyPrompter, tiny_policy_and_reader
+
+NUM_IMAGES, K = 4, 2
+SUMMARY_KEYS = {"num_images", "num_captions", "num_questions", "mean_accuracy", "best_of_k", "mean_p_correct",
+                "mean_caption_tokens", "truncated_fraction", "train_reward", "k", "seconds", "out"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), NUM_IMAGES, seed=1, questions_per_image=5)
+
+
+def _args(data, out, *extra) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--k", str(K), "--max-new-tokens", "8", "--num-draws", "3",
+            "--batch-size", "3", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """As main() runs the tiny defaults: one thread, so results are bitwise comparable (and fast on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = main(_args(data, out))
+    rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    return summary, rows, out
+
+
+def test_summary(run):
+    summary, _, out = run
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["num_images"] == NUM_IMAGES and summary["num_captions"] == NUM_IMAGES * K
+    for key in ("mean_accuracy", "best_of_k", "mean_p_correct", "train_reward", "truncated_fraction"):
+        assert 0 <= summary[key] <= 1, key
+    assert summary["best_of_k"] >= summary["mean_accuracy"]
+    assert 0 < summary["mean_caption_tokens"] <= 8
+
+
+def test_details_count_every_question_once_per_caption(run, data):
+    summary, rows, _ = run
+    examples = load_jsonl(data).examples
+    assert [r["id"] for r in rows] == [ex.id for ex in examples]
+    for row, ex in zip(rows, examples, strict=True):
+        assert len(row["captions"]) == len(row["caption_tokens"]) == len(row["train_reward"]) == K
+        assert np.shape(row["correct"]) == (K, len(ex.questions)) and len(row["p_correct"]) == K
+        assert all(c in (0, 1) for per_caption in row["correct"] for c in per_caption)
+        assert row["accuracy"] == pytest.approx([np.mean(c) for c in row["correct"]])
+    assert summary["num_questions"] == sum(len(ex.questions) for ex in examples)
+    assert summary["mean_accuracy"] == pytest.approx(np.mean([np.mean(r["accuracy"]) for r in rows]))
+    assert summary["best_of_k"] == pytest.approx(np.mean([max(r["accuracy"]) for r in rows]))
+
+
+def test_reader_sees_each_caption_question_pair_once(data, one_thread):
+    policy, reader, tokenizer, image_processor = tiny_policy_and_reader()
+    evaluator = CaptionEvaluator(policy, PolicyPrompter(tokenizer, image_processor), reader, tokenizer,
+                                 EvalConfig(k=K, max_new_tokens=4, num_draws=0))  # fmt: skip
+    asked = []
+    score = evaluator.every_question.score
+
+    def spy(captions, questions, *, step=None):
+        asked.extend(zip(captions, [q for pool in questions for q in pool], strict=True))
+        assert all(len(pool) == 1 for pool in questions)  # one-question pools: the single draw is that question
+        return score(captions, questions, step=step)
+
+    evaluator.every_question.score = spy
+    examples = load_jsonl(data).examples
+    rows = evaluator.evaluate_batch(examples, 0)
+    pairs = zip(rows, examples, strict=True)
+    expected = [(caption, mcq) for row, ex in pairs for caption in row["captions"] for mcq in ex.questions]
+    assert Counter(asked) == Counter(expected)  # every (caption, question) pair exactly once, nothing else
+
+
+def test_identical_captions_score_alike(data, tmp_path):
+    """Greedy decoding gives k identical captions; they meet the same option orders, so their scores agree."""
+    summary = main(_args(data, tmp_path, "--temperature", "0", "--num-draws", "0"))
+    rows = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert len(set(row["captions"])) == 1
+        assert row["correct"] == [row["correct"][0]] * K
+    assert summary["best_of_k"] == summary["mean_accuracy"] and summary["train_reward"] is None
+
+
+def test_models_from_directories_match_the_builtin_defaults(run, data, tmp_path, one_thread):
+    policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
+    for name, model in (("policy", policy), ("reader", reader)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    image_processor.save_pretrained(tmp_path / "policy")
+    out = tmp_path / "out"
+    summary = main(_args(data, out, "--policy", str(tmp_path / "policy"), "--reader", str(tmp_path / "reader")))
+    rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
+    assert rows == run[1]  # same weights, same seeds: the same captions and answers
+    assert summary["policy"] == str(tmp_path / "policy")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--policy", "--reader"])
+def test_missing_path_is_an_argparse_error(flag, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, str(missing), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"{flag}: {missing} does not exist" in capsys.readouterr().err
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "caprl_core.eval", "--help"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--num-draws" in result.stdout and "--policy" in result.stdout
