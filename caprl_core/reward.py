@@ -334,14 +334,16 @@ class CapRLReward:
         """A reward function with TRL's signature, `f(prompts, completions, **kwargs) -> list[float]`, for
         `trl.GRPOTrainer(reward_funcs=[...])`. The MCQs come from the dataset column `questions_column`: per row a
         list of {"question", "options", "answer"} dicts (answer an index or a letter) or MCQ objects. Completions
-        may be strings or conversational ([{"role": "assistant", "content": ...}])."""
+        may be strings or conversational ([{"role": "assistant", "content": ...}]). When TRL passes
+        `trainer_state`, its global_step is the draws' step, so a resumed run draws as the original would have."""
 
         def caprl_reward(prompts, completions, **kwargs) -> list[float]:
             if questions_column not in kwargs:
                 raise ValueError(f"the dataset has no column {questions_column!r} (columns passed: {sorted(kwargs)})")
             captions = [_completion_text(c) for c in completions]
             questions = [[_as_mcq(q) for q in row] for row in kwargs[questions_column]]
-            rewards, _ = self.score(captions, questions)
+            state = kwargs.get("trainer_state")  # TRL passes it: draws then follow the run's step, resumes included
+            rewards, _ = self.score(captions, questions, step=getattr(state, "global_step", None))
             return rewards.tolist()
 
         return caprl_reward

@@ -199,3 +199,14 @@ def test_trl_signature_reward_function(tokenizer):
     assert out == expect.tolist()
     with pytest.raises(ValueError, match="no column 'questions'"):
         fn(prompts=["p"], completions=["c"])
+
+
+def test_trl_reward_follows_the_trainer_step(tokenizer):
+    from types import SimpleNamespace
+
+    reward = _reward(tokenizer, num_draws=4)
+    fn = reward.as_trl_reward()
+    rows = [[{"question": q.question, "options": list(q.options), "answer": q.answer} for q in qs] for qs in QUESTIONS]
+    at_7 = fn(prompts=["p"] * 3, completions=CAPTIONS, questions=rows, trainer_state=SimpleNamespace(global_step=7))
+    expect, _ = _reward(tokenizer, num_draws=4).score(CAPTIONS, QUESTIONS, step=7)
+    assert at_7 == expect.tolist()
