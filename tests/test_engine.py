@@ -329,3 +329,15 @@ def test_bad_prompts_and_engine_arguments():
         Engine(model, num_kv_blocks=8, block_size=0)
     with pytest.raises(ValueError, match="params"):
         engine.generate([[1], [2]], [ok])
+
+
+def test_banned_tokens_are_never_sampled():
+    model = tiny_qwen2(vocab_size=16)
+    prompt = list(range(8))
+    banned = tuple(range(0, 16, 2))
+    out = Engine(model, num_kv_blocks=512, block_size=4).generate(
+        [prompt], SamplingParams(n=64, temperature=2.0, max_new_tokens=4, seed=0, banned_token_ids=banned)
+    )[0]
+    drawn = {t for c in out for t in c.token_ids}
+    assert drawn and not drawn & set(banned)
+    assert len(drawn) > 3  # still sampling among the others

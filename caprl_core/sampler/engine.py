@@ -352,6 +352,9 @@ class Engine:
         device = hidden.device
         logits = self.adapter.logits(hidden)  # [S, V] fp32
         params = [s.params for s in seqs]
+        for row, p in enumerate(params):
+            if p.banned_token_ids:
+                logits[row, list(p.banned_token_ids)] = float("-inf")
         temperature = torch.tensor([p.temperature for p in params], device=device)
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)

@@ -22,6 +22,8 @@ class SamplingParams:
     temperature, then top-k, then top-p.
     max_new_tokens: completion length cap (finish_reason "length").
     stop_token_ids: generation stops after emitting one of these (it is kept in the completion, finish_reason "stop").
+    banned_token_ids: never sampled (their logits are set to -inf before everything else), e.g. a VL policy's
+    image placeholder tokens, which would otherwise count as images when the caption is scored.
     seed: with a seed, sample i of prompt j draws from its own generator seeded from (seed, j, i), so the output does
     not depend on what else is in the batch. Without one, the device's global generator is used.
     """
@@ -33,9 +35,11 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "banned_token_ids", tuple(int(t) for t in self.banned_token_ids))
         if not (isinstance(self.n, int) and self.n >= 1):
             raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
