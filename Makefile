@@ -43,8 +43,11 @@ bench: setup build
 selfcheck: setup build
 	$(PY) -m caprl_core.selfcheck
 
-# Until the training loop lands (issue 5), `make train` runs the op self-check: every backend against the reference.
-train: selfcheck
+# The built-in default run: tiny models on synthetic shapes data, a few minutes on a CPU. ARGS passes options,
+# e.g. make train ARGS="--policy DIR --reader DIR --data FILE".
+ARGS ?=
+train: setup build
+	$(PY) -m caprl_core.train $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache bench/results

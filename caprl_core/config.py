@@ -1,0 +1,257 @@
+"""Training configuration: small dataclasses, set from defaults < a TOML/JSON file < command-line flags.
+
+Every field is a flag of `python -m caprl_core.train` with dashes (`group_size` -> `--group-size`). A config file
+holds the same names, flat or under their section (`[rollout] group_size = 8`). Defaults follow the CapRL recipe
+for real models (G = 8 captions per image, N = 8 questions drawn per caption, lr 1e-6 with warm-up, temperature
+1.0, no KL). Without --policy the run uses the built-in tiny models, and the fields in `TINY_DEFAULTS` that the
+user did not set are scaled down so the whole run takes a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caprl_core.grpo import AGGREGATIONS
+from caprl_core.policy import DEFAULT_INSTRUCTION
+
+
+@dataclass
+class ModelConfig:
+    policy: str | None = None  # local Hugging Face directory (e.g. Qwen2.5-VL-3B-Instruct); None = tiny built-in
+    reader: str | None = None  # local directory of the reader LLM (e.g. Qwen2.5-3B-Instruct); None = tiny built-in
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto = cuda when available
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str | None = None  # JSONL (see caprl_core.data); None = the synthetic shapes dataset
+    on_error: str = "skip"  # bad dataset lines: skip (with one warning) or raise
+    synthetic_images: int = 256
+
+
+@dataclass
+class RolloutConfig:
+    images_per_step: int = 16
+    group_size: int = 8  # G: captions sampled per image
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache_tokens: int | None = None  # None = the engine's default share of free memory
+    instruction: str = DEFAULT_INSTRUCTION
+
+
+@dataclass
+class RewardSection:
+    num_draws: int = 8  # N: questions drawn per caption
+    mode: str = "hard"  # hard | soft
+    advantage: str = "grpo"  # grpo | rloo
+    scale: str = "group"  # group | batch | none (Dr.GRPO: none)
+    length_weight: float = 0.0  # weight of the caption-length term (0 = off): 1 up to length_l1, 0 from length_l2
+    length_l1: int = 400
+    length_l2: int = 600
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 10
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    num_iterations: int = 1  # policy updates per rollout batch
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon; DAPO's clip-higher: 0.28
+    aggregation: str = "token-mean"
+    beta: float = 0.0  # KL to the initial policy (k3); 0 loads no reference model
+    mask_truncated: bool = False
+
+
+@dataclass
+class LogConfig:
+    output_dir: str | None = None  # None = runs/<date-time>
+    sample_every: int = 5
+    checkpoint_every: int = 10
+    keep_last: int = 3
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardSection = field(default_factory=RewardSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    steps: int = 200
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "rollout", "reward", "optim", "log")
+# The built-in tiny run: small batches and captions, a learning rate a random tiny model notices.
+TINY_DEFAULTS = {
+    "images_per_step": 4, "group_size": 4, "max_new_tokens": 24, "num_draws": 4, "lr": 2e-4, "warmup_steps": 2,
+    "micro_batch_size": 8, "synthetic_images": 64, "steps": 30, "sample_every": 5, "checkpoint_every": 10,
+}  # fmt: skip
+
+
+def _fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Every settable name -> (its section or None for top level, its field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(f.default_factory()):
+                out[sub.name] = (f.name, sub)
+        else:
+            out[f.name] = (None, f)
+    return out
+
+
+FIELDS = _fields()
+
+
+def _set(config: TrainConfig, name: str, value: Any) -> None:
+    section, _ = FIELDS[name]
+    setattr(getattr(config, section) if section else config, name, value)
+
+
+def _get(config: TrainConfig, name: str) -> Any:
+    section, _ = FIELDS[name]
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """Flat {name: value} from a TOML or JSON file whose names are flat or grouped by section."""
+    if not path.is_file():
+        raise ValueError(f"--config: {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python >= 3.11
+
+            raw = tomllib.loads(path.read_text())
+        else:
+            raw = json.loads(path.read_text())
+    except ValueError as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"--config: {path}: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for name, v in value.items():
+                if name not in FIELDS or FIELDS[name][0] != key:
+                    raise ValueError(f"--config: {path}: unknown option {key}.{name}")
+                flat[name] = v
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise ValueError(f"--config: {path}: unknown option {key!r}")
+    return flat
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(name: str, text: str) -> Any:
+    default = _get(TrainConfig(), name)
+    kind = type(default) if default is not None else (int if name == "kv_cache_tokens" else float)
+    if name in ("policy", "reader", "data", "output_dir"):
+        kind = str
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{_flag(name)}: expected true/false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{_flag(name)}: expected {kind.__name__}, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m caprl_core.train",
+        description="CapRL: GRPO training of an image captioner with a reader-LLM reward. With no arguments: the "
+        "built-in tiny models on synthetic shapes data (a few minutes on a CPU).",
+    )
+    parser.add_argument("--config", type=Path, help="TOML or JSON file of options (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    for name, (section, _) in FIELDS.items():
+        default = _get(TrainConfig(), name)
+        parser.add_argument(_flag(name), dest=name, default=None, metavar=type(default).__name__.upper()
+                            if default is not None else "VALUE",
+                            help=f"[{section or 'run'}] default: {default!r}")  # fmt: skip
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """(config, resume) from the command line; ValueError naming the option on a bad value."""
+    args = build_parser().parse_args(argv)
+    values = _read_file(args.config) if args.config is not None else {}
+    for name in FIELDS:
+        text = getattr(args, name)
+        if text is not None:
+            values[name] = _parse_value(name, text)
+    config = TrainConfig()
+    tiny = values.get("policy") is None
+    if tiny:
+        for name, value in TINY_DEFAULTS.items():
+            _set(config, name, value)
+    for name, value in values.items():
+        _set(config, name, value)
+    validate(config)
+    return config, args.resume
+
+
+def validate(config: TrainConfig) -> None:
+    """ValueError naming the first bad option."""
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{_flag(name)}: {what}, got {_get(config, name)!r}")
+
+    for name in ("policy", "reader", "data"):
+        value = _get(config, name)
+        need(value is None or Path(value).exists(), name, "path does not exist")
+    r, o, g, lg = config.rollout, config.optim, config.reward, config.log
+    need(r.group_size >= 2, "group_size", "must be >= 2 (advantages compare captions of one image)")
+    need(r.images_per_step >= 1, "images_per_step", "must be >= 1")
+    need(r.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    need(r.temperature > 0, "temperature", "must be > 0 (sampling)")
+    need(0 < r.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(r.kv_cache_tokens is None or r.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1")
+    need(g.num_draws >= 1, "num_draws", "must be >= 1")
+    need(g.mode in ("hard", "soft"), "mode", "must be hard or soft")
+    need(g.advantage in ("grpo", "rloo"), "advantage", "must be grpo or rloo")
+    need(g.scale in ("group", "batch", "none"), "scale", "must be group, batch or none")
+    need(g.length_weight >= 0, "length_weight", "must be >= 0")
+    need(0 < g.length_l1 < g.length_l2, "length_l2", "length_l1 < length_l2 (both > 0)")
+    need(o.lr > 0, "lr", "must be > 0")
+    need(o.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(o.schedule in ("constant", "cosine"), "schedule", "must be constant or cosine")
+    need(o.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(o.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(o.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    need(o.num_iterations >= 1, "num_iterations", "must be >= 1")
+    need(o.epsilon > 0, "epsilon", "must be > 0")
+    need(o.epsilon_high is None or o.epsilon_high >= o.epsilon, "epsilon_high", "must be >= epsilon")
+    need(o.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+    need(o.beta >= 0, "beta", "must be >= 0")
+    need(config.data.on_error in ("skip", "raise"), "on_error", "must be skip or raise")
+    need(config.data.synthetic_images >= 1, "synthetic_images", "must be >= 1")
+    need(config.steps >= 1, "steps", "must be >= 1")
+    need(lg.sample_every >= 1, "sample_every", "must be >= 1")
+    need(lg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    need(lg.keep_last >= 1, "keep_last", "must be >= 1")
+    need(config.model.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto|float32|bfloat16|float16")

@@ -1,0 +1,419 @@
+"""`python -m caprl_core.train`: CapRL with GRPO on one node.
+
+    python -m caprl_core.train                                   # tiny built-in models, synthetic data, CPU-sized
+    python -m caprl_core.train --policy Qwen2.5-VL-3B-Instruct --reader Qwen2.5-3B-Instruct --data train.jsonl
+    python -m caprl_core.train --output-dir runs/x --resume      # continue from the last complete checkpoint
+
+One step: (1) rollout: the policy samples G captions for each of B images through the paged sampler (the policy
+object itself, no weight sync), with the log-probs it sampled them with; (2) reward: the reader scores every caption
+with N drawn questions (`CapRLReward`), plus an optional caption-length term, and `ops.group_advantages` turns the
+rewards into advantages within each image's group; (3) update: for each micro-batch the policy's hidden states and
+`ops.linear_token_logprobs` give the caption tokens' log-probs (the [tokens, vocab] logits never exist), the
+clipped GRPO loss (`caprl_core.grpo`) is back-propagated, and AdamW steps once per batch (num_iterations times).
+
+Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
+checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caprl_core import grpo, ops
+from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from caprl_core.config import TrainConfig, parse_config
+from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.plot import plot_metrics
+from caprl_core.policy import PolicyPrompter, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.sampler.engine import Engine
+from caprl_core.sampler.sequence import Completion, SamplingParams
+
+# Metrics that depend on the machine's speed, not on the run: excluded when comparing runs.
+TIMING_KEYS = ("time_rollout", "time_reward", "time_update", "time_step", "tokens_per_s", "peak_memory_mb")
+
+
+@dataclass
+class Rollout:
+    """One step's samples, image-major: sample i*G + j is caption j of image i."""
+
+    prompts: list[dict]  # [B] policy prompt dicts
+    completions: list[Completion]  # [B*G]
+    captions: list[str]  # [B*G]
+    truncated: torch.Tensor  # [B*G] bool: hit max_new_tokens
+
+
+# --- setup -------------------------------------------------------------------------------------------------------
+
+
+def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(config.model.device if config.model.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = names.get(config.model.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype):
+    """(policy, policy tokenizer, image processor, reader, reader tokenizer)."""
+    if config.model.policy is None:
+        policy, reader, tokenizer, image_processor = tiny_policy_and_reader(config.seed)
+        return policy.to(device), tokenizer, image_processor, reader.to(device), tokenizer
+    policy, tokenizer, image_processor = load_policy(config.model.policy, dtype=dtype, device=device)
+    if config.model.reader is None:
+        raise ValueError("--reader: a real --policy needs a reader model directory too")
+    reader, reader_tokenizer = load_reader(config.model.reader, dtype=dtype, device=device)
+    return policy, tokenizer, image_processor, reader, reader_tokenizer
+
+
+def _load_data(config: TrainConfig, output_dir: Path) -> list[Example]:
+    path = config.data.data
+    if path is None:
+        path = make_synthetic_dataset(output_dir / "data", config.data.synthetic_images, seed=config.seed)
+    return load_jsonl(path, on_error=config.data.on_error).examples
+
+
+def _schedule(config: TrainConfig):
+    """LR multiplier per step: linear warm-up, then constant or cosine to 0 at the last step."""
+    o, total = config.optim, config.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batch(examples: list[Example], step: int, size: int, seed: int) -> list[Example]:
+    """Images of `step`: a fresh seeded permutation per pass over the data; depends on the step only (resumable)."""
+    out = []
+    for k in range(step * size, (step + 1) * size):
+        epoch, index = divmod(k, len(examples))
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+        out.append(examples[int(order[index])])
+    return out
+
+
+# --- the three phases --------------------------------------------------------------------------------------------
+
+
+def rollout(engine: Engine, prompter: PolicyPrompter, tokenizer, examples: list[Example], config: TrainConfig,
+            step: int) -> Rollout:  # fmt: skip
+    r = config.rollout
+    prompts = [prompter(load_image(ex.image)) for ex in examples]
+    stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=stop, seed=config.seed * 1_000_003 + step,
+                            banned_token_ids=_vision_token_ids(tokenizer))  # fmt: skip
+    outs = engine.generate(prompts, params)
+    engine.free_kv_cache()  # the update needs the memory; the next rollout allocates it again
+    completions = [c for group in outs for c in group]
+    captions = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in completions]
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    return Rollout(prompts, completions, captions, truncated)
+
+
+def _vision_token_ids(tokenizer) -> tuple[int, ...]:
+    """The policy must not write image placeholders: in the training forward each one counts as an image token
+    and no longer matches the image's features. (For a real model their probability is ~0 anyway.)"""
+    ids = []
+    for token in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        i = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.append(i)
+    return tuple(ids)
+
+
+def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Example], config: TrainConfig,
+                           step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """(rewards [B*G, R] per component, advantages [B*G], metrics). Component 0 is the reader's accuracy."""
+    g, G = config.reward, config.rollout.group_size
+    questions = [list(ex.questions) for ex in examples for _ in range(G)]
+    # An empty prefix cache every step: the reader's numbers then depend on this step's captions only (a resumed
+    # run reproduces them bit for bit); the header is recomputed once per step, a few hundred tokens.
+    reward.engine.free_kv_cache()
+    accuracy, details = reward.score(ro.captions, questions, step=step)
+    columns, weights = [accuracy.float().cpu()], [1.0]
+    lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
+    if g.length_weight > 0:
+        columns.append(grpo.caption_length_reward(lengths, g.length_l1, g.length_l2))
+        weights.append(g.length_weight)
+    rewards = torch.stack(columns, dim=1)  # [N, R]
+    advantages = ops.group_advantages(
+        rewards if len(columns) > 1 else rewards[:, 0], group_size=G, method=g.advantage, scale=g.scale,
+        weights=torch.tensor(weights) if len(columns) > 1 else None,
+    )  # fmt: skip
+    total = (rewards * torch.tensor(weights)).sum(1)
+    flat_groups = (total.view(-1, G).max(1).values == total.view(-1, G).min(1).values).float().mean()
+    metrics = {
+        "reward_mean": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+        "accuracy": float(accuracy.mean()), "zero_adv_groups": float(flat_groups),
+        "caption_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
+        "reader_tokens_computed": details.computed_tokens, "reader_tokens": details.prompt_tokens,
+    }  # fmt: skip
+    return rewards, advantages, metrics
+
+
+def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch.device):
+    """Right-padded policy inputs for samples `rows` and where their caption tokens are.
+
+    Returns (model kwargs, gather index [M, T] into the flattened [M*L] positions that predict each caption token,
+    targets [M, T] (-100 on padding), old log-probs [M, T], mask [M, T])."""
+    ids, completions = [], []
+    for i in rows:
+        prompt, completion = ro.prompts[i // group_size], ro.completions[i]
+        ids.append(prompt["input_ids"].tolist() + completion.token_ids)
+        completions.append((len(prompt["input_ids"]), completion))
+    width = max(len(x) for x in ids)
+    t_max = max(len(c.token_ids) for _, c in completions)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    index = torch.zeros(len(rows), t_max, dtype=torch.long)
+    targets = torch.full((len(rows), t_max), -100, dtype=torch.long)
+    old = torch.zeros(len(rows), t_max)
+    for m, (x, (plen, c)) in enumerate(zip(ids, completions, strict=True)):
+        n = len(c.token_ids)
+        input_ids[m, : len(x)] = torch.tensor(x)
+        attention[m, : len(x)] = 1
+        index[m, :n] = m * width + torch.arange(plen - 1, plen - 1 + n)  # position p predicts token p + 1
+        targets[m, :n] = torch.tensor(c.token_ids)
+        old[m, :n] = torch.tensor(c.logprobs)
+    kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    first = ro.prompts[0]
+    if "pixel_values" in first:
+        prompts = [ro.prompts[i // group_size] for i in rows]
+        kwargs["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts]).to(device)
+        kwargs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts]).to(device)
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        for m, p in enumerate(prompts):
+            types[m, : len(p["mm_token_type_ids"])] = p["mm_token_type_ids"]
+        kwargs["mm_token_type_ids"] = types.to(device)
+    return kwargs, index.to(device), targets.to(device), old.to(device), (targets != -100).to(device)
+
+
+def policy_logprobs(policy, kwargs: dict, index: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """Log-probs [M, T] (and entropies) of the caption tokens under the policy at `temperature`, from the base
+    model's hidden states and the fused lm_head + log-softmax (no [tokens, vocab] logits)."""
+    hidden = policy.model(**kwargs, use_cache=False).last_hidden_state  # [M, L, H]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    selected = flat[index.reshape(-1)].view(*index.shape, -1)  # [M, T, H]
+    head = policy.get_output_embeddings()
+    return ops.linear_token_logprobs(selected, head.weight, targets, bias=head.bias, temperature=temperature,
+                                     return_entropy=True)  # fmt: skip
+
+
+def update(policy, ref_policy, optimizer, scheduler, ro: Rollout, advantages: torch.Tensor, config: TrainConfig,
+           device: torch.device) -> dict:  # fmt: skip
+    """num_iterations passes of micro-batched clipped-GRPO updates; one optimizer step per pass."""
+    o, G = config.optim, config.rollout.group_size
+    loss_config = grpo.LossConfig(epsilon=o.epsilon, epsilon_high=o.epsilon_high, aggregation=o.aggregation,
+                                  max_completion_length=config.rollout.max_new_tokens, beta=o.beta,
+                                  mask_truncated=o.mask_truncated)  # fmt: skip
+    n = len(ro.completions)
+    lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
+    keep = ~ro.truncated if o.mask_truncated else torch.ones(n, dtype=torch.bool)
+    total_tokens = float((lengths * keep).sum().clamp_min(1))
+    total_seqs = float(keep.sum().clamp_min(1))
+    sums: dict[str, float] = {}
+    policy.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    for _ in range(o.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, n, o.micro_batch_size):
+            rows = list(range(start, min(n, start + o.micro_batch_size)))
+            kwargs, index, targets, old, mask = _training_batch(ro, rows, G, device)
+            ref = None
+            with autocast:
+                logp, entropy = policy_logprobs(policy, kwargs, index, targets, config.rollout.temperature)
+                if ref_policy is not None:
+                    with torch.no_grad():
+                        ref, _ = policy_logprobs(ref_policy, kwargs, index, targets, config.rollout.temperature)
+            loss, m = grpo.policy_loss(logp, old, advantages[rows].to(device), mask, loss_config, ref_logp=ref,
+                                       truncated=ro.truncated[rows].to(device), entropy=entropy)  # fmt: skip
+            # Weight each micro-batch by its share of what the whole batch's aggregation divides by.
+            # ("constant" divides by all rows, truncated ones included, as TRL's dr_grpo does.)
+            if o.aggregation == "token-mean":
+                share = float((lengths[rows] * keep[rows]).sum()) / total_tokens
+            elif o.aggregation == "constant":
+                share = len(rows) / n
+            else:
+                share = float(keep[rows].sum()) / total_seqs
+            (loss * share).backward()
+            for key, value in m.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.max_grad_norm)
+        optimizer.step()
+    scheduler.step()
+    policy.eval()
+    out = {k: v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
+    out["grad_norm"] = float(grad_norm)
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- logging -----------------------------------------------------------------------------------------------------
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past `last_step` (written after the checkpoint a resumed run restarts from)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+class Progress:
+    """A one-line progress bar on stderr: step, reward, caption length, tokens/s, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.start, self.enabled, self.t0 = total, start, enabled, time.monotonic()
+
+    def update(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        done = step + 1 - self.start
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / done * (self.total - step - 1)
+        width = 24
+        filled = int(width * (step + 1) / self.total)
+        bar = "#" * filled + "-" * (width - filled)
+        print(f"\r[{bar}] step {step + 1}/{self.total} reward {metrics['reward_mean']:.3f} "
+              f"len {metrics['caption_length']:.1f} {metrics['tokens_per_s']:.0f} tok/s eta {eta:.0f}s ",
+              end="", file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Run training; returns the output directory."""
+    output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    _seed_everything(config.seed)
+    device, dtype = _device_dtype(config)
+    policy, tokenizer, image_processor, reader, reader_tokenizer = _load_models(config, device, dtype)
+    reader.requires_grad_(False)
+    if config.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    examples = _load_data(config, output_dir)
+    prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
+    engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
+    reward = CapRLReward(reader, reader_tokenizer, RewardConfig(num_draws=config.reward.num_draws,
+                                                                mode=config.reward.mode, seed=config.seed))  # fmt: skip
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    # The KL reference is the initial policy, frozen; with beta == 0 (the recipe) none is made.
+    ref_policy = copy.deepcopy(policy).requires_grad_(False) if config.optim.beta > 0 else None
+
+    start = 0
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume:
+        ckpt = latest_checkpoint(output_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model=policy, optimizer=optimizer, scheduler=scheduler)
+            start = int(state["step"]) + 1
+            _trim_metrics(metrics_path, start - 1)
+            print(f"[caprl_core.train] resumed from {ckpt} at step {start}", file=sys.stderr)
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in an existing directory starts a fresh log
+
+    progress = Progress(config.steps, start, config.log.progress)
+    for step in range(start, config.steps):
+        metrics = train_step(step, config, engine, prompter, tokenizer, reward, policy, ref_policy, optimizer,
+                             scheduler, examples, device, output_dir)  # fmt: skip
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        progress.update(step, metrics)
+        last = step == config.steps - 1
+        if (step + 1) % config.log.checkpoint_every == 0 or last:
+            save_checkpoint(output_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
+                            trainer_state={"step": step, "config": config.to_dict()},
+                            processors=[tokenizer], keep_last=config.log.keep_last)  # fmt: skip
+    progress.close()
+    plot_metrics(metrics_path, output_dir / "plot.png")
+    return output_dir
+
+
+def train_step(step, config, engine, prompter, tokenizer, reward, policy, ref_policy, optimizer, scheduler, examples,
+               device, output_dir) -> dict:  # fmt: skip
+    """One rollout -> reward -> update step; returns its metrics."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    batch = _batch(examples, step, config.rollout.images_per_step, config.seed)
+    policy.eval()
+    ro = rollout(engine, prompter, tokenizer, batch, config, step)
+    t1 = time.perf_counter()
+    rewards, advantages, metrics = rewards_and_advantages(reward, ro, batch, config, step)
+    t2 = time.perf_counter()
+    metrics.update(update(policy, ref_policy, optimizer, scheduler, ro, advantages, config, device))
+    t3 = time.perf_counter()
+    generated = sum(len(c.token_ids) for c in ro.completions)
+    metrics.update({"step": step, "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
+                    "time_step": t3 - t0, "tokens_per_s": generated / max(t1 - t0, 1e-9),
+                    "peak_memory_mb": _peak_memory_mb(device)})  # fmt: skip
+    if step % config.log.sample_every == 0:
+        G = config.rollout.group_size
+        with (output_dir / "samples.jsonl").open("a") as f:
+            for i, ex in enumerate(batch[:2]):
+                f.write(json.dumps({"step": step, "image": ex.id, "captions": ro.captions[i * G : (i + 1) * G],
+                                    "rewards": rewards[i * G : (i + 1) * G, 0].tolist()}) + "\n")  # fmt: skip
+    return {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, resume = parse_config(argv)
+    except ValueError as e:
+        print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
+        return 2
+    out = train(config, resume=resume)
+    print(f"[caprl_core.train] done: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
