@@ -327,8 +327,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run training; returns the output directory."""
+@dataclass
+class Run:
+    """Everything a training step uses (see `setup`)."""
+
+    config: TrainConfig
+    output_dir: Path
+    device: torch.device
+    policy: torch.nn.Module
+    ref_policy: torch.nn.Module | None
+    tokenizer: object
+    prompter: PolicyPrompter
+    engine: Engine
+    reward: CapRLReward
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    examples: list[Example]
+
+    def step(self, step: int) -> dict:
+        return train_step(step, self.config, self.engine, self.prompter, self.tokenizer, self.reward, self.policy,
+                          self.ref_policy, self.optimizer, self.scheduler, self.examples, self.device,
+                          self.output_dir)  # fmt: skip
+
+
+def setup(config: TrainConfig) -> Run:
+    """Models, data, sampler, reward, optimizer and schedule of a run (nothing trained yet)."""
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -347,7 +370,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     # The KL reference is the initial policy, frozen; with beta == 0 (the recipe) none is made.
     ref_policy = copy.deepcopy(policy).requires_grad_(False) if config.optim.beta > 0 else None
+    return Run(config, output_dir, device, policy, ref_policy, tokenizer, prompter, engine, reward, optimizer,
+               scheduler, examples)  # fmt: skip
 
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Run training; returns the output directory."""
+    run = setup(config)
+    output_dir, policy, optimizer, scheduler = run.output_dir, run.policy, run.optimizer, run.scheduler
     start = 0
     metrics_path = output_dir / "metrics.jsonl"
     if resume:
@@ -362,8 +392,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     progress = Progress(config.steps, start, config.log.progress)
     for step in range(start, config.steps):
-        metrics = train_step(step, config, engine, prompter, tokenizer, reward, policy, ref_policy, optimizer,
-                             scheduler, examples, device, output_dir)  # fmt: skip
+        metrics = run.step(step)
         with metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         progress.update(step, metrics)
@@ -371,7 +400,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         if (step + 1) % config.log.checkpoint_every == 0 or last:
             save_checkpoint(output_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
                             trainer_state={"step": step, "config": config.to_dict()},
-                            processors=[tokenizer], keep_last=config.log.keep_last)  # fmt: skip
+                            processors=[run.tokenizer], keep_last=config.log.keep_last)  # fmt: skip
     progress.close()
     plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir

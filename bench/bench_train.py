@@ -1,0 +1,73 @@
+"""Training-step benchmarks.
+
+    .venv/bin/python -m pytest bench/bench_train.py --benchmark-only -s
+
+1. `test_train_step`: one step of the built-in default run (tiny Qwen2.5-VL policy and Qwen2 reader, 4 images x
+   G = 4 captions of up to 24 tokens, N = 4 draws), time split rollout / reward / update, with the project's
+   kernels (default backends) and with the PyTorch references everywhere (`CAPRL_BACKEND=torch` for the ops,
+   `CAPRL_ATTENTION_BACKEND=reference` for the sampler's attention).
+2. `test_update_peak_memory_vs_vocab`: peak extra memory of the update phase (forward + backward of 32 captions of
+   64 tokens, text policy with hidden 256) at V = 32,000 and V = 151,936, fused log-probs against the reference
+   backend that materialises the [tokens, vocab] logits. The fused step's growth with V is the lm_head weight and
+   its gradient and Adam state; the reference also grows by the logits and their gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import machine, peak_extra_bytes
+
+from caprl_core import train as train_mod
+from caprl_core.config import parse_config
+from caprl_core.models import tiny_qwen2
+from caprl_core.sampler.sequence import Completion
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("backends", ["kernels", "reference"])
+def test_train_step(benchmark, backends: str, tmp_path, monkeypatch) -> None:
+    if backends == "reference":
+        monkeypatch.setenv("CAPRL_BACKEND", "torch")
+        monkeypatch.setenv("CAPRL_ATTENTION_BACKEND", "reference")
+    config, _ = parse_config(["--output-dir", str(tmp_path), "--progress", "false"])
+    run = train_mod.setup(config)
+    run.step(0)  # warm-up (JIT build, caches)
+    steps = iter(range(1, 100))
+    metrics = benchmark.pedantic(lambda: run.step(next(steps)), rounds=3, iterations=1)
+    split = {k: round(metrics[k], 3) for k in ("time_rollout", "time_reward", "time_update", "time_step")}
+    benchmark.extra_info.update({"machine": machine(), **split})
+    print(f"\n{backends}: {split}")
+
+
+def _rollout(vocab: int, samples: int = 32, prompt_len: int = 32, new: int = 64) -> train_mod.Rollout:
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"input_ids": torch.randint(0, vocab, (prompt_len,), generator=gen)} for _ in range(samples // 4)]
+    completions = [Completion(torch.randint(0, vocab, (new,), generator=gen).tolist(), [-5.0] * new, "length")
+                   for _ in range(samples)]  # fmt: skip
+    return train_mod.Rollout(prompts, completions, [""] * samples, torch.ones(samples, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("vocab", [32000, 151936])
+def test_update_peak_memory_vs_vocab(benchmark, vocab: int, backend: str, monkeypatch) -> None:
+    if backend == "reference":
+        monkeypatch.setenv("CAPRL_BACKEND", "torch")
+    config, _ = parse_config(["--group-size", "4", "--micro-batch-size", "32", "--max-new-tokens", "64"])
+    policy = tiny_qwen2(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2).to(DEVICE)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ro = _rollout(vocab)
+    advantages = torch.randn(len(ro.completions))
+
+    def step():
+        return train_mod.update(policy, None, optimizer, scheduler, ro, advantages, config, DEVICE)
+
+    step()  # Adam state exists from here on: the peak below is the step's own working memory
+    peak = peak_extra_bytes(step, DEVICE)
+    logits_bytes = len(ro.completions) * 64 * vocab * 4
+    benchmark.extra_info.update({"machine": machine(), "peak_extra_mb": peak / 2**20,
+                                 "fp32_logits_mb": logits_bytes / 2**20})  # fmt: skip
+    benchmark.pedantic(step, rounds=1, iterations=1)
+    print(f"\nV={vocab} {backend}: update peak +{peak / 2**20:.0f} MB, fp32 logits {logits_bytes / 2**20:.0f} MB")
