@@ -122,3 +122,15 @@ def test_checkpoint_loads_in_transformers_and_generates(tmp_path):
     ids = tokenizer("A red circle", return_tensors="pt")["input_ids"]
     generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 4)
+
+
+def test_kl_to_the_initial_policy_and_length_reward_are_wired(tmp_path):
+    out = tmp_path / "kl"
+    done = _run(out, "--steps", "2", "--beta", "0.05", "--length-weight", "0.5", "--length-l1", "10",
+                "--length-l2", "20", "--aggregation", "seq-mean-token-mean", "--advantage", "rloo")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = _metrics(out)
+    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
+    assert rows[0]["kl"] < 1e-4  # step 0: the policy is still the reference
+    # captions of <= 8 tokens are under length_l1: the length term adds its full weight
+    assert all(abs(r["reward_mean"] - r["accuracy"] - 0.5) < 1e-6 for r in rows)
