@@ -284,6 +284,7 @@ class Engine:
 
     def _run(self, seqs: list[Sequence], *, progress: bool, total: int) -> None:
         self._ensure_cache()
+        preemptions_before = self.scheduler.num_preemptions
         for seq in seqs:
             self.scheduler.add(seq)
         last_report = start = time.monotonic()
@@ -301,7 +302,7 @@ class Engine:
             self.block_manager.reset()
             self._done, self._hidden = [], {}
             raise
-        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
 
     def _step(self) -> None:
         batch = self.scheduler.schedule()
