@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from caprl_core.grpo import AGGREGATIONS
-from caprl_core.policy import DEFAULT_INSTRUCTION
+from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES
 
 
 @dataclass
@@ -254,4 +254,4 @@ def validate(config: TrainConfig) -> None:
     need(lg.sample_every >= 1, "sample_every", "must be >= 1")
     need(lg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(lg.keep_last >= 1, "keep_last", "must be >= 1")
-    need(config.model.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto|float32|bfloat16|float16")
+    need(config.model.dtype in DTYPES, "dtype", f"one of {'|'.join(DTYPES)}")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from caprl_core.data import DataError, Example, load_image, load_jsonl, make_synthetic_dataset
-from caprl_core.policy import PolicyPrompter, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.policy import DTYPES, PolicyPrompter, load_policy, load_reader, tiny_policy_and_reader
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -50,7 +50,6 @@ CPU_KV_CACHE_TOKENS = 1 << 15
 # with 2 threads and 5.4 s with 1; with another process holding a core, 32.6 s with 2 threads and 4.8 s with 1 (16
 # images). So the tiny-model path runs on one thread (restored afterwards); real checkpoints keep torch's setting.
 TINY_MODEL_THREADS = 1
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(slots=True)

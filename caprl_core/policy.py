@@ -135,6 +135,10 @@ class PolicyPrompter:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
+# Names a command line may give for a model dtype; "auto" (None) is bf16 on CUDA and fp32 elsewhere.
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _default_dtype(dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
     if dtype is not None:
         return dtype

@@ -17,6 +17,7 @@ checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `late
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -34,7 +35,7 @@ from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from caprl_core.config import TrainConfig, parse_config
 from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
 from caprl_core.plot import plot_metrics
-from caprl_core.policy import PolicyPrompter, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, load_policy, load_reader, tiny_policy_and_reader
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -59,9 +60,7 @@ class Rollout:
 def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(config.model.device if config.model.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = names.get(config.model.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return device, _default_dtype(DTYPES[config.model.dtype], device)
 
 
 def _load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype):
@@ -230,7 +229,7 @@ def update(policy, ref_policy, optimizer, scheduler, ro: Rollout, advantages: to
     total_seqs = float(keep.sum().clamp_min(1))
     sums: dict[str, float] = {}
     policy.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     for _ in range(o.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for start in range(0, n, o.micro_batch_size):
@@ -264,14 +263,6 @@ def update(policy, ref_policy, optimizer, scheduler, ro: Rollout, advantages: to
     out["grad_norm"] = float(grad_norm)
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- logging -----------------------------------------------------------------------------------------------------
