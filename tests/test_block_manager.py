@@ -417,6 +417,7 @@ def test_random_operations_keep_invariants(seed):
             else:
                 seq.token_ids.pop()
                 seq.logprobs.pop()
+                seq.policy_logprobs.pop()
         elif op == "fork" and live:
             parent = rng.choice(live)
             partial = len(parent) % bm.block_size

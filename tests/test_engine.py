@@ -115,6 +115,44 @@ def test_logprobs_match_full_forward(sampling):
     assert worst <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_policy_logprobs_are_the_unfiltered_policy(dtype):
+    """policy_logprobs: log_softmax(logits / T) over the whole vocabulary, before bans, top-k and top-p, from
+    fp32-accumulated logits (a bf16 lm_head would round them); logprobs keep the filtered distribution."""
+    model = tiny_qwen2().to(dtype)
+    prompts = _prompts(512, (6, 19))
+    banned = (3, 4, 5)
+    params = SamplingParams(n=3, max_new_tokens=10, seed=3, temperature=0.7, top_k=40, top_p=0.8,
+                            banned_token_ids=banned)  # fmt: skip
+    outs = Engine(model, num_kv_blocks=64, block_size=4).generate(prompts, params)
+    gaps = []
+    for prompt, samples in zip(prompts, outs, strict=True):
+        for c in samples:
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                hidden = model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1 : -1]
+            logits = hidden.float() @ model.lm_head.weight.float().t()  # fp32 accumulation of the model's weights
+            expect = (logits / 0.7).log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            # bf16: the paged attention path and HF's SDPA round differently in bf16 before the head.
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(torch.tensor(c.policy_logprobs), expect, atol=tol, rtol=0)
+            assert not set(c.token_ids) & set(banned)
+            gaps.append(torch.tensor(c.logprobs) - torch.tensor(c.policy_logprobs))
+    gap = torch.cat(gaps)
+    assert (gap >= -1e-5).all() and gap.max() > 1e-3  # filtering only renormalises upwards, and it did here
+
+
+def test_sampler_logits_accumulate_in_fp32_for_a_bf16_head():
+    from caprl_core.sampler.model import ModelAdapter
+
+    model = tiny_qwen2().to(torch.bfloat16)
+    hidden = torch.randn(5, model.config.hidden_size, dtype=torch.bfloat16)
+    expect = hidden.float() @ model.lm_head.weight.float().t()
+    got = ModelAdapter(model).logits(hidden)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)  # a bf16 head's output would be ~1e-2 off
+
+
 def test_greedy_logprobs_are_plain_log_softmax():
     model = tiny_qwen2()
     prompt = _prompts(512, (9,))[0]

@@ -353,17 +353,22 @@ class Engine:
         device = hidden.device
         logits = self.adapter.logits(hidden)  # [S, V] fp32
         params = [s.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        # The policy's own distribution (before bans, top-k, top-p), as the trainer's fused log-prob computes it.
+        scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]  # [S, V]
+        policy_lse = torch.logsumexp(scaled, dim=-1)  # [S]
         for row, p in enumerate(params):
             if p.banned_token_ids:
                 logits[row, list(p.banned_token_ids)] = float("-inf")
-        temperature = torch.tensor([p.temperature for p in params], device=device)
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         tokens, logprobs = sample(logits, temperature, top_k, top_p, [s.generator for s in seqs])
+        policy_logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - policy_lse  # [S]
         self.stats.sampled_tokens += len(seqs)
         max_len = self.adapter.max_length
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
-            seq.append(token, logprob)
+        for seq, token, logprob, policy_logprob in zip(seqs, tokens.tolist(), logprobs.tolist(),
+                                                       policy_logprobs.tolist(), strict=True):  # fmt: skip
+            seq.append(token, logprob, policy_logprob)
             if token in seq.params.stop_token_ids:
                 self._finish(seq, "stop")
             elif seq.num_completion_tokens >= seq.params.max_new_tokens or len(seq) >= max_len:

@@ -132,7 +132,17 @@ class ModelAdapter:
         return out.last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """fp32 logits [S, V] of hidden [S, H], accumulated in fp32 from the weights as they are. A bf16 lm_head
+        would round every logit to bf16 (~3 significant digits) while the trainer's fused log-prob kernel
+        accumulates in fp32: the two sides would then score different distributions."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if weight.dtype == torch.float32 or weight.dtype == torch.float64:
+            return self.lm_head(hidden).float()
+        if hidden.is_cuda:  # bf16/fp16 inputs, fp32 accumulation and output: no fp32 copy of the weight
+            out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:  # CPU has no mixed-dtype mm: upcast (bf16 -> fp32 is exact)
+            out = hidden.float() @ weight.float().t()
+        return out if bias is None else out + bias.float()
 
     # --- Qwen2.5-VL -------------------------------------------------------------------------------------------
 

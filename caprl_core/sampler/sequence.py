@@ -63,15 +63,20 @@ class Completion:
     """One sampled completion.
 
     token_ids: the generated tokens (a stop token, when hit, is the last one).
-    logprobs: per token, its log-probability under the distribution it was drawn from (after temperature, top-k and
-    top-p). Greedy decoding has no such distribution (a point mass), so there it is the model's plain log-softmax
-    at temperature 1, which is what a trainer scores.
+    logprobs: per token, its log-probability under the distribution it was drawn from (after temperature, banned
+    tokens, top-k and top-p). Greedy decoding has no such distribution (a point mass), so there it is the model's
+    plain log-softmax at temperature 1.
     finish_reason: "stop" (a stop token) or "length" (max_new_tokens or the model's maximum length).
+    policy_logprobs: per token, its log-probability under the policy itself: log_softmax(logits / temperature) over
+    the whole vocabulary, before banned tokens, top-k and top-p (temperature 1 for greedy). This is what a trainer
+    recomputes with `ops.linear_token_logprobs`, so it is the old log-prob of the GRPO ratio (see
+    `caprl_core.train`): both sides then score the same distribution. None when the completion was built by hand.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    policy_logprobs: list[float] | None = None
 
 
 class SequenceStatus(enum.Enum):
@@ -138,6 +143,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # leading tokens whose K/V is in the cache (or written in this step)
         self.logprobs: list[float] = []
+        self.policy_logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.forked = params.n == 1  # a prompt with n > 1 forks into its samples after its prefill
         self.generator: Any = None  # torch.Generator when params.seed is set (made by the engine)
@@ -167,9 +173,12 @@ class Sequence:
         """Non-token content of block i that its prefix hash must cover (image digests); b"" for text."""
         return self.mm.block_key(i * block_size, (i + 1) * block_size) if self.mm is not None else b""
 
-    def append(self, token_id: int, logprob: float) -> None:
+    def append(self, token_id: int, logprob: float, policy_logprob: float | None = None) -> None:
+        """Add a sampled token with its log-prob under the sampling distribution and under the unfiltered policy
+        (the same value when not given)."""
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
+        self.policy_logprobs.append(logprob if policy_logprob is None else policy_logprob)
 
     def fork(self, seq_id: int, sample_index: int) -> Sequence:
         """A new sample of the same prompt with the same tokens so far; the block manager sets up its blocks."""
@@ -179,9 +188,11 @@ class Sequence:
         )  # fmt: skip
         child.num_prompt_tokens = self.num_prompt_tokens
         child.logprobs = list(self.logprobs)
+        child.policy_logprobs = list(self.policy_logprobs)
         child.forked = True
         return child
 
     def completion(self) -> Completion:
         assert self.finish_reason is not None, "completion() of an unfinished sequence"
-        return Completion(self.completion_token_ids, list(self.logprobs), self.finish_reason)
+        return Completion(self.completion_token_ids, list(self.logprobs), self.finish_reason,
+                          list(self.policy_logprobs))  # fmt: skip
