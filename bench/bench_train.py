@@ -10,6 +10,8 @@
    64 tokens, text policy with hidden 256) at V = 32,000 and V = 151,936, fused log-probs against the reference
    backend that materialises the [tokens, vocab] logits. The fused step's growth with V is the lm_head weight and
    its gradient and Adam state; the reference also grows by the logits and their gradient.
+3. `test_update_peak_memory_reader_cache`: peak memory of the update phase with the reader's KV cache released after
+   scoring (the trainer's way) and kept through the backward.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from conftest import machine, peak_extra_bytes
 from caprl_core import train as train_mod
 from caprl_core.config import parse_config
 from caprl_core.models import tiny_qwen2
+from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.sampler.sequence import Completion
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,8 +47,8 @@ def test_train_step(benchmark, backends: str, tmp_path, monkeypatch) -> None:
 def _rollout(vocab: int, samples: int = 32, prompt_len: int = 32, new: int = 64) -> train_mod.Rollout:
     gen = torch.Generator().manual_seed(0)
     prompts = [{"input_ids": torch.randint(0, vocab, (prompt_len,), generator=gen)} for _ in range(samples // 4)]
-    completions = [Completion(torch.randint(0, vocab, (new,), generator=gen).tolist(), [-5.0] * new, "length")
-                   for _ in range(samples)]  # fmt: skip
+    completions = [Completion(torch.randint(0, vocab, (new,), generator=gen).tolist(), [-5.0] * new, "length",
+                              [-5.0] * new) for _ in range(samples)]  # fmt: skip
     return train_mod.Rollout(prompts, completions, [""] * samples, torch.ones(samples, dtype=torch.bool))
 
 
@@ -56,8 +59,8 @@ def test_update_peak_memory_vs_vocab(benchmark, vocab: int, backend: str, monkey
         monkeypatch.setenv("CAPRL_BACKEND", "torch")
     config, _ = parse_config(["--group-size", "4", "--micro-batch-size", "32", "--max-new-tokens", "64"])
     policy = tiny_qwen2(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2).to(DEVICE)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer = MasterWeightOptimizer(policy, lambda params: torch.optim.AdamW(params, lr=1e-4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
     ro = _rollout(vocab)
     advantages = torch.randn(len(ro.completions))
 
@@ -71,3 +74,29 @@ def test_update_peak_memory_vs_vocab(benchmark, vocab: int, backend: str, monkey
                                  "fp32_logits_mb": logits_bytes / 2**20})  # fmt: skip
     benchmark.pedantic(step, rounds=1, iterations=1)
     print(f"\nV={vocab} {backend}: update peak +{peak / 2**20:.0f} MB, fp32 logits {logits_bytes / 2**20:.0f} MB")
+
+
+@pytest.mark.parametrize("reader_cache", ["released", "kept"])
+def test_update_peak_memory_reader_cache(benchmark, reader_cache: str, tmp_path, monkeypatch) -> None:
+    """Peak memory of the update phase when the reader's KV cache is released after scoring (what train does) or
+    kept through the policy's backward. The reader has Qwen2.5-3B's KV geometry (36 layers, 2 KV heads of 128), so
+    its cache costs what the real one does per token (74 KB in fp32), on narrow cheap layers."""
+    from caprl_core.reward import CapRLReward
+
+    config, _ = parse_config(["--output-dir", str(tmp_path), "--progress", "false"])
+    run = train_mod.setup(config)
+    reader = tiny_qwen2(hidden_size=256, num_layers=36, num_heads=2, num_kv_heads=2, tokenizer=run.tokenizer)
+    run.reward = CapRLReward(reader.to(DEVICE), run.tokenizer, run.reward.config)
+    if reader_cache == "kept":
+        monkeypatch.setattr(run.reward.engine, "free_kv_cache", lambda: None)
+    run.step(0)  # warm-up: JIT build, Adam state
+    metrics = benchmark.pedantic(lambda: run.step(1), rounds=1, iterations=1)
+    bytes_per_token = run.reward.engine.block_bytes // run.reward.engine.block_size
+    benchmark.extra_info.update({"machine": machine(), "peak_update_mb": metrics["peak_memory_update_mb"],
+                                 "reader_tokens_computed": metrics["reader_tokens_computed"],
+                                 "reader_kv_bytes_per_token": bytes_per_token})  # fmt: skip
+    print(
+        f"\nreader cache {reader_cache}: update-phase peak {metrics['peak_memory_update_mb']:.0f} MB "
+        f"(reward phase {metrics['peak_memory_reward_mb']:.0f} MB; {metrics['reader_tokens_computed']} reader "
+        f"tokens x {bytes_per_token / 1024:.0f} KB)"
+    )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caprl_core.grpo import AGGREGATIONS
+from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
 from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES
 
 
@@ -43,7 +43,9 @@ class RolloutConfig:
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
-    kv_cache_tokens: int | None = None  # None = the engine's default share of free memory
+    top_k: int = 0  # 0 = off
+    kv_cache_tokens: int | None = None  # the policy's sampler; None = the engine's default
+    reader_kv_cache_tokens: int | None = None  # the reward reader's prefill cache; None = the engine's default
     instruction: str = DEFAULT_INSTRUCTION
 
 
@@ -72,6 +74,11 @@ class OptimConfig:
     aggregation: str = "token-mean"
     beta: float = 0.0  # KL to the initial policy (k3); 0 loads no reference model
     mask_truncated: bool = False
+    # Sampler/trainer mismatch correction (caprl_core.grpo.rollout_correction_weights): none | tis | mis, per token or
+    # per sequence, weights capped (tis) or masked (mis) above the cap.
+    rollout_correction: str = "tis"
+    rollout_correction_level: str = "token"
+    rollout_correction_cap: float = 2.0
 
 
 @dataclass
@@ -164,7 +171,7 @@ def _flag(name: str) -> str:
 
 def _parse_value(name: str, text: str) -> Any:
     default = _get(TrainConfig(), name)
-    kind = type(default) if default is not None else (int if name == "kv_cache_tokens" else float)
+    kind = type(default) if default is not None else (int if name.endswith("kv_cache_tokens") else float)
     if name in ("policy", "reader", "data", "output_dir"):
         kind = str
     if kind is bool:
@@ -230,7 +237,9 @@ def validate(config: TrainConfig) -> None:
     need(r.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
     need(r.temperature > 0, "temperature", "must be > 0 (sampling)")
     need(0 < r.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(r.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
     need(r.kv_cache_tokens is None or r.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1")
+    need(r.reader_kv_cache_tokens is None or r.reader_kv_cache_tokens >= 1, "reader_kv_cache_tokens", "must be >= 1")
     need(g.num_draws >= 1, "num_draws", "must be >= 1")
     need(g.mode in ("hard", "soft"), "mode", "must be hard or soft")
     need(g.advantage in ("grpo", "rloo"), "advantage", "must be grpo or rloo")
@@ -248,6 +257,10 @@ def validate(config: TrainConfig) -> None:
     need(o.epsilon_high is None or o.epsilon_high >= o.epsilon, "epsilon_high", "must be >= epsilon")
     need(o.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
     need(o.beta >= 0, "beta", "must be >= 0")
+    need(o.rollout_correction in ROLLOUT_CORRECTIONS, "rollout_correction", f"one of {'|'.join(ROLLOUT_CORRECTIONS)}")
+    need(o.rollout_correction_level in CORRECTION_LEVELS, "rollout_correction_level",
+         f"one of {'|'.join(CORRECTION_LEVELS)}")  # fmt: skip
+    need(o.rollout_correction_cap > 0, "rollout_correction_cap", "must be > 0")
     need(config.data.on_error in ("skip", "raise"), "on_error", "must be skip or raise")
     need(config.data.synthetic_images >= 1, "synthetic_images", "must be >= 1")
     need(config.steps >= 1, "steps", "must be >= 1")

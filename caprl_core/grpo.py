@@ -128,6 +128,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     truncated: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO loss (scalar, differentiable w.r.t. `logp`) and detached fp32 metrics.
 
@@ -138,6 +139,8 @@ def policy_loss(
         adds nothing to the loss but is still reported as the `kl` metric.
     truncated [B] bool: captions that hit the length limit; required when config.mask_truncated.
     entropy [B, T]: per-token policy entropy, only for the `entropy` metric.
+    weights [B, T]: per-token importance weights on the clipped surrogate (not on the KL term), treated as constants:
+        the rollout correction of `rollout_correction_weights`. None = 1.
 
     Metrics, all over the loss mask (truncated captions excluded when config.mask_truncated):
     clip_fraction / clip_low_fraction / clip_high_fraction: share of tokens where the clip is active, i.e. the
@@ -148,6 +151,9 @@ def policy_loss(
     ratio_mean: mean ratio; num_tokens: number of tokens in the loss.
     """
     _check_inputs(logp, old_logp, advantages, mask, config, ref_logp, truncated, entropy)
+    if weights is not None:
+        check.shape("weights", check.floating("weights", weights), tuple(logp.shape), "[B, T] like logp")
+        check.same_device([("logp", logp), ("weights", weights)])
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     mask = _loss_mask(mask, truncated if config.mask_truncated else None)
     logp, old_logp = _clean(logp, mask, dtype), _clean(old_logp, mask, dtype).detach()
@@ -157,6 +163,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - config.clip_low, 1 + config.clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # [B, T]
+    if weights is not None:
+        per_token = per_token * _clean(weights, mask, dtype).detach()
     kl = None
     if ref_logp is not None:
         kl = k3_kl(logp, _clean(ref_logp, mask, dtype).detach())
@@ -227,6 +235,51 @@ def _check_inputs(logp, old_logp, advantages, mask, config, ref_logp, truncated,
     pairs = [("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
              ("ref_logp", ref_logp), ("truncated", truncated), ("entropy", entropy)]  # fmt: skip
     check.same_device(pairs)
+
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence")
+
+
+def rollout_correction_weights(
+    train_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, *, mode: str, level: str = "token",
+    cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Importance weights [B, T] that correct for the sampler and the trainer computing different probabilities
+    for the same policy (GPU decode kernels vs the training forward never agree bit for bit), and detached metrics.
+
+    train_logp [B, T]: the trainer's log-probs of the sampled tokens at rollout time (no grad needed);
+    sampler_logp [B, T]: the sampler's log-probs of the same tokens under the same (unfiltered) distribution.
+    rho = exp(train_logp - sampler_logp) per token (level="token"), or exp(sum over the caption) for all its
+    tokens (level="sequence"). mode "tis": truncated IS, w = min(rho, cap); "mis": masked IS, w = rho where
+    rho <= cap, else 0 (the token or the caption leaves the loss); "none": w = 1. These are the modes TRL / ms-swift
+    call token_truncate / token_mask / sequence_truncate / sequence_mask (ms-swift's default threshold is 2.0), and
+    verl's rollout_is / rollout_rs (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"). Metrics: is_weight_mean, is_masked_fraction (share of tokens with weight 0), all over `mask`.
+    """
+    check.choice("mode", mode, ROLLOUT_CORRECTIONS)
+    check.choice("level", level, CORRECTION_LEVELS)
+    if not _finite("cap", cap) > 0:
+        raise ValueError(f"cap: expected a number > 0, got {cap}")
+    check.shape(
+        "sampler_logp", check.floating("sampler_logp", sampler_logp), tuple(train_logp.shape), "like train_logp"
+    )
+    dtype = torch.float64 if train_logp.dtype == torch.float64 else torch.float32
+    log_rho = _clean(train_logp.detach(), mask, dtype) - _clean(sampler_logp, mask, dtype)  # [B, T], 0 off-mask
+    if level == "sequence":
+        log_rho = log_rho.sum(1, keepdim=True).expand_as(log_rho)
+    rho = torch.exp(log_rho.clamp_max(80.0))  # exp(80) is finite in fp32; anything that large is capped anyway
+    if mode == "none":
+        weights = torch.ones_like(rho)
+    elif mode == "tis":
+        weights = rho.clamp_max(cap)
+    else:
+        weights = torch.where(rho <= cap, rho, torch.zeros((), dtype=dtype, device=rho.device))
+    metrics = {
+        "is_weight_mean": masked_mean(weights, mask).float(),
+        "is_masked_fraction": masked_mean((weights == 0).to(dtype), mask).float(),
+    }
+    return weights, metrics
 
 
 def caption_length_reward(lengths: torch.Tensor, l1: int, l2: int) -> torch.Tensor:

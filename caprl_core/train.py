@@ -17,7 +17,6 @@ checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `late
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -36,12 +35,23 @@ from caprl_core.config import TrainConfig, parse_config
 from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 
 # Metrics that depend on the machine's speed, not on the run: excluded when comparing runs.
-TIMING_KEYS = ("time_rollout", "time_reward", "time_update", "time_step", "tokens_per_s", "peak_memory_mb")
+TIMING_KEYS = (
+    "time_rollout",
+    "time_reward",
+    "time_update",
+    "time_step",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "peak_memory_rollout_mb",
+    "peak_memory_reward_mb",
+    "peak_memory_update_mb",
+)
 
 
 @dataclass
@@ -67,7 +77,7 @@ def _load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype):
     """(policy, policy tokenizer, image processor, reader, reader tokenizer)."""
     if config.model.policy is None:
         policy, reader, tokenizer, image_processor = tiny_policy_and_reader(config.seed)
-        return policy.to(device), tokenizer, image_processor, reader.to(device), tokenizer
+        return policy.to(device, dtype), tokenizer, image_processor, reader.to(device, dtype), tokenizer
     policy, tokenizer, image_processor = load_policy(config.model.policy, dtype=dtype, device=device)
     if config.model.reader is None:
         raise ValueError("--reader: a real --policy needs a reader model directory too")
@@ -115,8 +125,8 @@ def rollout(engine: Engine, prompter: PolicyPrompter, tokenizer, examples: list[
     r = config.rollout
     prompts = [prompter(load_image(ex.image)) for ex in examples]
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            stop_token_ids=stop, seed=config.seed * 1_000_003 + step,
+    params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_new_tokens=r.max_new_tokens, stop_token_ids=stop, seed=config.seed * 1_000_003 + step,
                             banned_token_ids=_vision_token_ids(tokenizer))  # fmt: skip
     outs = engine.generate(prompts, params)
     engine.free_kv_cache()  # the update needs the memory; the next rollout allocates it again
@@ -143,9 +153,11 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     g, G = config.reward, config.rollout.group_size
     questions = [list(ex.questions) for ex in examples for _ in range(G)]
     # An empty prefix cache every step: the reader's numbers then depend on this step's captions only (a resumed
-    # run reproduces them bit for bit); the header is recomputed once per step, a few hundred tokens.
+    # run reproduces them bit for bit); the header is recomputed once per step, a few hundred tokens. The cache is
+    # released right after scoring so the policy's backward pass has that memory.
     reward.engine.free_kv_cache()
     accuracy, details = reward.score(ro.captions, questions, step=step)
+    reward.engine.free_kv_cache()
     columns, weights = [accuracy.float().cpu()], [1.0]
     lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
     if g.length_weight > 0:
@@ -158,7 +170,10 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     )  # fmt: skip
     total = (rewards * torch.tensor(weights)).sum(1)
     flat_groups = (total.view(-1, G).max(1).values == total.view(-1, G).min(1).values).float().mean()
+    # p/q of each sampled token: the share of the policy's mass that bans, top-k and top-p kept (1 = unfiltered).
+    kept = [math.exp(p - q) for c in ro.completions for p, q in zip(c.policy_logprobs, c.logprobs, strict=True)]
     metrics = {
+        "sampled_mass": sum(kept) / max(1, len(kept)),
         "reward_mean": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
         "accuracy": float(accuracy.mean()), "zero_adv_groups": float(flat_groups),
         "caption_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
@@ -171,7 +186,7 @@ def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch
     """Right-padded policy inputs for samples `rows` and where their caption tokens are.
 
     Returns (model kwargs, gather index [M, T] into the flattened [M*L] positions that predict each caption token,
-    targets [M, T] (-100 on padding), old log-probs [M, T], mask [M, T])."""
+    targets [M, T] (-100 on padding), the sampler's log-probs [M, T] under the unfiltered policy, mask [M, T])."""
     ids, completions = [], []
     for i in rows:
         prompt, completion = ro.prompts[i // group_size], ro.completions[i]
@@ -190,7 +205,10 @@ def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch
         attention[m, : len(x)] = 1
         index[m, :n] = m * width + torch.arange(plen - 1, plen - 1 + n)  # position p predicts token p + 1
         targets[m, :n] = torch.tensor(c.token_ids)
-        old[m, :n] = torch.tensor(c.logprobs)
+        if c.policy_logprobs is None:
+            raise ValueError(f"completion {rows[m]}: has no policy_logprobs (the unfiltered policy's log-probs the "
+                             f"ratio needs; the Engine records them)")  # fmt: skip
+        old[m, :n] = torch.tensor(c.policy_logprobs)  # the distribution the fused kernel computes (module docstring)
     kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
     first = ro.prompts[0]
     if "pixel_values" in first:
@@ -215,9 +233,14 @@ def policy_logprobs(policy, kwargs: dict, index: torch.Tensor, targets: torch.Te
                                      return_entropy=True)  # fmt: skip
 
 
-def update(policy, ref_policy, optimizer, scheduler, ro: Rollout, advantages: torch.Tensor, config: TrainConfig,
-           device: torch.device) -> dict:  # fmt: skip
-    """num_iterations passes of micro-batched clipped-GRPO updates; one optimizer step per pass."""
+def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: Rollout, advantages: torch.Tensor,
+           config: TrainConfig, device: torch.device) -> dict:  # fmt: skip
+    """num_iterations passes of micro-batched clipped-GRPO updates; one optimizer step per pass.
+
+    The policy computes in its own dtype (the sampler's), and the optimizer steps fp32 masters (caprl_core.precision).
+    The ratio's old log-probs: with rollout_correction "none", the sampler's (of the same unfiltered distribution);
+    otherwise the trainer's own from the first pass, with `grpo.rollout_correction_weights` correcting for the
+    sampler's numbers. `sampler_kl` (k3, sampler -> trainer) and `sampler_max_abs_diff` measure that gap."""
     o, G = config.optim, config.rollout.group_size
     loss_config = grpo.LossConfig(epsilon=o.epsilon, epsilon_high=o.epsilon_high, aggregation=o.aggregation,
                                   max_completion_length=config.rollout.max_new_tokens, beta=o.beta,
@@ -228,53 +251,93 @@ def update(policy, ref_policy, optimizer, scheduler, ro: Rollout, advantages: to
     total_tokens = float((lengths * keep).sum().clamp_min(1))
     total_seqs = float(keep.sum().clamp_min(1))
     sums: dict[str, float] = {}
+    first_pass: dict[int, torch.Tensor] = {}  # micro-batch start -> the trainer's log-probs [M, T] at rollout time
     policy.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for _ in range(o.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
+    for iteration in range(o.num_iterations):
+        optimizer.zero_grad()
         for start in range(0, n, o.micro_batch_size):
             rows = list(range(start, min(n, start + o.micro_batch_size)))
-            kwargs, index, targets, old, mask = _training_batch(ro, rows, G, device)
+            kwargs, index, targets, sampler_logp, mask = _training_batch(ro, rows, G, device)
+            logp, entropy = policy_logprobs(policy, kwargs, index, targets, config.rollout.temperature)
             ref = None
-            with autocast:
-                logp, entropy = policy_logprobs(policy, kwargs, index, targets, config.rollout.temperature)
-                if ref_policy is not None:
-                    with torch.no_grad():
-                        ref, _ = policy_logprobs(ref_policy, kwargs, index, targets, config.rollout.temperature)
-            loss, m = grpo.policy_loss(logp, old, advantages[rows].to(device), mask, loss_config, ref_logp=ref,
-                                       truncated=ro.truncated[rows].to(device), entropy=entropy)  # fmt: skip
-            # Weight each micro-batch by its share of what the whole batch's aggregation divides by.
-            # ("constant" divides by all rows, truncated ones included, as TRL's dr_grpo does.)
-            if o.aggregation == "token-mean":
-                share = float((lengths[rows] * keep[rows]).sum()) / total_tokens
-            elif o.aggregation == "constant":
-                share = len(rows) / n
+            if ref_policy is not None:
+                with torch.no_grad():
+                    ref, _ = policy_logprobs(ref_policy, kwargs, index, targets, config.rollout.temperature)
+            m: dict[str, torch.Tensor] = {}
+            if iteration == 0:
+                first_pass[start] = logp.detach()
+                m.update(_sampler_gap(logp.detach(), sampler_logp, mask))
+            if o.rollout_correction == "none":
+                old, weights = sampler_logp, None
             else:
-                share = float(keep[rows].sum()) / total_seqs
+                old = first_pass[start]
+                weights, wm = grpo.rollout_correction_weights(old, sampler_logp, mask, mode=o.rollout_correction,
+                                                              level=o.rollout_correction_level,
+                                                              cap=o.rollout_correction_cap)  # fmt: skip
+                m.update(wm)
+            loss, lm = grpo.policy_loss(logp, old, advantages[rows].to(device), mask, loss_config, ref_logp=ref,
+                                        truncated=ro.truncated[rows].to(device), entropy=entropy,
+                                        weights=weights)  # fmt: skip
+            m.update(lm, loss=loss.detach())
+            share = _share(o.aggregation, rows, lengths, keep, total_tokens, total_seqs, n)
             (loss * share).backward()
             for key, value in m.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * share
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.max_grad_norm)
-        optimizer.step()
+                if key == "sampler_max_abs_diff":
+                    sums[key] = max(sums.get(key, 0.0), float(value))
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(value) * share
+        grad_norm = optimizer.step(o.max_grad_norm)
     scheduler.step()
     policy.eval()
-    out = {k: v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
+    per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
+    out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
     out["grad_norm"] = float(grad_norm)
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
+
+
+def _share(aggregation: str, rows: list[int], lengths: torch.Tensor, keep: torch.Tensor, total_tokens: float,
+           total_seqs: float, n: int) -> float:  # fmt: skip
+    """A micro-batch's share of what the whole batch's aggregation divides by, so that accumulated micro-batch losses
+    equal the full batch's loss. ("constant" divides by all rows, truncated ones included, as TRL's dr_grpo does.)"""
+    if aggregation == "token-mean":
+        return float((lengths[rows] * keep[rows]).sum()) / total_tokens
+    if aggregation == "constant":
+        return len(rows) / n
+    return float(keep[rows].sum()) / total_seqs
+
+
+def _sampler_gap(train_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the sampler's log-probs are from the trainer's for the same tokens and distribution: the k3 estimate
+    of KL(sampler || trainer) and the largest absolute difference. 0 in exact arithmetic."""
+    train_logp, sampler_logp = train_logp.double(), sampler_logp.double()  # k3 of ~1e-7 gaps cancels to 0 in fp32
+    diff = (train_logp - sampler_logp).abs().masked_fill(~mask, 0.0)
+    return {"sampler_kl": grpo.masked_mean(grpo.k3_kl(sampler_logp, train_logp), mask),
+            "sampler_max_abs_diff": diff.max() if diff.numel() else torch.zeros(())}  # fmt: skip
 
 
 # --- logging -----------------------------------------------------------------------------------------------------
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last `_reset_peak_memory`: CUDA allocated bytes, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else ():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the CPU figures are the process's lifetime peak
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -331,14 +394,42 @@ class Run:
     prompter: PolicyPrompter
     engine: Engine
     reward: CapRLReward
-    optimizer: torch.optim.Optimizer
+    optimizer: MasterWeightOptimizer
     scheduler: object
     examples: list[Example]
 
     def step(self, step: int) -> dict:
-        return train_step(step, self.config, self.engine, self.prompter, self.tokenizer, self.reward, self.policy,
-                          self.ref_policy, self.optimizer, self.scheduler, self.examples, self.device,
-                          self.output_dir)  # fmt: skip
+        """One rollout -> reward -> update step; returns its metrics (peak memory per phase included)."""
+        config, device = self.config, self.device
+        _reset_peak_memory(device)
+        t0 = time.perf_counter()
+        batch = _batch(self.examples, step, config.rollout.images_per_step, config.seed)
+        self.policy.eval()
+        ro = rollout(self.engine, self.prompter, self.tokenizer, batch, config, step)
+        t1, peak_rollout = time.perf_counter(), _peak_memory_mb(device)
+        _reset_peak_memory(device)
+        rewards, advantages, metrics = rewards_and_advantages(self.reward, ro, batch, config, step)
+        t2, peak_reward = time.perf_counter(), _peak_memory_mb(device)
+        _reset_peak_memory(device)
+        metrics.update(update(self.policy, self.ref_policy, self.optimizer, self.scheduler, ro, advantages, config,
+                              device))  # fmt: skip
+        t3, peak_update = time.perf_counter(), _peak_memory_mb(device)
+        generated = sum(len(c.token_ids) for c in ro.completions)
+        metrics.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
+                        "tokens_per_s": generated / max(t1 - t0, 1e-9),
+                        "peak_memory_mb": max(peak_rollout, peak_reward, peak_update),
+                        "peak_memory_rollout_mb": peak_rollout, "peak_memory_reward_mb": peak_reward,
+                        "peak_memory_update_mb": peak_update})  # fmt: skip
+        if step % config.log.sample_every == 0:
+            self._write_samples(step, batch, ro, rewards)
+        return {"step": step, **metrics}
+
+    def _write_samples(self, step: int, batch: list[Example], ro: Rollout, rewards: torch.Tensor) -> None:
+        G = self.config.rollout.group_size
+        with (self.output_dir / "samples.jsonl").open("a") as f:
+            for i, ex in enumerate(batch[:2]):
+                f.write(json.dumps({"step": step, "image": ex.id, "captions": ro.captions[i * G : (i + 1) * G],
+                                    "rewards": rewards[i * G : (i + 1) * G, 0].tolist()}) + "\n")  # fmt: skip
 
 
 def setup(config: TrainConfig) -> Run:
@@ -355,10 +446,14 @@ def setup(config: TrainConfig) -> Run:
     examples = _load_data(config, output_dir)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
     engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
-    reward = CapRLReward(reader, reader_tokenizer, RewardConfig(num_draws=config.reward.num_draws,
-                                                                mode=config.reward.mode, seed=config.seed))  # fmt: skip
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    reward_config = RewardConfig(num_draws=config.reward.num_draws, mode=config.reward.mode, seed=config.seed,
+                                 engine_kwargs={"kv_cache_tokens": config.rollout.reader_kv_cache_tokens})  # fmt: skip
+    reward = CapRLReward(reader, reader_tokenizer, reward_config)
+    # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision).
+    optimizer = MasterWeightOptimizer(
+        policy, lambda params: torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _schedule(config))
     # The KL reference is the initial policy, frozen; with beta == 0 (the recipe) none is made.
     ref_policy = copy.deepcopy(policy).requires_grad_(False) if config.optim.beta > 0 else None
     return Run(config, output_dir, device, policy, ref_policy, tokenizer, prompter, engine, reward, optimizer,
@@ -395,33 +490,6 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     progress.close()
     plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
-
-
-def train_step(step, config, engine, prompter, tokenizer, reward, policy, ref_policy, optimizer, scheduler, examples,
-               device, output_dir) -> dict:  # fmt: skip
-    """One rollout -> reward -> update step; returns its metrics."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    batch = _batch(examples, step, config.rollout.images_per_step, config.seed)
-    policy.eval()
-    ro = rollout(engine, prompter, tokenizer, batch, config, step)
-    t1 = time.perf_counter()
-    rewards, advantages, metrics = rewards_and_advantages(reward, ro, batch, config, step)
-    t2 = time.perf_counter()
-    metrics.update(update(policy, ref_policy, optimizer, scheduler, ro, advantages, config, device))
-    t3 = time.perf_counter()
-    generated = sum(len(c.token_ids) for c in ro.completions)
-    metrics.update({"step": step, "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
-                    "time_step": t3 - t0, "tokens_per_s": generated / max(t1 - t0, 1e-9),
-                    "peak_memory_mb": _peak_memory_mb(device)})  # fmt: skip
-    if step % config.log.sample_every == 0:
-        G = config.rollout.group_size
-        with (output_dir / "samples.jsonl").open("a") as f:
-            for i, ex in enumerate(batch[:2]):
-                f.write(json.dumps({"step": step, "image": ex.id, "captions": ro.captions[i * G : (i + 1) * G],
-                                    "rewards": rewards[i * G : (i + 1) * G, 0].tolist()}) + "\n")  # fmt: skip
-    return {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
 
 
 def main(argv: list[str] | None = None) -> int:
