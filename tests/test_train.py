@@ -134,3 +134,39 @@ def test_kl_to_the_initial_policy_and_length_reward_are_wired(tmp_path):
     assert rows[0]["kl"] < 1e-4  # step 0: the policy is still the reference
     # captions of <= 8 tokens are under length_l1: the length term adds its full weight
     assert all(abs(r["reward_mean"] - r["accuracy"] - 0.5) < 1e-6 for r in rows)
+
+
+def test_reader_without_policy_is_an_error_naming_the_flags_and_makes_no_run_dir(tmp_path, capsys):
+    from caprl_core.train import main
+
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    out = tmp_path / "run"
+    assert main(["--reader", str(reader), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--policy: needed with --reader" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_model_load_error_is_one_line_naming_the_flag_and_makes_no_run_dir(tmp_path, capsys):
+    """A policy directory whose weights file is corrupt: exit 2 with one line, not a traceback, and no run dir."""
+    from caprl_core.models import write_real_format_dirs
+    from caprl_core.train import main
+
+    policy, reader = write_real_format_dirs(tmp_path / "models", widths="test")
+    (policy / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "run"
+    capsys.readouterr()  # drop the builder's progress bars
+    assert main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"python -m caprl_core.train: error: --policy {policy}: cannot load the model"), err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_dtype_applies_to_the_builtin_models(tmp_path):
+    from caprl_core.train import setup
+
+    config, _ = parse_config(["--dtype", "bfloat16", "--output-dir", str(tmp_path / "run"), "--synthetic-images", "2"])
+    run = setup(config)
+    assert run.policy.dtype == torch.bfloat16 and run.reward.model.dtype == torch.bfloat16
