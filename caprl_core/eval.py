@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caprl_core.data import DataError, Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl, make_synthetic_dataset
 from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, load_models
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
@@ -84,7 +84,7 @@ class CaptionEvaluator:
     """Captions images with the policy and scores every question of each image from each caption with the reader."""
 
     def __init__(self, policy, prompter: PolicyPrompter, reader, reader_tokenizer, config: EvalConfig, *,
-                 max_options: int = 10) -> None:  # fmt: skip
+                 max_options: int = MAX_OPTIONS + 1) -> None:  # fmt: skip
         self.config = config
         self.prompter = prompter
         cpu = next(policy.parameters()).device.type == "cpu"
@@ -295,9 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
     with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
         data = args.data or make_synthetic_dataset(tmp, seed=args.seed)
         examples, skipped = _examples(parser, data, config.limit)
+        # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
         evaluator = CaptionEvaluator(models.policy, prompter, models.reader, models.reader_tokenizer, config,
-                                     max_options=min(26, max_options + 1))  # fmt: skip
+                                     max_options=max_options + 1)  # fmt: skip
         out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)
