@@ -54,34 +54,42 @@ def test_qwen_id_tokenizer_has_the_real_special_ids():
     assert max(tok(" red circle in the top left")["input_ids"]) < 1000  # text never meets the fillers
 
 
-def test_train_two_steps_then_eval_on_the_checkpoint(dirs, tmp_path):
+@pytest.fixture(scope="module")
+def trained(dirs, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, its last checkpoint) of 2 training steps on the real-format directories."""
     policy, reader = dirs
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("run")
     assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out), *RUN]) == 0
-    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    return out, out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+
+
+def test_checkpoint_is_a_complete_policy_directory(dirs, trained):
+    policy, reader = dirs
+    _, ckpt = trained
     names = {p.name for p in ckpt.iterdir()}
     assert {"preprocessor_config.json", "tokenizer.json", "chat_template.json", "model.safetensors"} <= names
     # The processor classes load the checkpoint as they load a hub directory (AutoProcessor needs torchvision).
     assert AutoTokenizer.from_pretrained(ckpt).chat_template == QWEN_VL_CHAT_TEMPLATE
     assert isinstance(Qwen2VLImageProcessorPil.from_pretrained(ckpt), Qwen2VLImageProcessorPil)
     assert AutoImageProcessor.from_pretrained(ckpt).merge_size == 2
-    # The trained weights are what eval loads.
-    trained = load_models(ckpt, reader).policy
+    # The trained weights are what a later run or eval loads.
+    trained_policy = load_models(ckpt, reader).policy
     start = load_models(policy, reader).policy
-    assert not all(torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters(), strict=True))
-    data = out / "data" / "data.jsonl"
-    argv = ["--policy", str(ckpt), "--reader", str(reader), "--data", str(data), "--k", "2", "--max-new-tokens", "8",
-            "--num-draws", "2", "--out", str(tmp_path / "eval")]  # fmt: skip
+    assert not all(torch.equal(a, b) for a, b in zip(trained_policy.parameters(), start.parameters(), strict=True))
+
+
+def test_eval_on_the_checkpoint(dirs, trained, tmp_path):
+    out, ckpt = trained
+    argv = ["--policy", str(ckpt), "--reader", str(dirs[1]), "--data", str(out / "data" / "data.jsonl"), "--k", "2",
+            "--max-new-tokens", "8", "--num-draws", "2", "--out", str(tmp_path / "eval")]  # fmt: skip
     summary = caprl_eval.main(argv)
     assert summary["num_images"] == 4 and summary["policy"] == str(ckpt)
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["num_captions"] == 8
 
 
-def test_a_run_started_from_a_checkpoint_trains(dirs, tmp_path):
+def test_a_run_started_from_a_checkpoint_trains(dirs, trained, tmp_path):
     """--policy <checkpoint> in train: the checkpoint is a start directory like any other."""
-    policy, reader = dirs
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(first), *RUN]) == 0
-    ckpt = first / "checkpoints" / (first / "checkpoints" / "latest").read_text().strip()
-    assert train.main(["--policy", str(ckpt), "--reader", str(reader), "--output-dir", str(second), *RUN]) == 0
-    assert len((second / "metrics.jsonl").read_text().splitlines()) == 2
+    _, ckpt = trained
+    out = tmp_path / "second"
+    assert train.main(["--policy", str(ckpt), "--reader", str(dirs[1]), "--output-dir", str(out), *RUN]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
