@@ -163,7 +163,7 @@ def _one_line(e: Exception) -> str:
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"{what} {path}: no such directory")
+        raise ModelLoadError(f"{what} {path}: {'not a directory' if path.exists() else 'no such directory'}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     return path

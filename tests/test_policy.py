@@ -127,6 +127,9 @@ def test_load_errors_name_the_path(tiny, tmp_path):
     _, reader, tokenizer, _ = tiny
     with pytest.raises(ValueError, match=f"policy {tmp_path / 'missing'}: no such directory"):
         load_policy(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"policy {tmp_path / 'file'}: not a directory"):
+        load_policy(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=f"reader {tmp_path / 'empty'}: .*no config.json"):
         load_reader(tmp_path / "empty")
