@@ -5,7 +5,7 @@ On disk (`<output_dir>/checkpoints/`):
     latest                      the name of the newest complete checkpoint (one line, replaced atomically)
     step-000012/
       config.json, generation_config.json, model.safetensors (or shards + index)   Hugging Face format
-      tokenizer / image-processor files                                            when `processors` are given
+      tokenizer, preprocessor_config.json, chat template files                     when `processors` are given
       trainer_state/
         optimizer.safetensors   every optimizer tensor, keys like `state.<param_index>.exp_avg`
         optimizer.json          the rest (param_groups: lr, betas, ...); tensors appear as {"__tensor__": key}
@@ -17,7 +17,10 @@ On disk (`<output_dir>/checkpoints/`):
 A checkpoint is written into `step-000012.tmp-<pid>`, flushed to disk (fsync), marked COMPLETE, renamed into place,
 and only then named by `latest`. A crash at any point (even SIGKILL or a power cut) leaves `latest` naming a complete
 checkpoint; the leftover `*.tmp-*` entry is deleted by the next save. The model directory loads with
-`AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained` (and so with vLLM).
+`AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained` (and so with vLLM). The trainer passes the
+policy's tokenizer, image processor and its start directory's chat-template files (`policy.Models.processors`), so a
+checkpoint is a complete policy directory: `--policy <checkpoint>` works in train and eval, and `AutoTokenizer` /
+`AutoImageProcessor.from_pretrained` load it.
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON (tuples and int-keyed dicts are tagged so they
 come back as they were). `LambdaLR.state_dict()` stores plain-function lambdas as None (the code is not state): the

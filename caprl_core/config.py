@@ -157,12 +157,41 @@ def _read_file(path: Path) -> dict[str, Any]:
             for name, v in value.items():
                 if name not in FIELDS or FIELDS[name][0] != key:
                     raise ValueError(f"--config: {path}: unknown option {key}.{name}")
-                flat[name] = v
+                flat[name] = _checked(name, v, f"--config: {path}: {key}.{name}")
         elif key in FIELDS:
-            flat[key] = value
+            flat[key] = _checked(key, value, f"--config: {path}: {key}")
         else:
             raise ValueError(f"--config: {path}: unknown option {key!r}")
     return flat
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _field_types(name: str) -> tuple[type, ...]:
+    """The types a field's annotation allows (`float | None` -> (float, NoneType)); annotations are strings here."""
+    annotation = FIELDS[name][1].type
+    return tuple(_TYPES[part.strip()] for part in str(annotation).split("|"))
+
+
+FIELD_TYPES = {name: _field_types(name) for name in FIELDS}  # at import: a field of another type must extend _TYPES
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    """`value` from a config file if its type fits field `name` (an int is fine for a float: TOML's `lr = 1`), else a
+    ValueError starting with `where`. bool is never taken for int or float (`steps = true` is a mistake)."""
+    types = FIELD_TYPES[name]
+    if isinstance(value, bool):
+        ok = bool in types
+    elif isinstance(value, int):
+        ok = int in types or float in types
+        value = value if int in types or not ok else float(value)
+    else:
+        ok = isinstance(value, tuple(t for t in types if t is not bool))
+    if not ok:
+        expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ValueError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _flag(name: str) -> str:
@@ -218,6 +247,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     for name, value in values.items():
         _set(config, name, value)
     validate(config)
+    if args.resume and config.log.output_dir is None:
+        raise ValueError("--resume: needs --output-dir (the run directory to continue); without it a fresh run would "
+                         "start in a new runs/<date-time>")  # fmt: skip
     return config, args.resume
 
 

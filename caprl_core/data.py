@@ -10,7 +10,8 @@ A dataset is a JSONL file, one image per line:
      "caption": "A red circle ...",               # optional: a reference description (demos and tests only)
      "id": "0001"}                                # optional: a string or an int; default "<file stem>:<line>"
 
-Each question has 2 to 26 distinct, non-empty options. Blank lines are ignored, other keys are ignored.
+Each question has 2 to 8 (`MAX_OPTIONS`) distinct, non-empty options; the reward adds a ninth, "cannot answer".
+Blank lines are ignored, other keys are ignored.
 
 `load_jsonl` checks every line before anything trains on it, so a long run never dies halfway on line 90,000.
 A bad line (invalid JSON or UTF-8, not an object, a missing or wrong-typed key, no questions, fewer than 2
@@ -41,8 +42,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-MAX_OPTIONS = len(LETTERS)  # the reader answers with one option letter
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # how an answer may be given in a dataset line ("B")
+# The letters the reward gives options: the official CapRL reward server parses the first letter A-I of the reader's
+# reply, and the reward appends "cannot be answered from the caption" as the last option, so a question brings at
+# most 8 options of its own. The validator and `reward.RewardConfig.max_options` both derive from this: every
+# dataset that validates can be scored.
+REWARD_LETTERS = "ABCDEFGHI"
+MAX_OPTIONS = len(REWARD_LETTERS) - 1
 NUM_WARNED_ERRORS = 5  # how many messages the skip warning quotes
 
 
@@ -56,7 +62,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MCQ:
-    """One multiple-choice question: `answer` indexes `options` (0 <= answer < len(options) <= 26)."""
+    """One multiple-choice question: `answer` indexes `options` (0 <= answer < len(options) <= MAX_OPTIONS)."""
 
     question: str
     options: tuple[str, ...]

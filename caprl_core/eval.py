@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caprl_core.data import DataError, Example, load_image, load_jsonl, make_synthetic_dataset
-from caprl_core.policy import DTYPES, PolicyPrompter, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, load_models
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -84,7 +84,7 @@ class CaptionEvaluator:
     """Captions images with the policy and scores every question of each image from each caption with the reader."""
 
     def __init__(self, policy, prompter: PolicyPrompter, reader, reader_tokenizer, config: EvalConfig, *,
-                 max_options: int = 10) -> None:  # fmt: skip
+                 max_options: int = MAX_OPTIONS + 1) -> None:  # fmt: skip
         self.config = config
         self.prompter = prompter
         cpu = next(policy.parameters()).device.type == "cpu"
@@ -251,29 +251,15 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalCo
         parser.error(str(e))
 
 
-def _models(parser, args):
-    """(policy, prompter, reader, reader_tokenizer): each from its directory, or the tiny random default."""
+def _models(parser, args) -> Models:
+    """The policy and reader by the rule `train` uses too (`load_models`): both directories, or the tiny pair."""
     for flag in ("policy", "reader", "data"):
         path = getattr(args, flag)
         if path is not None and not path.exists():
             parser.error(f"--{flag}: {path} does not exist")
-    dtype = DTYPES[args.dtype]
-    tiny = None
-    if args.policy is None or args.reader is None:
-        tiny = tiny_policy_and_reader(seed=args.seed)
-        tiny = (tiny[0].to(args.device, dtype or torch.float32), tiny[1].to(args.device, dtype or torch.float32),
-                *tiny[2:])  # fmt: skip
     try:
-        if args.policy is None:
-            policy, tokenizer, image_processor = tiny[0], tiny[2], tiny[3]
-        else:
-            policy, tokenizer, image_processor = load_policy(args.policy, dtype=dtype, device=args.device)
-        if args.reader is None:
-            reader, reader_tokenizer = tiny[1], tiny[2]
-        else:
-            reader, reader_tokenizer = load_reader(args.reader, dtype=dtype, device=args.device)
-        return policy, PolicyPrompter(tokenizer, image_processor), reader, reader_tokenizer
-    except ValueError as e:
+        return load_models(args.policy, args.reader, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
+    except ModelLoadError as e:
         parser.error(str(e))
 
 
@@ -303,14 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     config = _config(parser, args)
     started = time.perf_counter()
-    policy, prompter, reader, reader_tokenizer = _models(parser, args)
-    threads = TINY_MODEL_THREADS if args.policy is None and args.reader is None else None
+    models = _models(parser, args)
+    prompter = PolicyPrompter(models.tokenizer, models.image_processor)
+    threads = TINY_MODEL_THREADS if models.builtin else None
     with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
         data = args.data or make_synthetic_dataset(tmp, seed=args.seed)
         examples, skipped = _examples(parser, data, config.limit)
+        # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
-        evaluator = CaptionEvaluator(policy, prompter, reader, reader_tokenizer, config,
-                                     max_options=min(26, max_options + 1))  # fmt: skip
+        evaluator = CaptionEvaluator(models.policy, prompter, models.reader, models.reader_tokenizer, config,
+                                     max_options=max_options + 1)  # fmt: skip
         out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)

@@ -13,6 +13,8 @@ model then replaces with the vision tower's output. Users with a full processor 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +22,11 @@ from PIL import Image
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "ChatTemplateFiles",
+    "ModelLoadError",
+    "Models",
     "PolicyPrompter",
+    "load_models",
     "load_policy",
     "load_reader",
     "tiny_image_processor",
@@ -145,12 +151,21 @@ def _default_dtype(dtype: torch.dtype | None, device: str | torch.device) -> tor
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+class ModelLoadError(ValueError):
+    """A policy or reader that cannot be loaded; the message is one line naming the flag or path."""
+
+
+def _one_line(e: Exception) -> str:
+    """`Type: message` on one line (transformers and safetensors errors can span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{what} {path}: no such directory")
+        raise ModelLoadError(f"{what} {path}: {'not a directory' if path.exists() else 'no such directory'}")
     if not (path / "config.json").is_file():
-        raise ValueError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
+        raise ModelLoadError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     return path
 
 
@@ -158,14 +173,21 @@ def _load_tokenizer(path: Path, what: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from e
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{what} {path}: cannot load a tokenizer from it ({_one_line(e)})") from e
+    processor_template = path / "chat_template.json"  # a processor's template (hub VL models ship one)
+    if getattr(tokenizer, "chat_template", None) is None and processor_template.is_file():
+        try:
+            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{what} {processor_template}: unreadable chat template ({_one_line(e)})") from e
+    return tokenizer
 
 
 def _load_image_processor(path: Path, what: str):
     if not (path / "preprocessor_config.json").is_file():
-        raise ValueError(f"{what} {path}: no preprocessor_config.json (the image processor's settings)")
+        raise ModelLoadError(f"{what} {path}: no preprocessor_config.json (the image processor's settings)")
     try:
         from transformers import AutoImageProcessor
 
@@ -176,34 +198,111 @@ def _load_image_processor(path: Path, what: str):
 
         try:
             return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{what} {path}: cannot load its image processor ({type(e).__name__}: {e})") from e
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelLoadError(f"{what} {path}: cannot load its image processor ({_one_line(e)})") from e
 
 
-def load_policy(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """(model, tokenizer, image_processor) of a vision-language policy in a local Hugging Face directory.
-    dtype None: bf16 on CUDA, fp32 on CPU. Raises ValueError naming the path when a part is missing."""
+def _load_model(path: Path, what: str, dtype: torch.dtype, device: str | torch.device):
     from caprl_core.models import load_pretrained
 
-    path = _check_dir(path, "policy")
-    tokenizer = _load_tokenizer(path, "policy")
-    image_processor = _load_image_processor(path, "policy")
-    model = load_pretrained(path, dtype=_default_dtype(dtype, device), device=device)
+    try:
+        return load_pretrained(path, dtype=dtype, device=device)
+    except Exception as e:  # noqa: BLE001 -- any failure here (bad config, corrupt or mismatched weights, out of
+        # memory) is the user's directory or machine, not a bug: one line naming the path, the cause chained.
+        raise ModelLoadError(f"{what} {path}: cannot load the model ({_one_line(e)})") from e
+
+
+def load_policy(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", what: str = "policy"
+):
+    """(model, tokenizer, image_processor) of a vision-language policy in a local Hugging Face directory.
+    dtype None: bf16 on CUDA, fp32 on CPU. Raises ModelLoadError (a ValueError) naming `what` and the path when a
+    part is missing or does not load. When the tokenizer has no chat template, a chat_template.json beside it (a
+    processor's) gives it one."""
+    path = _check_dir(path, what)
+    tokenizer = _load_tokenizer(path, what)
+    image_processor = _load_image_processor(path, what)
+    try:  # a tokenizer without Qwen2-VL's vision tokens cannot prompt the policy: say so before loading weights
+        PolicyPrompter(tokenizer, image_processor)
+    except ValueError as e:
+        raise ModelLoadError(f"{what} {path}: {e}") from e
+    model = _load_model(path, what, _default_dtype(dtype, device), device)
     if not hasattr(model.config, "vision_config"):
-        raise ValueError(f"policy {path}: {type(model).__name__} has no vision tower; the policy must be a "
-                         f"vision-language model such as Qwen2.5-VL")  # fmt: skip
+        raise ModelLoadError(f"{what} {path}: {type(model).__name__} has no vision tower; the policy must be a "
+                             f"vision-language model such as Qwen2.5-VL")  # fmt: skip
     return model, tokenizer, image_processor
 
 
-def load_reader(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_reader(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", what: str = "reader"
+):
     """(model, tokenizer) of the reader LLM in a local Hugging Face directory. dtype None: bf16 on CUDA, fp32 on
-    CPU. Raises ValueError naming the path when a part is missing."""
-    from caprl_core.models import load_pretrained
-
-    path = _check_dir(path, "reader")
-    tokenizer = _load_tokenizer(path, "reader")
-    model = load_pretrained(path, dtype=_default_dtype(dtype, device), device=device)
+    CPU. Raises ModelLoadError (a ValueError) naming `what` and the path when a part is missing or does not load."""
+    path = _check_dir(path, what)
+    tokenizer = _load_tokenizer(path, what)
+    model = _load_model(path, what, _default_dtype(dtype, device), device)
     return model, tokenizer
+
+
+class ChatTemplateFiles:
+    """A policy directory's separate chat-template files (chat_template.json: a processor's; chat_template.jinja),
+    copied verbatim into each checkpoint so that it is laid out like the directory the run started from. It has
+    `save_pretrained`, like the tokenizer and image processor it is saved beside."""
+
+    NAMES = ("chat_template.json", "chat_template.jinja")
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.files: dict[str, bytes] = {}
+        for name in self.NAMES if directory is not None else ():
+            if (Path(directory) / name).is_file():
+                self.files[name] = (Path(directory) / name).read_bytes()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        for name, data in self.files.items():
+            (Path(directory) / name).write_bytes(data)
+
+
+@dataclass
+class Models:
+    """The models of a run or an evaluation. `processors`: what a checkpoint of the policy saves beside its weights
+    (tokenizer, image processor, the start directory's chat-template files), so that the checkpoint is itself a
+    policy directory. `builtin`: the tiny random pair (no directories given)."""
+
+    policy: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    reader: torch.nn.Module
+    reader_tokenizer: object
+    builtin: bool
+    chat_template_files: ChatTemplateFiles = field(default_factory=ChatTemplateFiles)
+
+    @property
+    def processors(self) -> list:
+        return [self.tokenizer, self.image_processor, self.chat_template_files]
+
+
+def load_models(
+    policy: str | Path | None, reader: str | Path | None, *, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", seed: int = 0,
+) -> Models:  # fmt: skip
+    """The one rule of `train` and `eval` for which models to use: both directories given, both are loaded; neither
+    given, the built-in tiny pair (`tiny_policy_and_reader(seed)`); one without the other is an error naming the
+    missing flag (a random tiny reader gives a real policy a meaningless reward, and a random tiny policy gives a
+    real reader nothing to read). dtype None: bf16 on CUDA, fp32 elsewhere, for the tiny models too.
+    Raises ModelLoadError (a ValueError) with a one-line message naming the flag and the path."""
+    if (policy is None) != (reader is None):
+        given, missing = ("--policy", "--reader") if reader is None else ("--reader", "--policy")
+        raise ModelLoadError(f"{missing}: needed with {given} (give both model directories, or neither for the "
+                             f"built-in tiny models)")  # fmt: skip
+    dtype = _default_dtype(dtype, device)
+    if policy is None:
+        tiny_policy, tiny_reader, tokenizer, image_processor = tiny_policy_and_reader(seed)
+        return Models(tiny_policy.to(device, dtype), tokenizer, image_processor, tiny_reader.to(device, dtype),
+                      tokenizer, builtin=True)  # fmt: skip
+    policy_model, tokenizer, image_processor = load_policy(policy, dtype=dtype, device=device, what="--policy")
+    reader_model, reader_tokenizer = load_reader(reader, dtype=dtype, device=device, what="--reader")
+    return Models(policy_model, tokenizer, image_processor, reader_model, reader_tokenizer, builtin=False,
+                  chat_template_files=ChatTemplateFiles(policy))  # fmt: skip
 
 
 def tiny_policy_and_reader(seed: int = 0):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from caprl_core import ops
-from caprl_core.data import MCQ
+from caprl_core.data import MAX_OPTIONS, MCQ
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
@@ -110,7 +110,9 @@ class RewardConfig:
     seed: int = 0
     template: PromptTemplate = DEFAULT_TEMPLATE
     use_chat_template: bool | None = None
-    max_options: int = 10  # options per question, "cannot answer" included; their letters are checked at start
+    # Option letters per question, "cannot answer" included (their tokens are checked at start). The default fits
+    # every question `caprl_core.data` validates: A-I, as the official reward parses.
+    max_options: int = MAX_OPTIONS + 1
     engine_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

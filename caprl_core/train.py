@@ -34,7 +34,7 @@ from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from caprl_core.config import TrainConfig, parse_config
 from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
 from caprl_core.plot import plot_metrics
-from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, load_policy, load_reader, tiny_policy_and_reader
+from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
@@ -71,18 +71,6 @@ def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(config.model.device if config.model.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
     return device, _default_dtype(DTYPES[config.model.dtype], device)
-
-
-def _load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """(policy, policy tokenizer, image processor, reader, reader tokenizer)."""
-    if config.model.policy is None:
-        policy, reader, tokenizer, image_processor = tiny_policy_and_reader(config.seed)
-        return policy.to(device, dtype), tokenizer, image_processor, reader.to(device, dtype), tokenizer
-    policy, tokenizer, image_processor = load_policy(config.model.policy, dtype=dtype, device=device)
-    if config.model.reader is None:
-        raise ValueError("--reader: a real --policy needs a reader model directory too")
-    reader, reader_tokenizer = load_reader(config.model.reader, dtype=dtype, device=device)
-    return policy, tokenizer, image_processor, reader, reader_tokenizer
 
 
 def _load_data(config: TrainConfig, output_dir: Path) -> list[Example]:
@@ -397,6 +385,7 @@ class Run:
     optimizer: MasterWeightOptimizer
     scheduler: object
     examples: list[Example]
+    processors: list  # saved beside each checkpoint's weights: tokenizer, image processor, chat-template files
 
     def step(self, step: int) -> dict:
         """One rollout -> reward -> update step; returns its metrics (peak memory per phase included)."""
@@ -434,12 +423,15 @@ class Run:
 
 def setup(config: TrainConfig) -> Run:
     """Models, data, sampler, reward, optimizer and schedule of a run (nothing trained yet)."""
+    _seed_everything(config.seed)
+    device, dtype = _device_dtype(config)
+    # Models first: a directory that does not load must not leave a half-made run directory behind.
+    models = load_models(config.model.policy, config.model.reader, dtype=dtype, device=device, seed=config.seed)
+    policy, tokenizer, image_processor = models.policy, models.tokenizer, models.image_processor
+    reader, reader_tokenizer = models.reader, models.reader_tokenizer
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    _seed_everything(config.seed)
-    device, dtype = _device_dtype(config)
-    policy, tokenizer, image_processor, reader, reader_tokenizer = _load_models(config, device, dtype)
     reader.requires_grad_(False)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -457,7 +449,7 @@ def setup(config: TrainConfig) -> Run:
     # The KL reference is the initial policy, frozen; with beta == 0 (the recipe) none is made.
     ref_policy = copy.deepcopy(policy).requires_grad_(False) if config.optim.beta > 0 else None
     return Run(config, output_dir, device, policy, ref_policy, tokenizer, prompter, engine, reward, optimizer,
-               scheduler, examples)  # fmt: skip
+               scheduler, examples, models.processors)  # fmt: skip
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -486,7 +478,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         if (step + 1) % config.log.checkpoint_every == 0 or last:
             save_checkpoint(output_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
                             trainer_state={"step": step, "config": config.to_dict()},
-                            processors=[run.tokenizer], keep_last=config.log.keep_last)  # fmt: skip
+                            processors=run.processors, keep_last=config.log.keep_last)  # fmt: skip
     progress.close()
     plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
@@ -498,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
-    out = train(config, resume=resume)
+    try:
+        out = train(config, resume=resume)
+    except ModelLoadError as e:  # a --policy / --reader that does not load: the user's input, not a crash
+        print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
+        return 2
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)
     return 0
 

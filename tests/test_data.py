@@ -194,8 +194,14 @@ def _broken_lines(root: Path) -> list[tuple[str | bytes, str | None]]:
         (_line(questions=[q(question=3)]), 'questions[0]: "question": expected a string, got an int'),
         (_line(questions=[{"question": "q", "answer": 0}]), 'questions[0]: missing key "options"'),
         (_line(questions=[q(options="ab")]), 'questions[0]: "options": expected a list, got a string'),
-        (_line(questions=[q(options=["only"])]), "questions[0]: options: expected 2 to 26 options, got 1"),
-        (_line(questions=[q(options=[f"o{i}" for i in range(27)])]), "expected 2 to 26 options, got 27"),
+        (
+            _line(questions=[q(options=["only"])]),
+            f"questions[0]: options: expected 2 to {data.MAX_OPTIONS} options, got 1",
+        ),
+        (
+            _line(questions=[q(options=[f"o{i}" for i in range(data.MAX_OPTIONS + 1)])]),
+            f"expected 2 to {data.MAX_OPTIONS} options, got {data.MAX_OPTIONS + 1}",
+        ),
         (_line(questions=[q(options=["a", "a"])]), "questions[0]: options: expected distinct options"),
         (_line(questions=[q(options=["a", " "])]), "questions[0]: options[1]: expected a non-empty string"),
         (_line(questions=[q(options=["a", 2])]), "questions[0]: options[1]: expected a non-empty string"),
@@ -252,6 +258,33 @@ def test_skip_keeps_good_lines_and_reports_each_bad_one(tmp_path):
     for (lineno, err), message in zip(bad, result.errors, strict=True):
         assert message.startswith(f"{path}:{lineno}: "), message
         assert err in message, (err, message)
+
+
+def test_every_question_the_validator_accepts_can_be_scored(tmp_path):
+    """The validator's option limit and the reward's derive from one constant: questions of every size the validator
+    accepts, each answer in the last place, are scored by the reward as train builds it (default RewardConfig, with
+    "cannot answer" appended); one option more is a file:line error, not a crash mid-run."""
+    from caprl_core.models import tiny_qwen2, tiny_tokenizer
+    from caprl_core.reward import CapRLReward, RewardConfig
+
+    _write_images(tmp_path)
+    sizes = range(2, data.MAX_OPTIONS + 1)
+    questions = [_question(options=[f"option {i}" for i in range(n)], answer=n - 1) for n in sizes]
+    too_many = _question(options=[f"option {i}" for i in range(data.MAX_OPTIONS + 1)])
+    path = tmp_path / "sizes.jsonl"
+    path.write_text(_line(questions=questions, id="ok") + "\n" + _line(questions=[too_many], id="big") + "\n")
+    with pytest.raises(DataError) as error:
+        load_jsonl(path, on_error="raise")
+    assert error.value.errors == [f"{path}:2: questions[0]: options: expected 2 to {data.MAX_OPTIONS} options, got "
+                                  f"{data.MAX_OPTIONS + 1}"]  # fmt: skip
+    with pytest.warns(UserWarning, match="1 of 2 lines skipped"):
+        (example,) = load_jsonl(path).examples
+    tokenizer = tiny_tokenizer()
+    reward = CapRLReward(tiny_qwen2(tokenizer=tokenizer), tokenizer, RewardConfig(num_draws=1))
+    pools = [[mcq] for mcq in example.questions]  # one question per row: every size is drawn
+    rewards, details = reward.score(["a red circle"] * len(pools), pools, step=0)
+    assert rewards.shape == (len(pools),) and bool(((rewards == 0) | (rewards == 1)).all())
+    assert all(0 <= p <= 1 for p in details.correct_prob)
 
 
 def test_raise_lists_every_bad_line(tmp_path):

@@ -126,6 +126,16 @@ def test_missing_path_is_an_argparse_error(flag, tmp_path, capsys):
     assert f"{flag}: {missing} does not exist" in capsys.readouterr().err
 
 
+def test_reader_without_policy_is_an_argparse_error(tmp_path, capsys):
+    """The rule train uses too: both model directories or neither."""
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--reader", str(reader), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--policy: needed with --reader" in capsys.readouterr().err
+
+
 def test_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "caprl_core.eval", "--help"], capture_output=True, text=True,
                             timeout=120)  # fmt: skip

@@ -4,16 +4,20 @@ policy and reader back from local directories, and the errors when a part is mis
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from caprl_core.models import TINY_CHAT_TEMPLATE, tiny_tokenizer
 from caprl_core.policy import (
     DEFAULT_INSTRUCTION,
+    ModelLoadError,
     PolicyPrompter,
+    load_models,
     load_policy,
     load_reader,
     tiny_image_processor,
@@ -123,6 +127,9 @@ def test_load_errors_name_the_path(tiny, tmp_path):
     _, reader, tokenizer, _ = tiny
     with pytest.raises(ValueError, match=f"policy {tmp_path / 'missing'}: no such directory"):
         load_policy(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"policy {tmp_path / 'file'}: not a directory"):
+        load_policy(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=f"reader {tmp_path / 'empty'}: .*no config.json"):
         load_reader(tmp_path / "empty")
@@ -133,3 +140,35 @@ def test_load_errors_name_the_path(tiny, tmp_path):
     tiny_image_processor().save_pretrained(tmp_path / "text")
     with pytest.raises(ValueError, match="no vision tower"):
         load_policy(tmp_path / "text")
+
+
+def test_load_models_one_rule_for_both_tools(tmp_path):
+    for policy, reader, missing in ((tmp_path, None, "--reader"), (None, tmp_path, "--policy")):
+        with pytest.raises(ModelLoadError, match=f"{missing}: needed with"):
+            load_models(policy, reader)
+    models = load_models(None, None, dtype=torch.bfloat16, seed=3)
+    assert models.builtin and models.policy.dtype == models.reader.dtype == torch.bfloat16
+    assert models.processors[:2] == [models.tokenizer, models.image_processor]
+
+
+def test_policy_chat_template_files_are_carried(tiny, tmp_path):
+    """A policy directory with a processor's chat_template.json (as hub VL models have) and no template in the
+    tokenizer: the tokenizer takes it, and the files go into checkpoints verbatim."""
+    policy, reader, tokenizer, image_processor = tiny
+    policy.save_pretrained(tmp_path / "policy")
+    reader.save_pretrained(tmp_path / "reader")
+    tokenizer.save_pretrained(tmp_path / "reader")
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "policy")
+    image_processor.save_pretrained(tmp_path / "policy")
+    template = {"chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"}
+    (tmp_path / "policy" / "chat_template.json").write_text(json.dumps(template))
+    models = load_models(tmp_path / "policy", tmp_path / "reader")
+    assert models.tokenizer.chat_template == template["chat_template"]
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for processor in models.processors:
+        processor.save_pretrained(out)
+    assert json.loads((out / "chat_template.json").read_text()) == template
+    assert AutoTokenizer.from_pretrained(out).chat_template == template["chat_template"]

@@ -178,9 +178,9 @@ def test_bad_reward_inputs(tokenizer):
         reward.score(CAPTIONS[:2], [QUESTIONS[0], []])
     with pytest.raises(ValueError, match=r"captions\[0\] must be a str"):
         reward.score([None], [QUESTIONS[0]])
-    many = MCQ("q?", tuple(f"o{i}" for i in range(10)), 0)
-    with pytest.raises(ValueError, match=r"questions\[0\]\[0\] has 10 options"):
-        reward.score(CAPTIONS[:1], [[many]])
+    many = MCQ("q?", tuple(f"o{i}" for i in range(5)), 0)  # fits the dataset limit, not a 4-letter reward
+    with pytest.raises(ValueError, match=r"questions\[0\]\[0\] has 5 options; at most 3 fit"):
+        _reward(tokenizer, max_options=4).score(CAPTIONS[:1], [[many]])
     with pytest.raises(ValueError, match="mode"):
         RewardConfig(mode="medium")
     with pytest.raises(ValueError, match="num_draws"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_config_defaults_flags_and_files(tmp_path):
     config, resume = parse_config([])
     assert not resume and config.rollout.group_size == 4 and config.steps == 30  # tiny defaults
     assert TrainConfig().rollout.group_size == 8 and TrainConfig().optim.lr == 1e-6  # the recipe's, for real models
-    config, _ = parse_config(["--group-size", "6", "--lr", "3e-4", "--aggregation", "constant", "--resume"])
+    config, _ = parse_config(["--group-size", "6", "--lr", "3e-4", "--aggregation", "constant", "--resume",
+                              "--output-dir", str(tmp_path / "run")])  # fmt: skip
     assert config.rollout.group_size == 6 and config.optim.lr == 3e-4 and config.optim.aggregation == "constant"
     toml = tmp_path / "c.toml"
     toml.write_text('steps = 7\n[rollout]\ngroup_size = 5\n[optim]\nschedule = "cosine"\n')
@@ -75,6 +77,40 @@ def test_bad_config_file_names_the_option(tmp_path):
     bad.write_text("[optim]\nlearning_rate = 1.0\n")
     with pytest.raises(ValueError, match="optim.learning_rate"):
         parse_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "match"),
+    [
+        (".json", '{"optim": {"lr": "1e-6"}}', "optim.lr: expected float, got str '1e-6'"),
+        (".toml", "steps = 1.5\n", "steps: expected int, got float 1.5"),
+        (".toml", "[rollout]\ngroup_size = true\n", "rollout.group_size: expected int, got bool True"),
+        (".json", '{"progress": "no"}', "progress: expected bool, got str 'no'"),
+        (".json", '{"kv_cache_tokens": 1e4}', "kv_cache_tokens: expected int or null, got float"),
+        (".toml", "[model]\npolicy = 3\n", "model.policy: expected str or null, got int 3"),
+    ],
+)
+def test_config_file_values_are_type_checked(suffix, text, match, tmp_path):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"--config: {path}: {match}")):
+        parse_config(["--config", str(path)])
+
+
+def test_config_file_int_for_float_and_null_for_optional(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"optim": {"lr": 1, "epsilon_high": null}, "kv_cache_tokens": 4096}')
+    config, _ = parse_config(["--config", str(path)])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.optim.epsilon_high is None
+    assert config.rollout.kv_cache_tokens == 4096
+
+
+def test_resume_needs_an_output_dir(tmp_path):
+    with pytest.raises(ValueError, match="--resume: needs --output-dir"):
+        parse_config(["--resume"])
+    path = tmp_path / "c.toml"
+    path.write_text(f'[log]\noutput_dir = "{tmp_path / "run"}"\n')
+    assert parse_config(["--resume", "--config", str(path)])[1]
 
 
 def test_short_run_resume_after_sigkill_in_a_checkpoint_write(tmp_path):
@@ -134,3 +170,39 @@ def test_kl_to_the_initial_policy_and_length_reward_are_wired(tmp_path):
     assert rows[0]["kl"] < 1e-4  # step 0: the policy is still the reference
     # captions of <= 8 tokens are under length_l1: the length term adds its full weight
     assert all(abs(r["reward_mean"] - r["accuracy"] - 0.5) < 1e-6 for r in rows)
+
+
+def test_reader_without_policy_is_an_error_naming_the_flags_and_makes_no_run_dir(tmp_path, capsys):
+    from caprl_core.train import main
+
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    out = tmp_path / "run"
+    assert main(["--reader", str(reader), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--policy: needed with --reader" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_model_load_error_is_one_line_naming_the_flag_and_makes_no_run_dir(tmp_path, capsys):
+    """A policy directory whose weights file is corrupt: exit 2 with one line, not a traceback, and no run dir."""
+    from caprl_core.models import write_real_format_dirs
+    from caprl_core.train import main
+
+    policy, reader = write_real_format_dirs(tmp_path / "models", widths="test")
+    (policy / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "run"
+    capsys.readouterr()  # drop the builder's progress bars
+    assert main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"python -m caprl_core.train: error: --policy {policy}: cannot load the model"), err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_dtype_applies_to_the_builtin_models(tmp_path):
+    from caprl_core.train import setup
+
+    config, _ = parse_config(["--dtype", "bfloat16", "--output-dir", str(tmp_path / "run"), "--synthetic-images", "2"])
+    run = setup(config)
+    assert run.policy.dtype == torch.bfloat16 and run.reward.model.dtype == torch.bfloat16
