@@ -1,8 +1,11 @@
 # caprl-core: `make test` and `make train` set everything up in .venv on a fresh machine.
 #
 # TORCH_SPEC is what pip installs for torch when the venv has none. Users keep the default (their platform's normal
-# torch: a CUDA build on Linux). CPU-only machines and CI pass a CPU wheel instead, e.g.
-#     make test TORCH_SPEC=torch==2.13.0      (.ci/run does this: that wheel is on the CI machine's disk)
+# torch: a CUDA build on Linux, torch 2.14.1 today). CPU-only machines may pass a CPU wheel instead, e.g.
+#     make test TORCH_SPEC=torch==2.13.0      (.ci/run's first pass: that wheel is on the CI machine's disk)
+# VENV names the virtual environment, so that two torch versions can live side by side, e.g.
+#     make test VENV=.venv-torch214 TORCH_SPEC=torch==2.14.1      (.ci/run's second pass)
+# PYTEST_ARGS goes to pytest (.ci/run: -p scripts.ci_strict_skips).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch

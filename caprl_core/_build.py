@@ -9,13 +9,21 @@ One extension, one binding file (csrc/bindings.cpp) with two submodules: `cpu` (
 `cuda` (CUDA kernels, only where torch has CUDA and nvcc is found). If the CUDA build fails, the CPU-only build is
 used and the CUDA backend reports why it is unavailable.
 
-Run `python -m caprl_core._build` to build ahead of time and print where the extension lives.
+C++ standard: never ours to choose. csrc/ includes torch's headers, and torch decides the standard they need
+(torch 2.14's use C++20 `requires` clauses; a forced -std=c++17 broke every fresh install there). The JIT build
+passes no -std, so torch's own builder adds the one it was made for; `cxx_standard()` tells scripts/nvcc_check.sh
+the same answer.
+
+Run `python -m caprl_core._build` to build ahead of time and print where the extension lives;
+`python -m caprl_core._build --cxx-std` prints the C++ standard torch builds extensions with (e.g. c++20).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
+import re
 import sys
 import warnings
 from functools import cache
@@ -29,9 +37,20 @@ if not CSRC.is_dir():  # installed (not editable): csrc/ is packaged as caprl_co
     CSRC = Path(__file__).resolve().parent / "csrc"
 
 
+def cxx_standard() -> str:
+    """The C++ standard torch's extension builder compiles with ("c++20" for torch 2.13 and 2.14, "c++17" for
+    older releases): the newest `-std=c++NN` that torch.utils.cpp_extension itself passes. Read from its source
+    because torch exposes no function for it; "c++17" (the oldest torch 2.x used) if none is found."""
+    from torch.utils import cpp_extension
+
+    found = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(cpp_extension))
+    return f"c++{max(int(v) for v in found)}" if found else "c++17"
+
+
 def _cpu_flags() -> list[str]:
-    """-O3 and OpenMP, plus AVX2/FMA where this CPU has them (the exp polynomials vectorise 8-wide with them)."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    """-O3 and OpenMP, plus AVX2/FMA where this CPU has them (the exp polynomials vectorise 8-wide with them).
+    No -std: torch's builder adds the standard its headers need (see the module docstring)."""
+    flags = ["-O3", "-fopenmp"]
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -70,7 +89,7 @@ def _build(with_cuda: bool) -> ModuleType:
         name=_name(sources, cflags),
         sources=sources,
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"] if with_cuda else None,
+        extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,  # no -std: torch adds its own
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC)],
         with_cuda=with_cuda,
@@ -100,6 +119,9 @@ def load_extension(name: str) -> ModuleType:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--cxx-std"]:
+        print(cxx_standard())
+        sys.exit(0)
     ext = extension()
     parts = [p for p in ("cpu", "cuda") if hasattr(ext, p)]
     print(f"built {ext.__name__} ({', '.join(parts)}) at {ext.__file__}")

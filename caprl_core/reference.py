@@ -40,7 +40,10 @@ def token_logprobs(
     logp = torch.where(keep, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # 0 log 0 = 0: a -inf logit (a masked vocabulary entry) has no mass and adds nothing to the entropy. Masking
+    # log p (not the product) also keeps its gradient finite: d(p log p)/dp would be log 0 = -inf, times 0.
+    p = logp_all.exp()
+    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
     return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
 
 

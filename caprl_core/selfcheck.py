@@ -3,7 +3,8 @@
     python -m caprl_core.selfcheck [--vocab 151936] [--tokens 256] [--hidden 512]
 
 Prints one line per (op, backend): max abs error against the fp64 reference (forward, and gradients where the op
-has them) and the median time of a forward call; the last line is a JSON summary. Exits non-zero if any backend
+has them), the median time of a forward call (`fwd`, under torch.no_grad) and, for differentiable ops, of a forward
+plus backward (`fwd+bwd`); the last line is a JSON summary. Exits non-zero if any backend
 disagrees with the reference beyond 1e-4. Triton runs through its interpreter on CPU-only machines (slow: it is
 checked on a small shape there).
 """
@@ -46,8 +47,13 @@ def _op(name: str, backend: str | None) -> Callable[..., object]:
     return functools.partial(getattr(ops, name), backend=backend)
 
 
-def _cases(n: int, h: int, v: int, device: torch.device) -> dict[str, Callable[[str | None], list[torch.Tensor]]]:
-    """Per op: a function of the backend (None = fp64 reference) returning outputs and gradients to compare."""
+# Ops with a backward: their cases compute gradients when asked, and get a fwd+bwd timing too.
+DIFFERENTIABLE = ("token_logprobs", "linear_token_logprobs")
+
+
+def _cases(n: int, h: int, v: int, device: torch.device) -> dict[str, Callable[..., list[torch.Tensor]]]:
+    """Per op: a function of the backend (None = fp64 reference) and `backward` returning the outputs, and the
+    gradients of their sum when `backward` is true, to compare."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(n, v, generator=g) * 3).to(device)
     hidden, weight = torch.randn(n, h, generator=g).to(device), (torch.randn(v, h, generator=g) / h**0.5).to(device)
@@ -57,23 +63,27 @@ def _cases(n: int, h: int, v: int, device: torch.device) -> dict[str, Callable[[
     answers, n_captions = torch.randint(0, 5, (n,), generator=g).to(device), max(n // 8, 1)
     captions = (torch.arange(n) % n_captions).to(device)
 
-    def grads(out: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    def grads(backward: bool, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> list[torch.Tensor]:
+        if not backward:
+            with torch.no_grad():
+                return [fn(*inputs)]
+        inputs = tuple(x.detach().requires_grad_() for x in inputs)
+        out = fn(*inputs)
         return [out, *torch.autograd.grad(out.sum(), inputs)]
 
-    def token(backend):
-        x = (logits.double() if backend is None else logits).requires_grad_()
-        return grads(_op("token_logprobs", backend)(x, targets), x)
+    def token(backend, backward=True):
+        x = logits.double() if backend is None else logits
+        return grads(backward, lambda x: _op("token_logprobs", backend)(x, targets), x)
 
-    def linear(backend):
-        hh = (hidden.double() if backend is None else hidden).requires_grad_()
-        ww = (weight.double() if backend is None else weight).requires_grad_()
-        return grads(_op("linear_token_logprobs", backend)(hh, ww, targets), hh, ww)
+    def linear(backend, backward=True):
+        hh, ww = (hidden.double(), weight.double()) if backend is None else (hidden, weight)
+        return grads(backward, lambda hh, ww: _op("linear_token_logprobs", backend)(hh, ww, targets), hh, ww)
 
-    def advantages(backend):
+    def advantages(backend, backward=False):
         r = rewards.double() if backend is None else rewards
         return [_op("group_advantages", backend)(r, group_ids=ids, method="rloo")]
 
-    def mcq(backend):
+    def mcq(backend, backward=False):
         hh, ww = (hidden.double(), weight.double()) if backend is None else (hidden, weight)
         return list(_op("mcq_rewards", backend)(hh, ww, letters, answers, captions, n_captions, mode="soft"))
 
@@ -104,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                 float((a.detach().double() - b.detach().double()).abs().max())
                 for a, b in zip(got, expected, strict=True)
             )
-            seconds = _median_seconds(functools.partial(case, backend))
+            seconds = {"fwd": _median_seconds(functools.partial(case, backend, backward=False))}
+            if op in DIFFERENTIABLE:
+                seconds["fwd+bwd"] = _median_seconds(functools.partial(case, backend, backward=True))
             failed |= not err <= TOLERANCE
             summary[f"{op}/{backend}"] = {"max_abs_err": err, "seconds": seconds, "shape": [n, h, v]}
             status = "ok" if err <= TOLERANCE else "MISMATCH"
-            print(
-                f"{op:<22} {backend:<7} N={n:<5} H={h:<5} V={v:<7} max|err|={err:.2e} {seconds * 1e3:9.2f} ms {status}"
-            )
+            times = " ".join(f"{name} {t * 1e3:.2f} ms" for name, t in seconds.items())
+            print(f"{op:<22} {backend:<7} N={n:<5} H={h:<5} V={v:<7} max|err|={err:.2e} {times} {status}")
     print(json.dumps({"device": str(device), "ok": not failed, "results": summary}))
     return 1 if failed else 0
 

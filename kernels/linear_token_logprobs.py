@@ -70,10 +70,10 @@ def _dlogits_tile(
     if HAS_GRAD_LOGP:  # d logp_target / dz = onehot - p
         g_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0)
         dz += g_logp[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
-    if HAS_GRAD_ENTROPY:  # d entropy / dz = -p * (log p + entropy)
+    if HAS_GRAD_ENTROPY:  # d entropy / dz = -p * (log p + entropy); 0 where p = 0 (-inf logits), not 0 * -inf
         g_ent = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
-        dz -= g_ent[:, None] * p * (logp + entropy[:, None])
+        dz -= g_ent[:, None] * p * (tl.where(p > 0, logp, 0.0) + entropy[:, None])
     return tl.where(valid, dz / temperature, 0.0)
 
 
@@ -110,13 +110,17 @@ def _linear_token_logprobs_fwd_kernel(
         z = tl.where(col_mask, z, float("-inf"))
         target_z += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        e = tl.exp(z - m_new[:, None])  # 0 on padding columns
+        # Shift by 0 while a row's logits so far are all -inf (a bias of -inf masks vocabulary entries):
+        # exp(-inf - (-inf)) is NaN. Such a tile adds nothing (e = 0, alpha = 0, s stays 0).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_shift)  # 0 while s is still 0 (m = -inf)
+        e = tl.exp(z - m_shift[:, None])  # 0 on padding columns and -inf logits
         if RETURN_ENTROPY:
             # t is relative to the running max so that entropy = log s - t / s never cancels large numbers.
-            # The guards keep 0 * inf out: padding columns, and m - m_new = -inf while s = 0 on the first tile.
-            z_shifted = tl.where(col_mask, z - m_new[:, None], 0.0)
-            t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s) + tl.sum(e * z_shifted, axis=1)
+            # The guards keep 0 * inf out: columns without mass (padding, -inf logits) count as 0 log 0 = 0, and
+            # m - m_shift = -inf while s = 0.
+            z_shifted = tl.where(e > 0, z - m_shift[:, None], 0.0)
+            t = alpha * (t + tl.where(s > 0, m - m_shift, 0.0) * s) + tl.sum(e * z_shifted, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
     out = split * N + rows
@@ -292,8 +296,9 @@ def linear_token_logprobs_fwd(
         RETURN_ENTROPY=return_entropy, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    # Merge the splits: rescale each split's sums to the global max (every split saw >= 1 real column, so its
-    # max is finite for finite inputs).
+    # Merge the splits: rescale each split's sums to the global max. A split whose logits are all -inf (a bias of
+    # -inf over its columns) has max -inf and sum 0: scale 0, and its shift is taken as 0 so that it adds
+    # 0 * 0, not -inf * 0 = NaN, to the entropy sum.
     split_max, split_sum, split_t, split_target = partial  # each [num_splits, N]
     row_max = split_max.amax(0)
     scale = torch.exp(split_max - row_max)
@@ -304,7 +309,8 @@ def linear_token_logprobs_fwd(
     logp = torch.where(keep, (split_target.sum(0) - row_max) - torch.log(total), 0.0)
     entropy = None
     if return_entropy:
-        t = (scale * (split_t + (split_max - row_max) * split_sum)).sum(0)
+        shift = torch.where(split_sum > 0, split_max - row_max, 0.0)
+        t = (scale * (split_t + shift * split_sum)).sum(0)
         entropy = torch.where(keep, torch.log(total) - t / total, 0.0)
     return logp, lse, entropy
 

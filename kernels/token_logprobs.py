@@ -47,13 +47,16 @@ def _token_logprobs_fwd_kernel(
         mask = cols < V
         z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(ACC_DTYPE) / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)  # 0 on the first chunk (m = -inf)
-        e = tl.exp(z - m_new)  # 0 on padding lanes (z = -inf)
+        # Shift by 0 while every logit so far is -inf (masked vocabulary entries): exp(-inf - (-inf)) is NaN, and a
+        # leading all -inf chunk would poison s and t. The chunk then adds nothing (e = 0, alpha = 0, s stays 0).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_shift)  # 0 while s is still 0 (m = -inf)
+        e = tl.exp(z - m_shift)  # 0 on padding lanes and -inf logits
         if RETURN_ENTROPY:
-            # Rescale t to the new max. Both guards keep 0 * inf (= NaN) out: padding lanes have z - m_new = -inf,
-            # and before the first chunk m - m_new = -inf while s = 0.
-            z_shifted = tl.where(mask, z - m_new, 0.0)
-            t = alpha * (t + tl.where(s > 0, m - m_new, 0.0) * s) + tl.sum(e * z_shifted, axis=0)
+            # Rescale t to the new max. Both guards keep 0 * inf (= NaN) out: lanes without mass (padding, -inf
+            # logits) have z - m_shift = -inf and count as 0 log 0 = 0, and m - m_shift = -inf while s = 0.
+            z_shifted = tl.where(e > 0, z - m_shift, 0.0)
+            t = alpha * (t + tl.where(s > 0, m - m_shift, 0.0) * s) + tl.sum(e * z_shifted, axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
@@ -113,7 +116,8 @@ def _token_logprobs_bwd_kernel(
         # d logp_target / dz = onehot - p;  d entropy / dz = -p * (log p + entropy)
         grad_z = g_logp * (tl.where(cols == target, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
-            grad_z -= g_ent * p * (logp + entropy)
+            # p = 0 at -inf logits: their term is 0, not 0 * -inf = NaN
+            grad_z -= g_ent * p * (tl.where(p > 0, logp, 0.0) + entropy)
         grad = tl.where(keep, grad_z / temperature, 0.0)  # exactly 0 on ignored rows, even for inf logits
         tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 

@@ -228,3 +228,43 @@ def test_gradcheck_fp64(backend, device):
 
     inputs = tuple(x.requires_grad_() for x in (hidden, weight, bias))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# A bias of -inf over a leading range of the vocabulary (masked entries): V = 1000 is 4 tiles of 256 in 2 vocab
+# splits under the interpreter (64 / 32-wide tiles on a GPU). 256 = exactly the first tile; 600 = the whole first
+# split and part of the next tile, so the split merge sees a split with max -inf and sum 0. Before the fix the
+# Triton forward computed exp(-inf - (-inf)) = NaN on those tiles, and the reference's entropy was 0 * -inf = NaN.
+@pytest.mark.parametrize("masked_cols", [256, 600])
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_leading_minus_inf_bias(backend, device, dtype, atol, rtol, masked_cols):
+    """logp of finite targets, entropy (0 log 0 = 0) and the gradients of hidden, weight and bias: finite, equal to
+    the fp64 reference within the usual tolerances, and exactly 0 for the masked vocabulary rows."""
+    vocab = 1000
+    if backend == "triton" and backends.triton_interpreter():
+        from caprl_core.kernels.linear_token_logprobs import _config
+
+        assert _config("fwd", dtype, vocab, 16)[1] == 256, "the -inf range must be laid out on the kernel's tiles"
+    hidden, weight, bias = make_inputs((6,), vocab, 16, True, dtype, device)
+    bias[:masked_cols] = float("-inf")
+    targets = torch.randint(masked_cols, vocab, (6,), generator=torch.Generator().manual_seed(1))  # finite logits
+    targets[1::3] = IGNORE
+    targets = targets.to(device)
+    grad_logp, grad_entropy = upstream_grads(targets.shape, device)
+    acc = reference.acc_dtype(dtype)
+    fn = lambda *a, **k: linear_token_logprobs(backend, *a, **k)
+    kwargs = dict(temperature=0.7, ignore_index=IGNORE)
+    logp, entropy, grads = forward_backward(
+        fn, hidden, weight, bias, targets, grad_logp.to(acc), grad_entropy.to(acc), **kwargs
+    )
+    ref_logp, ref_entropy, ref_grads = fp64_reference(hidden, weight, bias, targets, grad_logp, grad_entropy, **kwargs)
+    outputs = {"logp": logp, "entropy": entropy, "reference entropy": ref_entropy}
+    outputs |= {f"grad_{n}": g for n, g in zip(("hidden", "weight", "bias"), grads, strict=True)}
+    for name, out in outputs.items():
+        assert torch.isfinite(out).all(), f"{name}: not finite"
+    torch.testing.assert_close(logp.double(), ref_logp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=atol, rtol=rtol * SUM_RTOL_FACTOR)
+    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        message = lambda m, name=name: f"grad_{name}: {m}"
+        torch.testing.assert_close(grad.double(), ref, atol=atol, rtol=rtol * SUM_RTOL_FACTOR, msg=message)
+    assert torch.equal(grads[1][:masked_cols], torch.zeros_like(grads[1][:masked_cols]))
+    assert torch.equal(grads[2][:masked_cols], torch.zeros_like(grads[2][:masked_cols]))

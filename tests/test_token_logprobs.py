@@ -188,3 +188,47 @@ def test_gradcheck_fp64(backend, device):
     targets = torch.tensor([4, IGNORE, 10], device=device)
     fn = lambda x: token_logprobs(backend, x, targets, temperature=0.7, ignore_index=IGNORE, return_entropy=True)
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# -inf logits (masked vocabulary entries) in leading chunks. V = 12,289 streams in 4,096-wide chunks both on a GPU
+# (_launch_config's cap) and under the interpreter (about 4 chunks per row): exactly one leading chunk, two and a
+# bit, one -inf entry per chunk further on, and none. Before the fix the Triton kernel's online softmax computed
+# exp(-inf - (-inf)) = NaN after a leading all -inf chunk, and 0 * -inf in the entropy; the reference's entropy was NaN.
+INF_VOCAB, INF_CHUNK = 12289, 4096
+
+
+def masked_logits(dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [5, INF_VOCAB] with leading -inf ranges, bool mask of the -inf entries)."""
+    masked = torch.zeros(5, INF_VOCAB, dtype=torch.bool)
+    masked[0, :INF_CHUNK] = True  # exactly one chunk
+    masked[1, : 2 * INF_CHUNK + 100] = True  # two chunks and part of the third
+    masked[2, : INF_CHUNK + 1] = True  # an ignored row
+    masked[3, 5 : INF_VOCAB - 1 : INF_CHUNK // 2] = True  # scattered, never a whole chunk
+    logits = make_logits((5, INF_VOCAB), torch.float64, "cpu").masked_fill(masked, float("-inf"))
+    return logits.to(device, dtype), masked.to(device)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+def test_leading_minus_inf_chunks(backend, device, dtype, atol, rtol, temperature):
+    """Rows whose first chunk(s) are entirely -inf: logp of finite targets, entropy (0 log 0 = 0) and grad_logits
+    are finite, equal to the fp64 reference within the usual tolerances, and the gradient is exactly 0 at -inf."""
+    if backend == "triton":
+        from caprl_core.kernels.token_logprobs import _launch_config
+
+        assert _launch_config(INF_VOCAB)[0] == INF_CHUNK, "the -inf ranges must be laid out on the kernel's chunks"
+    logits, masked = masked_logits(dtype, device)
+    targets = torch.tensor([INF_CHUNK, INF_VOCAB - 1, IGNORE, 7, 0], device=device)
+    grad_logp, grad_entropy = upstream_grads(targets.shape, device)
+    acc = reference.acc_dtype(dtype)
+    fn = lambda *a, **k: token_logprobs(backend, *a, **k)
+    kwargs = dict(temperature=temperature, ignore_index=IGNORE)
+    logp, entropy, grad = forward_backward(fn, logits, targets, grad_logp.to(acc), grad_entropy.to(acc), **kwargs)
+    ref_logp, ref_entropy, ref_grad = fp64_reference(logits, targets, grad_logp, grad_entropy, **kwargs)
+    for name, out in (("logp", logp), ("entropy", entropy), ("grad", grad), ("reference entropy", ref_entropy)):
+        assert torch.isfinite(out).all(), f"{name}: not finite"
+    torch.testing.assert_close(logp.double(), ref_logp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=atol, rtol=rtol * ENTROPY_RTOL_FACTOR)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol)
+    assert torch.equal(grad[masked], torch.zeros_like(grad[masked])) and torch.equal(ref_grad[masked], grad[masked])
+    assert_ignored_exact(targets, logp, entropy, grad)
