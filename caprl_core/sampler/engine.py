@@ -57,8 +57,14 @@ class EngineStats:
 class Engine:
     """Paged KV-cache sampler over a Hugging Face causal LM or Qwen2.5-VL model (used in place, never copied).
 
-    Size the cache with at most one of: num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction (of the free
-    device memory, or of MemAvailable on CPU; default 0.3 on CUDA, 0.1 on CPU). max_batch_tokens caps the new
+    Cache size: num_kv_blocks or kv_cache_tokens fix it. Otherwise it follows need, decided each time the cache is
+    allocated (the first call, and the first call after `free_kv_cache()`): enough blocks for every sequence of
+    that call at its maximum length with nothing shared (prompt + max_new_tokens per sample; prompt length for
+    `prefill`), rounded up to a power of two so that calls of about the same size reuse it, and capped by
+    kv_cache_memory_fraction (default 0.3 on CUDA, 0.1 on CPU) of the device memory free at that moment (on CPU,
+    MemAvailable). A later call that needs more than the cache holds reallocates it (forgetting the prefix cache)
+    while the cap allows; past the cap the scheduler preempts. Sizing from free memory at construction gave the tiny
+    models 297,870 blocks each (issue 15). At most one of the three may be given. max_batch_tokens caps the new
     tokens of a prefill batch (a single longer prompt still runs alone); max_num_seqs caps the sequences of a step.
     attn_backend: "triton", "flash_attn", "torch" or "reference"; None picks $CAPRL_ATTENTION_BACKEND, else Triton
     on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention). enable_prefix_caching=False makes every
@@ -86,8 +92,13 @@ class Engine:
         self.block_size = block_size
         a = self.adapter
         self.attn_backend = select_backend(a.device, a.dtype, block_size, a.head_dim, attn_backend)
-        self.num_kv_blocks = self._cache_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
-        self.block_manager = BlockManager(self.num_kv_blocks, block_size, prefix_caching=enable_prefix_caching)
+        self.fixed_kv_blocks = self._fixed_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
+        if kv_cache_memory_fraction is None:
+            kv_cache_memory_fraction = DEFAULT_MEMORY_FRACTION["cuda" if a.device.type == "cuda" else "cpu"]
+        self.kv_cache_memory_fraction = kv_cache_memory_fraction
+        # Blocks of the cache as allocated now (None: sized by need, not allocated yet).
+        self.num_kv_blocks: int | None = self.fixed_kv_blocks
+        self.block_manager = BlockManager(self.num_kv_blocks or 1, block_size, prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
         self.kv_cache: torch.Tensor | None = None
         self.stats = EngineStats()
@@ -102,7 +113,8 @@ class Engine:
         a = self.adapter
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * a.dtype.itemsize
 
-    def _cache_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int:
+    def _fixed_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int | None:
+        """The fixed cache size in blocks, or None when it follows need (the arguments checked)."""
         given = [n for n, v in (("num_kv_blocks", num_kv_blocks), ("kv_cache_tokens", kv_cache_tokens),
                                 ("kv_cache_memory_fraction", fraction)) if v is not None]  # fmt: skip
         if len(given) > 1:
@@ -117,30 +129,66 @@ class Engine:
             if not (isinstance(kv_cache_tokens, int) and kv_cache_tokens >= 1):
                 raise ValueError(f"kv_cache_tokens must be an integer >= 1, got {kv_cache_tokens!r}")
             return -(-kv_cache_tokens // self.block_size)
-        device = self.adapter.device
-        if fraction is None:
-            fraction = DEFAULT_MEMORY_FRACTION["cuda" if device.type == "cuda" else "cpu"]
-        if not (0 < fraction <= 1):
+        if fraction is not None and not (0 < fraction <= 1):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available_bytes()
-        blocks = int(free * fraction) // self.block_bytes
+        return None
+
+    def max_kv_blocks(self) -> int:
+        """The most blocks the cache may have now: the fixed size, else the memory fraction of what is free (the
+        current cache counted as free, since growing it replaces it)."""
+        if self.fixed_kv_blocks is not None:
+            return self.fixed_kv_blocks
+        device = self.adapter.device
+        if device.type == "cuda":  # memory the caching allocator holds unused is as good as free
+            free = torch.cuda.mem_get_info(device)[0]
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        else:
+            free = _mem_available_bytes()
+        if self.kv_cache is not None:
+            free += self.kv_cache.numel() * self.kv_cache.element_size()
+        blocks = int(free * self.kv_cache_memory_fraction) // self.block_bytes
         if blocks < 1:
-            raise ValueError(f"kv_cache_memory_fraction={fraction} of {free} free bytes holds no KV block")
+            raise ValueError(
+                f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} of {free} free bytes holds no KV block"
+            )
         return blocks
 
-    def _ensure_cache(self) -> torch.Tensor:
-        if self.kv_cache is None:
+    def _blocks_needed(self, seqs: list[Sequence]) -> int:
+        """Blocks for every sequence at its maximum length with nothing shared: enough never to preempt."""
+        bs, max_len, total = self.block_size, self.adapter.max_length, 0
+        for seq in seqs:
+            if seq.prefill_only:
+                total += -(-len(seq) // bs)
+            else:
+                total += seq.params.n * -(-min(len(seq) + seq.params.max_new_tokens, max_len) // bs)
+        return total
+
+    def _ensure_cache(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Allocate the cache if there is none, or grow it when `seqs` need more and the cap allows (nothing is
+        running between calls, so only the prefix cache is lost)."""
+        if self.fixed_kv_blocks is not None:
+            blocks = self.fixed_kv_blocks
+        else:
+            need = 1 << max(self._blocks_needed(seqs) - 1, 0).bit_length()  # the next power of two
+            if self.kv_cache is not None and need <= self.num_kv_blocks:
+                return self.kv_cache
+            blocks = min(need, self.max_kv_blocks())
+        if self.kv_cache is None or blocks > self.num_kv_blocks:
             a = self.adapter
-            shape = (2, a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            self.kv_cache = None  # release the old cache before allocating the new one
+            shape = (2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim)
             # empty, not zeros: no page is touched before it is used (zeros would write the whole cache up front).
             # Never-written slots are never read: the Triton kernels mask them and the PyTorch path pads with a
             # real key (tests fill unused slots with NaN to check this).
             self.kv_cache = torch.empty(shape, dtype=a.dtype, device=a.device)
+            self.num_kv_blocks = blocks
+            self.block_manager.reset(blocks)
         return self.kv_cache
 
     def free_kv_cache(self) -> None:
         """Release the KV cache memory (and forget the prefix cache); it is allocated again on the next call."""
         self.kv_cache = None
+        self.num_kv_blocks = self.fixed_kv_blocks
         self.block_manager.reset()
 
     def reset_stats(self) -> None:
@@ -163,10 +211,10 @@ class Engine:
         SamplingParams for all prompts or one per prompt. progress=True prints a status line to stderr every ~5 s.
         """
         plist = self._params_list(prompts, params)
-        seqs = []
+        seqs, most = [], self.max_kv_blocks()
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             ids, mm = self._normalize(i, prompt)
-            self._check_fits(i, len(ids), p)
+            self._check_fits(i, len(ids), p, most)
             seq = Sequence(self._new_id(), ids, p, request_index=i, mm=mm)
             seq.generator = self._generator(p, i, 0)
             seqs.append(seq)
@@ -186,10 +234,10 @@ class Engine:
         """
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts")
-        seqs = []
+        seqs, most = [], self.max_kv_blocks()
         for i, prompt in enumerate(prompts):
             ids, mm = self._normalize(i, prompt)
-            self._check_fits(i, len(ids), None)
+            self._check_fits(i, len(ids), None, most)
             seqs.append(Sequence(self._new_id(), ids, SamplingParams(), request_index=i, mm=mm, prefill_only=True))
         self._run(seqs, progress=progress, total=len(seqs))
         self._done = []
@@ -249,7 +297,8 @@ class Engine:
             mm = self.adapter.multimodal_prompt(index, ids_t, prompt)
         return ids_t.tolist(), mm
 
-    def _check_fits(self, index: int, length: int, params: SamplingParams | None) -> None:
+    def _check_fits(self, index: int, length: int, params: SamplingParams | None, most: int) -> None:
+        """ValueError unless prompts[index] could run alone in a cache of `most` blocks."""
         name, bs = f"prompts[{index}]", self.block_size
         max_len = self.adapter.max_length
         if params is None:
@@ -263,11 +312,11 @@ class Engine:
             total = min(length + params.max_new_tokens, max_len)
             reserve = params.n - 1 if length % bs else 0
             need = max(-(-total // bs), -(-length // bs) + reserve)
-        if need > self.num_kv_blocks:
+        if need > most:
             raise ValueError(
                 f"{name} needs {need} KV blocks of {bs} tokens (prompt {length} tokens"
                 + (f" + max_new_tokens {params.max_new_tokens}, n={params.n}" if params else "")
-                + f"), more than the whole KV cache ({self.num_kv_blocks} blocks); give a larger kv cache"
+                + f"), more than the whole KV cache can hold ({most} blocks); give a larger kv cache"
             )
 
     def _new_id(self) -> int:
@@ -283,7 +332,7 @@ class Engine:
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def _run(self, seqs: list[Sequence], *, progress: bool, total: int) -> None:
-        self._ensure_cache()
+        self._ensure_cache(seqs)
         preemptions_before = self.scheduler.num_preemptions
         for seq in seqs:
             self.scheduler.add(seq)
