@@ -27,7 +27,7 @@ import torch
 from caprl_core.sampler.attention import build_gather_slots, select_backend
 from caprl_core.sampler.block_manager import BlockManager
 from caprl_core.sampler.model import ModelAdapter, StepContext
-from caprl_core.sampler.sampling import sample
+from caprl_core.sampler.sampling import sample_with_policy
 from caprl_core.sampler.scheduler import Batch, Scheduler
 from caprl_core.sampler.sequence import Completion, MultimodalPrompt, SamplingParams, Sequence
 
@@ -403,16 +403,14 @@ class Engine:
         logits = self.adapter.logits(hidden)  # [S, V] fp32
         params = [s.params for s in seqs]
         temperature = torch.tensor([p.temperature for p in params], device=device)
-        # The policy's own distribution (before bans, top-k, top-p), as the trainer's fused log-prob computes it.
-        scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]  # [S, V]
-        policy_lse = torch.logsumexp(scaled, dim=-1)  # [S]
-        for row, p in enumerate(params):
-            if p.banned_token_ids:
-                logits[row, list(p.banned_token_ids)] = float("-inf")
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        tokens, logprobs = sample(logits, temperature, top_k, top_p, [s.generator for s in seqs])
-        policy_logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - policy_lse  # [S]
+        banned = [p.banned_token_ids for p in params]
+        # policy_logprobs: the policy's own distribution (before bans, top-k, top-p), as the trainer's fused
+        # log-prob computes it; logprobs: the distribution the token was drawn from.
+        tokens, logprobs, policy_logprobs = sample_with_policy(
+            logits, temperature, top_k, top_p, [s.generator for s in seqs], banned
+        )
         self.stats.sampled_tokens += len(seqs)
         max_len = self.adapter.max_length
         for seq, token, logprob, policy_logprob in zip(seqs, tokens.tolist(), logprobs.tolist(),
