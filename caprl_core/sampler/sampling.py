@@ -69,11 +69,16 @@ def sample_with_policy(
     num_rows, vocab = logits.shape
     t = torch.where(temperature > 0, temperature, 1.0)
     x = logits.float() / t[:, None]  # [B, V]: a new tensor, logits stay untouched
-    policy_lse = torch.logsumexp(x, dim=-1)  # [B]
+    # log-sum-exp by hand, keeping exp(x - max) for the draw: torch.logsumexp makes its own exp pass (measured
+    # 74-172 ms at B = 128, V = 32,000 on the loaded 2-core CPU, against 44 ms for one exp).
+    row_max = x.amax(dim=-1)  # [B]
+    unnormalised = x.sub(row_max[:, None]).exp_()  # [B, V]
+    policy_lse = row_max + unnormalised.sum(-1).log()  # [B]
     has_bans = any(banned_token_ids or ())
     for row, banned in enumerate(banned_token_ids or ()):
         if banned:
             x[row, list(banned)] = float("-inf")
+            unnormalised[row, list(banned)] = 0.0
     tokens = torch.empty(num_rows, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
@@ -91,25 +96,27 @@ def sample_with_policy(
         u = _uniforms([generators[b] for b in sampled_rows], logits.device)
         plain_rows = [i for i, b in enumerate(sampled_rows) if kinds[1][b]]
         if len(plain_rows) == num_rows:  # no indexing copies in the common case
-            _draw_plain(x, policy_lse, u, has_bans, tokens, logprobs)
+            _draw_plain(x, unnormalised, row_max, policy_lse, u, has_bans, tokens, logprobs)
         else:
-            _draw_rows(x, policy_lse, u, sampled_rows, plain_rows, top_k, top_p, has_bans, tokens, logprobs)
+            rest = (top_k, top_p, has_bans, tokens, logprobs)
+            _draw_rows(x, unnormalised, row_max, policy_lse, u, sampled_rows, plain_rows, *rest)
     # A drawn token is never banned, so x still holds its scaled logit.
     policy_logprobs = x.gather(1, tokens[:, None]).squeeze(1) - policy_lse  # [B]
     return tokens, logprobs, policy_logprobs
 
 
-def _draw_plain(x, policy_lse, u, has_bans, tokens, logprobs) -> None:
-    """Rows of x [R, V] (scaled, bans at -inf, no other filter): tokens and their log-probs, written in place."""
-    probs = torch.exp(x - policy_lse[:, None])  # [R, V], the policy's probabilities with bans at 0
-    drawn = _inverse_cdf_draw(probs, u)
-    # The sampling distribution's normaliser: the policy's, less the banned mass (an exact sum, not the cdf's end).
-    lse = policy_lse + probs.sum(-1).log() if has_bans else policy_lse
+def _draw_plain(x, unnormalised, row_max, policy_lse, u, has_bans, tokens, logprobs) -> None:
+    """Rows of x [R, V] (scaled, bans at -inf, no other filter) with exp(x - row_max) [R, V] (bans at 0): tokens
+    and their log-probs, written in place."""
+    drawn = _inverse_cdf_draw(unnormalised, u)
+    # The sampling distribution's normaliser: the policy's less the banned mass (an exact sum, not the cdf's end).
+    lse = row_max + unnormalised.sum(-1).log() if has_bans else policy_lse
     tokens.copy_(drawn)
     logprobs.copy_(x.gather(1, drawn[:, None]).squeeze(1) - lse)
 
 
-def _draw_rows(x, policy_lse, u, sampled_rows, plain_rows, top_k, top_p, has_bans, tokens, logprobs) -> None:
+def _draw_rows(x, unnormalised, row_max, policy_lse, u, sampled_rows, plain_rows, top_k, top_p, has_bans, tokens,
+               logprobs) -> None:  # fmt: skip
     """Mixed batches: plain rows as in `_draw_plain`, top-k / top-p rows through `filtered_logprobs`."""
     device = x.device
     plain_set = set(plain_rows)
@@ -122,7 +129,8 @@ def _draw_rows(x, policy_lse, u, sampled_rows, plain_rows, top_k, top_p, has_ban
         sub_tokens = torch.empty(len(subset), dtype=torch.long, device=device)
         sub_logprobs = torch.empty(len(subset), dtype=torch.float32, device=device)
         if is_plain:
-            _draw_plain(xs, policy_lse[rows], us, has_bans, sub_tokens, sub_logprobs)
+            _draw_plain(xs, unnormalised[rows], row_max[rows], policy_lse[rows], us, has_bans, sub_tokens,
+                        sub_logprobs)  # fmt: skip
         else:
             ones = torch.ones(len(subset), device=device)
             logp = filtered_logprobs(xs, ones, top_k[rows], top_p[rows])  # [R, V]; x is already scaled
