@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -224,6 +224,33 @@ class BlockManager:
         bid = self._take_free()
         child.block_table.append(bid)
         return parent.block_table[num_full], bid, partial
+
+    # --- keeping one prefix across calls -----------------------------------------------------------------------
+
+    def cached_prefix_blocks(self, token_ids: list[int]) -> list[int]:
+        """Ids of the leading full blocks of the text prefix `token_ids` that the prefix cache holds, in order."""
+        bs, prefix, out = self.block_size, -1, []
+        for i in range(len(token_ids) // bs):
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            h = block_hash(prefix, tokens, b"")
+            bid = self.hash_to_block.get(h)
+            if bid is None or self._tokens[bid] != tuple(tokens):
+                break
+            out.append(bid)
+            prefix = h
+        return out
+
+    def forget_cached(self, keep: Collection[int] = ()) -> None:
+        """Forget the contents of every free block except those in `keep`: prefix lookups no longer find them.
+        Blocks in use keep their hashes. O(blocks used since the last reset)."""
+        keep = set(keep)
+        for bid in self._freed:
+            h = self._hashes[bid]
+            if h is None or bid in keep:
+                continue
+            if self.hash_to_block.get(h) == bid:
+                del self.hash_to_block[h]
+            self._hashes[bid], self._tokens[bid] = None, ()
 
     # --- internals --------------------------------------------------------------------------------------------
 
