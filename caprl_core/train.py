@@ -142,9 +142,8 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     """(rewards [B*G, R] per component, advantages [B*G], metrics). Component 0 is the reader's accuracy."""
     g, G = config.reward, config.rollout.group_size
     questions = [list(ex.questions) for ex in examples for _ in range(G)]
-    # An empty prefix cache every step: the reader's numbers then depend on this step's captions only (a resumed
-    # run reproduces them bit for bit); the header is recomputed once per step, a few hundred tokens.
-    reward.engine.free_kv_cache()
+    # No free_kv_cache() here: `score` keeps only the reader's few-shot header cached across steps, always computed
+    # alone (Engine.prefill's shared_prefix), so the numbers depend on this step's captions only (bit-exact resume).
     accuracy, details = reward.score(ro.captions, questions, step=step)
     columns, weights = [accuracy.float().cpu()], [1.0]
     lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
