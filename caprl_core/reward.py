@@ -292,9 +292,11 @@ class CapRLReward:
         stats = self.engine.stats
         before = stats.prefill_tokens - stats.shared_prefix_tokens
         hidden = self.engine.prefill(draws.prompts, shared_prefix=self._header_ids)  # [P, H]
-        # The header, when computed alone for a cold cache, is not this call's work: the count stays the same
-        # whatever earlier calls left cached (a resumed run logs the same numbers).
+        # Counted as from a cold cache, the header's full blocks once, whether this call computed them alone or found
+        # them cached: the count then does not depend on earlier calls (a resumed run logs the same numbers).
         computed = stats.prefill_tokens - stats.shared_prefix_tokens - before
+        if self.engine.block_manager.prefix_caching:
+            computed += len(self._header_ids) // self.engine.block_size * self.engine.block_size
         device = hidden.device
         rewards, option_logprobs = ops.mcq_rewards(
             hidden, self.lm_head.weight,
