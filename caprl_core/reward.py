@@ -100,7 +100,8 @@ class RewardConfig:
     (probability of the right letter). cannot_answer: append the "cannot be answered" option to every question.
     temperature: the reader's softmax temperature (soft mode). seed: with the step number, fixes every draw and
     shuffle. use_chat_template: None = use the reader tokenizer's chat template when it has one.
-    engine_kwargs: passed to the reader's `Engine` (cache size, block size, ...)."""
+    kv_cache_tokens: the reader's KV cache size in tokens; None = sized by each call's need (see `Engine`).
+    engine_kwargs: passed to the reader's `Engine` (block size, ...)."""
 
     num_draws: int = 8
     mode: str = "hard"
@@ -113,6 +114,7 @@ class RewardConfig:
     # Option letters per question, "cannot answer" included (their tokens are checked at start). The default fits
     # every question `caprl_core.data` validates: A-I, as the official reward parses.
     max_options: int = MAX_OPTIONS + 1
+    kv_cache_tokens: int | None = None
     engine_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +126,14 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.temperature must be > 0, got {self.temperature!r}")
         if not (2 <= self.max_options <= len(LETTERS)):
             raise ValueError(f"RewardConfig.max_options must be in [2, 26], got {self.max_options!r}")
+        if self.kv_cache_tokens is not None:
+            if not (isinstance(self.kv_cache_tokens, int) and self.kv_cache_tokens >= 1):
+                raise ValueError(f"RewardConfig.kv_cache_tokens must be None or an integer >= 1, "
+                                 f"got {self.kv_cache_tokens!r}")  # fmt: skip
+            sizes = {"num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_fraction"} & set(self.engine_kwargs)
+            if sizes:
+                raise ValueError(f"RewardConfig.kv_cache_tokens is given: engine_kwargs must not size the cache "
+                                 f"too, got {sorted(sizes)}")  # fmt: skip
 
 
 @dataclass
@@ -171,7 +181,10 @@ class CapRLReward:
         self.config = config or RewardConfig()
         self.model = reader_model
         self.tokenizer = reader_tokenizer
-        self.engine = engine or Engine(reader_model, **self.config.engine_kwargs)
+        if engine is None:
+            size = {} if self.config.kv_cache_tokens is None else {"kv_cache_tokens": self.config.kv_cache_tokens}
+            engine = Engine(reader_model, **size, **self.config.engine_kwargs)
+        self.engine = engine
         self.lm_head = reader_model.get_output_embeddings()
         self.calls = 0
         chat = self.config.use_chat_template
@@ -278,9 +291,14 @@ class CapRLReward:
         """Rewards [C] (fp32, on the reader's device) of the captions, and per-draw details."""
         step = self._next_step(step)
         draws = self.reader_prompts(captions, questions, step=step)
-        before = self.engine.stats.prefill_tokens
-        hidden = self.engine.prefill(draws.prompts)  # [P, H]
-        computed = self.engine.stats.prefill_tokens - before
+        stats = self.engine.stats
+        before = stats.prefill_tokens - stats.shared_prefix_tokens
+        hidden = self.engine.prefill(draws.prompts, shared_prefix=self._header_ids)  # [P, H]
+        # Counted as from a cold cache, the header's full blocks once, whether this call computed them alone or found
+        # them cached: the count then does not depend on earlier calls (a resumed run logs the same numbers).
+        computed = stats.prefill_tokens - stats.shared_prefix_tokens - before
+        if self.engine.block_manager.prefix_caching:
+            computed += len(self._header_ids) // self.engine.block_size * self.engine.block_size
         device = hidden.device
         rewards, option_logprobs = ops.mcq_rewards(
             hidden, self.lm_head.weight,

@@ -441,3 +441,24 @@ def test_random_operations_keep_invariants(seed):
         bm.free(seq)
     check_invariants(bm, [])
     assert bm.num_free == bm.num_blocks
+
+
+def test_forget_cached_keeps_only_the_given_blocks_and_reset_resizes():
+    bm = BlockManager(16, BS)
+    header = list(range(8))  # 2 full blocks
+    a, b = make_seq(1, header + [50, 51, 52, 53, 54]), make_seq(2, header + [60, 61, 62, 63, 64])
+    bm.allocate(a)
+    bm.allocate(b)
+    shared = bm.cached_prefix_blocks(header + [99])
+    assert shared == a.block_table[:2] == b.block_table[:2]
+    own = [a.block_table[2], b.block_table[2]]  # each sequence's own full block
+    bm.free(a)
+    bm.free(b)
+    bm.forget_cached(keep=bm.cached_prefix_blocks(header))
+    assert sorted(bm.hash_to_block.values()) == sorted(shared)
+    assert all(bm.blocks[x].hash is None for x in own)
+    again = make_seq(3, header + [50, 51, 52, 53, 54])
+    assert bm.allocate(again) == 2 * BS  # the header hits, its own block does not
+    bm.free(again)
+    bm.reset(num_blocks=1_000_000)
+    assert bm.num_free == 1_000_000 and bm.num_used_ever == 0 and bm.hash_to_block == {}

@@ -379,3 +379,63 @@ def test_banned_tokens_are_never_sampled():
     drawn = {t for c in out for t in c.token_ids}
     assert drawn and not drawn & set(banned)
     assert len(drawn) > 3  # still sampling among the others
+
+
+def test_default_cache_follows_the_calls_need_and_is_decided_at_allocation():
+    """No size given: nothing is allocated at construction; the first call gets its need (every sample at its
+    maximum length, next power of two), a bigger call grows it, free_kv_cache lets the next call decide again."""
+    model = tiny_qwen2()
+    engine = Engine(model, block_size=4)
+    assert engine.kv_cache is None and engine.num_kv_blocks is None
+    params = SamplingParams(n=3, temperature=0, max_new_tokens=6)
+    small = engine.generate(_prompts(512, (5, 9)), params)
+    assert engine.num_kv_blocks == 32  # 3 samples x 3 blocks + 3 x 4 = 21 -> 32 and engine.kv_cache.shape[2] == 32
+    engine.generate(_prompts(512, (30, 30, 30)), params)  # 3 * 3 * 9 = 81 -> 128
+    assert engine.num_kv_blocks == 128 and engine.stats.preemptions == 0
+    engine.generate(_prompts(512, (5, 9)), params)  # smaller: the cache is kept
+    assert engine.num_kv_blocks == 128
+    engine.free_kv_cache()
+    again = engine.generate(_prompts(512, (5, 9)), params)
+    assert engine.num_kv_blocks == 32
+    assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in small]
+    capped = Engine(model, block_size=4, kv_cache_memory_fraction=1e-9)
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
+        capped.generate(_prompts(512, (5,)), params)
+
+
+def test_prefill_shared_prefix_keeps_only_the_prefix_computed_alone():
+    """With shared_prefix, each call starts from a cache holding that prefix's full blocks only, computed by a
+    prefill of its own: the same call gives the same bits on a fresh engine and after other calls."""
+    model = tiny_qwen2()
+    header = _prompts(512, (21,), seed=3)[0]  # 5 full blocks of 4 + 1 token
+    tails = [_prompts(512, (7, 3, 12), seed=s) for s in (4, 5)]
+    calls = [[header + t for t in tail] for tail in tails]
+    engines = [Engine(model, block_size=4) for _ in calls]
+    fresh = [e.prefill(c, shared_prefix=header) for e, c in zip(engines, calls, strict=True)]
+    assert [e.stats.shared_prefix_tokens for e in engines] == [21, 21]  # the header alone, once per cold cache
+    engine = Engine(model, block_size=4)
+    engine.prefill(calls[1] + calls[0], shared_prefix=header)  # leaves every caption prefix cached
+    for call, want in zip(calls, fresh, strict=True):
+        before = engine.stats.prefill_tokens
+        got = engine.prefill(call, shared_prefix=header)
+        assert torch.equal(got, want)
+        # Only the header's 5 full blocks came from the cache: each prompt computed everything after them.
+        assert engine.stats.prefill_tokens - before == sum(len(p) - 20 for p in call)
+    with pytest.raises(ValueError, match="shared_prefix"):
+        engine.prefill(calls[0], shared_prefix=[1, 2, 10_000])
+
+
+def test_reward_config_kv_cache_tokens_sizes_the_readers_engine():
+    """RewardConfig.kv_cache_tokens reaches the reader's Engine (None: sized by need); sizing it twice is an error."""
+    from caprl_core.models import tiny_tokenizer
+    from caprl_core.reward import CapRLReward, RewardConfig
+
+    tok = tiny_tokenizer()
+    reader = tiny_qwen2(tokenizer=tok)
+    fixed = CapRLReward(reader, tok, RewardConfig(kv_cache_tokens=1000, engine_kwargs={"block_size": 8}))
+    assert fixed.engine.num_kv_blocks == 125 and fixed.engine.fixed_kv_blocks == 125
+    assert CapRLReward(reader, tok, RewardConfig()).engine.fixed_kv_blocks is None
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        RewardConfig(kv_cache_tokens=0)
+    with pytest.raises(ValueError, match="engine_kwargs"):
+        RewardConfig(kv_cache_tokens=1000, engine_kwargs={"num_kv_blocks": 8})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from caprl_core.sampler.sampling import filtered_logprobs, sample
+from caprl_core.sampler.sampling import filtered_logprobs, sample, sample_with_policy
 
 # Upper 0.1% points of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, df); scipy is
 # not a dependency). With a fixed seed the test is deterministic; alpha = 1e-3 only decides how lucky a seed must be.
@@ -296,3 +296,33 @@ def test_drawn_tokens_follow_the_filtered_distribution(seeded):
     for name, alternative in wrong.items():
         assert not np.allclose(alternative, probs), name
         assert not fits(counts, alternative), f"the chi-square test does not reject the {name} distribution"
+
+
+@pytest.mark.parametrize("vocab", [30, 32000])
+def test_sample_with_policy_bans_and_both_log_probs(vocab):
+    """Mixed rows (greedy, plain, top-k, top-p, with and without bans): logprobs under the filtered distribution with
+    the bans, policy_logprobs under log_softmax(logits / T) over everything; a banned token is never drawn."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, vocab, generator=gen) * 2
+    rows = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (0.9, 0, 0.8), (1.0, 0, 1.0)]
+    banned = [(1, 2), (), (0, 3, 4), (5,), (), tuple(range(0, vocab, 2))]
+    for seeded in (False, True):
+        gens = [torch.Generator().manual_seed(b) if seeded else None for b in range(6)]
+        tokens, logprobs, policy = sample_with_policy(logits, *params(rows), gens, banned)
+        for b, (temperature, top_k, top_p) in enumerate(rows):
+            token = int(tokens[b])
+            assert token not in banned[b]
+            masked = logits[b].clone()
+            masked[list(banned[b])] = float("-inf")
+            if temperature == 0:
+                assert token == int(masked.argmax())
+                want = masked.log_softmax(-1)[token]
+            else:
+                want = filtered_logprobs(masked[None], torch.tensor([temperature]), torch.tensor([top_k]),
+                                         torch.tensor([top_p]))[0, token]  # fmt: skip
+            torch.testing.assert_close(logprobs[b], want, atol=2e-5, rtol=0)
+            scaled = logits[b] / (temperature if temperature > 0 else 1.0)
+            torch.testing.assert_close(policy[b], scaled.log_softmax(-1)[token], atol=2e-5, rtol=0)
+    # Without bans or filters the two log-probs are the same numbers.
+    tokens, logprobs, policy = sample_with_policy(logits, *params([(1.0, 0, 1.0)] * 6), [None] * 6)
+    assert torch.equal(logprobs, policy)

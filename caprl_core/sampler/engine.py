@@ -27,11 +27,12 @@ import torch
 from caprl_core.sampler.attention import build_gather_slots, select_backend
 from caprl_core.sampler.block_manager import BlockManager
 from caprl_core.sampler.model import ModelAdapter, StepContext
-from caprl_core.sampler.sampling import sample
+from caprl_core.sampler.sampling import sample_with_policy
 from caprl_core.sampler.scheduler import Batch, Scheduler
 from caprl_core.sampler.sequence import Completion, MultimodalPrompt, SamplingParams, Sequence
 
 DEFAULT_MEMORY_FRACTION = {"cuda": 0.3, "cpu": 0.1}
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class EngineStats:
     decode_steps: int = 0
     prefill_tokens: int = 0  # prompt (and recomputed) tokens actually run through the model at prefill
     cached_tokens: int = 0  # prefix-cache hit tokens: prefill tokens taken from the cache instead
+    shared_prefix_tokens: int = 0  # of prefill_tokens, those of a `prefill(shared_prefix=...)` computed alone
     decode_tokens: int = 0
     sampled_tokens: int = 0
     forks: int = 0  # samples made by forking a prefilled prompt
@@ -57,8 +59,14 @@ class EngineStats:
 class Engine:
     """Paged KV-cache sampler over a Hugging Face causal LM or Qwen2.5-VL model (used in place, never copied).
 
-    Size the cache with at most one of: num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction (of the free
-    device memory, or of MemAvailable on CPU; default 0.3 on CUDA, 0.1 on CPU). max_batch_tokens caps the new
+    Cache size: num_kv_blocks or kv_cache_tokens fix it. Otherwise it follows need, decided each time the cache is
+    allocated (the first call, and the first call after `free_kv_cache()`): enough blocks for every sequence of
+    that call at its maximum length with nothing shared (prompt + max_new_tokens per sample; prompt length for
+    `prefill`), rounded up to a power of two so that calls of about the same size reuse it, and capped by
+    kv_cache_memory_fraction (default 0.3 on CUDA, 0.1 on CPU) of the device memory free at that moment (on CPU,
+    MemAvailable). A later call that needs more than the cache holds reallocates it (forgetting the prefix cache)
+    while the cap allows; past the cap the scheduler preempts. Sizing from free memory at construction gave the tiny
+    models 297,870 blocks each (issue 15). At most one of the three may be given. max_batch_tokens caps the new
     tokens of a prefill batch (a single longer prompt still runs alone); max_num_seqs caps the sequences of a step.
     attn_backend: "triton", "flash_attn", "torch" or "reference"; None picks $CAPRL_ATTENTION_BACKEND, else Triton
     on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention). enable_prefix_caching=False makes every
@@ -86,8 +94,13 @@ class Engine:
         self.block_size = block_size
         a = self.adapter
         self.attn_backend = select_backend(a.device, a.dtype, block_size, a.head_dim, attn_backend)
-        self.num_kv_blocks = self._cache_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
-        self.block_manager = BlockManager(self.num_kv_blocks, block_size, prefix_caching=enable_prefix_caching)
+        self.fixed_kv_blocks = self._fixed_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
+        if kv_cache_memory_fraction is None:
+            kv_cache_memory_fraction = DEFAULT_MEMORY_FRACTION["cuda" if a.device.type == "cuda" else "cpu"]
+        self.kv_cache_memory_fraction = kv_cache_memory_fraction
+        # Blocks of the cache as allocated now (None: sized by need, not allocated yet).
+        self.num_kv_blocks: int | None = self.fixed_kv_blocks
+        self.block_manager = BlockManager(self.num_kv_blocks or 1, block_size, prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
         self.kv_cache: torch.Tensor | None = None
         self.stats = EngineStats()
@@ -102,7 +115,8 @@ class Engine:
         a = self.adapter
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * a.dtype.itemsize
 
-    def _cache_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int:
+    def _fixed_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int | None:
+        """The fixed cache size in blocks, or None when it follows need (the arguments checked)."""
         given = [n for n, v in (("num_kv_blocks", num_kv_blocks), ("kv_cache_tokens", kv_cache_tokens),
                                 ("kv_cache_memory_fraction", fraction)) if v is not None]  # fmt: skip
         if len(given) > 1:
@@ -117,30 +131,66 @@ class Engine:
             if not (isinstance(kv_cache_tokens, int) and kv_cache_tokens >= 1):
                 raise ValueError(f"kv_cache_tokens must be an integer >= 1, got {kv_cache_tokens!r}")
             return -(-kv_cache_tokens // self.block_size)
-        device = self.adapter.device
-        if fraction is None:
-            fraction = DEFAULT_MEMORY_FRACTION["cuda" if device.type == "cuda" else "cpu"]
-        if not (0 < fraction <= 1):
+        if fraction is not None and not (0 < fraction <= 1):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available_bytes()
-        blocks = int(free * fraction) // self.block_bytes
+        return None
+
+    def max_kv_blocks(self) -> int:
+        """The most blocks the cache may have now: the fixed size, else the memory fraction of what is free (the
+        current cache counted as free, since growing it replaces it)."""
+        if self.fixed_kv_blocks is not None:
+            return self.fixed_kv_blocks
+        device = self.adapter.device
+        if device.type == "cuda":  # memory the caching allocator holds unused is as good as free
+            free = torch.cuda.mem_get_info(device)[0]
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        else:
+            free = _mem_available_bytes()
+        if self.kv_cache is not None:
+            free += self.kv_cache.numel() * self.kv_cache.element_size()
+        blocks = int(free * self.kv_cache_memory_fraction) // self.block_bytes
         if blocks < 1:
-            raise ValueError(f"kv_cache_memory_fraction={fraction} of {free} free bytes holds no KV block")
+            raise ValueError(
+                f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} of {free} free bytes holds no KV block"
+            )
         return blocks
 
-    def _ensure_cache(self) -> torch.Tensor:
-        if self.kv_cache is None:
+    def _blocks_needed(self, seqs: list[Sequence]) -> int:
+        """Blocks for every sequence at its maximum length with nothing shared: enough never to preempt."""
+        bs, max_len, total = self.block_size, self.adapter.max_length, 0
+        for seq in seqs:
+            if seq.prefill_only:
+                total += -(-len(seq) // bs)
+            else:
+                total += seq.params.n * -(-min(len(seq) + seq.params.max_new_tokens, max_len) // bs)
+        return total
+
+    def _ensure_cache(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Allocate the cache if there is none, or grow it when `seqs` need more and the cap allows (nothing is
+        running between calls, so only the prefix cache is lost)."""
+        if self.fixed_kv_blocks is not None:
+            blocks = self.fixed_kv_blocks
+        else:
+            need = 1 << max(self._blocks_needed(seqs) - 1, 0).bit_length()  # the next power of two
+            if self.kv_cache is not None and need <= self.num_kv_blocks:
+                return self.kv_cache
+            blocks = min(need, self.max_kv_blocks())
+        if self.kv_cache is None or blocks > self.num_kv_blocks:
             a = self.adapter
-            shape = (2, a.num_layers, self.num_kv_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            self.kv_cache = None  # release the old cache before allocating the new one
+            shape = (2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim)
             # empty, not zeros: no page is touched before it is used (zeros would write the whole cache up front).
             # Never-written slots are never read: the Triton kernels mask them and the PyTorch path pads with a
             # real key (tests fill unused slots with NaN to check this).
             self.kv_cache = torch.empty(shape, dtype=a.dtype, device=a.device)
+            self.num_kv_blocks = blocks
+            self.block_manager.reset(blocks)
         return self.kv_cache
 
     def free_kv_cache(self) -> None:
         """Release the KV cache memory (and forget the prefix cache); it is allocated again on the next call."""
         self.kv_cache = None
+        self.num_kv_blocks = self.fixed_kv_blocks
         self.block_manager.reset()
 
     def reset_stats(self) -> None:
@@ -163,10 +213,10 @@ class Engine:
         SamplingParams for all prompts or one per prompt. progress=True prints a status line to stderr every ~5 s.
         """
         plist = self._params_list(prompts, params)
-        seqs = []
+        seqs, most = [], self.max_kv_blocks()
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             ids, mm = self._normalize(i, prompt)
-            self._check_fits(i, len(ids), p)
+            self._check_fits(i, len(ids), p, most)
             seq = Sequence(self._new_id(), ids, p, request_index=i, mm=mm)
             seq.generator = self._generator(p, i, 0)
             seqs.append(seq)
@@ -178,23 +228,57 @@ class Engine:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def prefill(self, prompts: SequenceABC, *, progress: bool = False) -> torch.Tensor:
+    def prefill(
+        self, prompts: SequenceABC, *, progress: bool = False, shared_prefix: SequenceABC[int] | None = None
+    ) -> torch.Tensor:
         """Hidden states (after the final norm) at the last position of every prompt: [P, H] in the model's dtype.
 
         Prefill only, no sampling: the reward reader's path. Prompts sharing a prefix (a caption followed by
         different questions) compute it once; `stats.cached_tokens` counts what came from the cache.
+
+        shared_prefix: token ids the prompts start with (the reward's few-shot header). The call first forgets every
+        cached prefix except this one's full blocks, and computes those alone (a prefill of their own) whenever they
+        are not all cached. The result then depends on the prompts only, not on what earlier calls left in the
+        cache (a resumed training run reproduces it bit for bit), and the prefix is computed once per cache instead
+        of once per call. Ignored with prefix caching off.
         """
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of prompts")
-        seqs = []
+        seqs, most = [], self.max_kv_blocks()
         for i, prompt in enumerate(prompts):
             ids, mm = self._normalize(i, prompt)
-            self._check_fits(i, len(ids), None)
+            self._check_fits(i, len(ids), None, most)
             seqs.append(Sequence(self._new_id(), ids, SamplingParams(), request_index=i, mm=mm, prefill_only=True))
+        if shared_prefix is not None and self.block_manager.prefix_caching:
+            self._keep_only_prefix(self._check_prefix(shared_prefix), seqs)
         self._run(seqs, progress=progress, total=len(seqs))
         self._done = []
         hidden = torch.stack([self._hidden.pop(i) for i in range(len(prompts))])
         return hidden
+
+    def _check_prefix(self, prefix) -> list[int]:
+        if not isinstance(prefix, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in prefix):
+            raise ValueError("shared_prefix must be a list of token ids (ints)")
+        if any(not 0 <= t < self.adapter.vocab_size for t in prefix):
+            raise ValueError(f"shared_prefix: token ids must be in [0, {self.adapter.vocab_size})")
+        return [int(t) for t in prefix]
+
+    def _keep_only_prefix(self, prefix: list[int], seqs: list[Sequence]) -> None:
+        """The prefix cache afterwards holds `prefix`'s full blocks and nothing else, computed by a prefill of the
+        prefix alone (now, or by an earlier call)."""
+        self._ensure_cache(seqs)  # sized for the whole call first: growing it later would drop the prefix again
+        bm, num_full = self.block_manager, len(prefix) // self.block_size
+        blocks = bm.cached_prefix_blocks(prefix)
+        if len(blocks) < num_full:
+            bm.reset()  # partly cached is not enough: its K/V must come from the same computation every time
+            before = self.stats.prefill_tokens
+            self._run([Sequence(self._new_id(), prefix, SamplingParams(), request_index=-1, prefill_only=True)],
+                      progress=False, total=1)  # fmt: skip
+            self._hidden.pop(-1)
+            self._done = []
+            self.stats.shared_prefix_tokens += self.stats.prefill_tokens - before
+            blocks = bm.cached_prefix_blocks(prefix)
+        bm.forget_cached(keep=blocks)
 
     # --- input checks -------------------------------------------------------------------------------------------
 
@@ -228,9 +312,14 @@ class Engine:
         elif isinstance(prompt, torch.Tensor):
             ids_t = prompt
         elif isinstance(prompt, (list, tuple)):
-            if not all(isinstance(t, (int, np.integer)) for t in prompt):
+            # torch.tensor infers the dtype in C: a per-token isinstance check cost ~50 ms per training step on the
+            # reader's ~25k prompt tokens (profiled on the 2-core CPU).
+            try:
+                ids_t = torch.tensor(prompt) if prompt else torch.zeros(0, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                ids_t = None
+            if ids_t is None or ids_t.dtype not in _INT_DTYPES:
                 raise ValueError(f"{name}: a list prompt must hold token ids (ints)")
-            ids_t = torch.tensor(prompt, dtype=torch.long)
         else:
             raise ValueError(
                 f"{name}: expected a list of token ids, a 1-D tensor or a dict; got {type(prompt).__name__}"
@@ -249,7 +338,8 @@ class Engine:
             mm = self.adapter.multimodal_prompt(index, ids_t, prompt)
         return ids_t.tolist(), mm
 
-    def _check_fits(self, index: int, length: int, params: SamplingParams | None) -> None:
+    def _check_fits(self, index: int, length: int, params: SamplingParams | None, most: int) -> None:
+        """ValueError unless prompts[index] could run alone in a cache of `most` blocks."""
         name, bs = f"prompts[{index}]", self.block_size
         max_len = self.adapter.max_length
         if params is None:
@@ -263,11 +353,11 @@ class Engine:
             total = min(length + params.max_new_tokens, max_len)
             reserve = params.n - 1 if length % bs else 0
             need = max(-(-total // bs), -(-length // bs) + reserve)
-        if need > self.num_kv_blocks:
+        if need > most:
             raise ValueError(
                 f"{name} needs {need} KV blocks of {bs} tokens (prompt {length} tokens"
                 + (f" + max_new_tokens {params.max_new_tokens}, n={params.n}" if params else "")
-                + f"), more than the whole KV cache ({self.num_kv_blocks} blocks); give a larger kv cache"
+                + f"), more than the whole KV cache can hold ({most} blocks); give a larger kv cache"
             )
 
     def _new_id(self) -> int:
@@ -283,7 +373,7 @@ class Engine:
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def _run(self, seqs: list[Sequence], *, progress: bool, total: int) -> None:
-        self._ensure_cache()
+        self._ensure_cache(seqs)
         preemptions_before = self.scheduler.num_preemptions
         for seq in seqs:
             self.scheduler.add(seq)
@@ -354,16 +444,14 @@ class Engine:
         logits = self.adapter.logits(hidden)  # [S, V] fp32
         params = [s.params for s in seqs]
         temperature = torch.tensor([p.temperature for p in params], device=device)
-        # The policy's own distribution (before bans, top-k, top-p), as the trainer's fused log-prob computes it.
-        scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]  # [S, V]
-        policy_lse = torch.logsumexp(scaled, dim=-1)  # [S]
-        for row, p in enumerate(params):
-            if p.banned_token_ids:
-                logits[row, list(p.banned_token_ids)] = float("-inf")
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        tokens, logprobs = sample(logits, temperature, top_k, top_p, [s.generator for s in seqs])
-        policy_logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - policy_lse  # [S]
+        banned = [p.banned_token_ids for p in params]
+        # policy_logprobs: the policy's own distribution (before bans, top-k, top-p), as the trainer's fused
+        # log-prob computes it; logprobs: the distribution the token was drawn from.
+        tokens, logprobs, policy_logprobs = sample_with_policy(
+            logits, temperature, top_k, top_p, [s.generator for s in seqs], banned
+        )
         self.stats.sampled_tokens += len(seqs)
         max_len = self.adapter.max_length
         for seq, token, logprob, policy_logprob in zip(seqs, tokens.tolist(), logprobs.tolist(),

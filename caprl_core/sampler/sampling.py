@@ -46,22 +46,99 @@ def sample(
     Rows with temperature 0 are greedy and report the plain log-softmax of their token. generators[b] (or the
     device's global generator when None) supplies row b's randomness.
     """
-    logits = logits.float()
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    greedy = (temperature == 0).nonzero().squeeze(1)
-    if greedy.numel():
-        best = logits[greedy].argmax(-1)
-        tokens[greedy] = best
-        logprobs[greedy] = logits[greedy].log_softmax(-1).gather(1, best[:, None]).squeeze(1)
-    rows = (temperature > 0).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return tokens, logprobs
-    logp = filtered_logprobs(logits[rows], temperature[rows], top_k[rows], top_p[rows])  # [S, V]
-    drawn = _inverse_cdf_draw(logp.exp(), _uniforms([generators[r] for r in rows.tolist()], logits.device))
-    tokens[rows] = drawn
-    logprobs[rows] = logp.gather(1, drawn[:, None]).squeeze(1)
+    tokens, logprobs, _ = sample_with_policy(logits, temperature, top_k, top_p, generators)
     return tokens, logprobs
+
+
+def sample_with_policy(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+    banned_token_ids: list[tuple[int, ...]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample` with banned tokens per row (never drawn), also returning each drawn token's log-prob under the
+    policy: log_softmax(logits / T) over the whole vocabulary before bans, top-k and top-p (T = 1 for greedy rows).
+
+    Rows without top-k / top-p (the common case) take a short path over the whole [B, V] tensor: one division, one
+    log-sum-exp, one exp, one cumulative sum (and one sum when a row bans tokens), instead of a log-softmax of a
+    copy per distribution. Decode step of a 4-layer, hidden-256, V = 32,000 Qwen2 at 128 sequences (1 thread, the
+    shared 2-core CPU, medians): sampling's work beyond the lm_head went from 91 ms to 40 ms, the step from 242 ms
+    to 144 ms (issue 15).
+    """
+    num_rows, vocab = logits.shape
+    t = torch.where(temperature > 0, temperature, 1.0)
+    x = logits.float() / t[:, None]  # [B, V]: a new tensor, logits stay untouched
+    # log-sum-exp by hand, keeping exp(x - max) for the draw: torch.logsumexp makes its own exp pass (measured
+    # 74-172 ms at B = 128, V = 32,000 on the loaded 2-core CPU, against 44 ms for one exp).
+    row_max = x.amax(dim=-1)  # [B]
+    unnormalised = x.sub(row_max[:, None]).exp_()  # [B, V]
+    policy_lse = row_max + unnormalised.sum(-1).log()  # [B]
+    has_bans = any(banned_token_ids or ())
+    for row, banned in enumerate(banned_token_ids or ()):
+        if banned:
+            x[row, list(banned)] = float("-inf")
+            unnormalised[row, list(banned)] = 0.0
+    tokens = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
+    greedy = temperature == 0
+    plain = ~greedy & ((top_k <= 0) | (top_k >= vocab)) & (top_p >= 1)  # [B] no filter beyond the bans
+    kinds = torch.stack([greedy, plain]).tolist()  # one host read of the row kinds
+    greedy_rows = [b for b in range(num_rows) if kinds[0][b]]
+    sampled_rows = [b for b in range(num_rows) if not kinds[0][b]]
+    if greedy_rows:
+        g = torch.tensor(greedy_rows, device=logits.device)
+        best = x[g].argmax(-1)
+        tokens[g] = best
+        logprobs[g] = x[g].log_softmax(-1).gather(1, best[:, None]).squeeze(1)
+    if sampled_rows:
+        # One uniform per sampled row, in row order: the same streams whatever path a row takes.
+        u = _uniforms([generators[b] for b in sampled_rows], logits.device)
+        plain_rows = [i for i, b in enumerate(sampled_rows) if kinds[1][b]]
+        if len(plain_rows) == num_rows:  # no indexing copies in the common case
+            _draw_plain(x, unnormalised, row_max, policy_lse, u, has_bans, tokens, logprobs)
+        else:
+            rest = (top_k, top_p, has_bans, tokens, logprobs)
+            _draw_rows(x, unnormalised, row_max, policy_lse, u, sampled_rows, plain_rows, *rest)
+    # A drawn token is never banned, so x still holds its scaled logit.
+    policy_logprobs = x.gather(1, tokens[:, None]).squeeze(1) - policy_lse  # [B]
+    return tokens, logprobs, policy_logprobs
+
+
+def _draw_plain(x, unnormalised, row_max, policy_lse, u, has_bans, tokens, logprobs) -> None:
+    """Rows of x [R, V] (scaled, bans at -inf, no other filter) with exp(x - row_max) [R, V] (bans at 0): tokens
+    and their log-probs, written in place."""
+    drawn = _inverse_cdf_draw(unnormalised, u)
+    # The sampling distribution's normaliser: the policy's less the banned mass (an exact sum, not the cdf's end).
+    lse = row_max + unnormalised.sum(-1).log() if has_bans else policy_lse
+    tokens.copy_(drawn)
+    logprobs.copy_(x.gather(1, drawn[:, None]).squeeze(1) - lse)
+
+
+def _draw_rows(x, unnormalised, row_max, policy_lse, u, sampled_rows, plain_rows, top_k, top_p, has_bans, tokens,
+               logprobs) -> None:  # fmt: skip
+    """Mixed batches: plain rows as in `_draw_plain`, top-k / top-p rows through `filtered_logprobs`."""
+    device = x.device
+    plain_set = set(plain_rows)
+    filtered_rows = [i for i in range(len(sampled_rows)) if i not in plain_set]
+    for subset, is_plain in ((plain_rows, True), (filtered_rows, False)):
+        if not subset:
+            continue
+        rows = torch.tensor([sampled_rows[i] for i in subset], device=device)
+        xs, us = x[rows], u[torch.tensor(subset, device=device)]
+        sub_tokens = torch.empty(len(subset), dtype=torch.long, device=device)
+        sub_logprobs = torch.empty(len(subset), dtype=torch.float32, device=device)
+        if is_plain:
+            _draw_plain(xs, unnormalised[rows], row_max[rows], policy_lse[rows], us, has_bans, sub_tokens,
+                        sub_logprobs)  # fmt: skip
+        else:
+            ones = torch.ones(len(subset), device=device)
+            logp = filtered_logprobs(xs, ones, top_k[rows], top_p[rows])  # [R, V]; x is already scaled
+            sub_tokens = _inverse_cdf_draw(logp.exp(), us)
+            sub_logprobs = logp.gather(1, sub_tokens[:, None]).squeeze(1)
+        tokens[rows] = sub_tokens
+        logprobs[rows] = sub_logprobs
 
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
@@ -85,4 +162,6 @@ def _inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     index = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
     # u * total can round up to total itself (~2**-24): fall back to the most likely token rather than a filtered one.
     hit = probs.gather(1, index[:, None]).squeeze(1) > 0
+    if bool(hit.all()):  # the usual case: skip the argmax pass over [S, V]
+        return index
     return torch.where(hit, index, probs.argmax(-1))
