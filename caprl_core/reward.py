@@ -92,6 +92,42 @@ Now the real task.
 """
 DEFAULT_TEMPLATE = PromptTemplate(header=DEFAULT_HEADER)
 CANNOT_ANSWER = "The question cannot be answered from the caption."
+# A reader directory may carry the prompt it was trained with (the miniature world's reader does): a JSON object of
+# PromptTemplate fields; the ones it leaves out keep their defaults.
+PROMPT_FILE = "caprl_prompt.json"
+
+
+def save_prompt_template(template: PromptTemplate, directory) -> None:
+    """Write `template` as directory/caprl_prompt.json."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    (Path(directory) / PROMPT_FILE).write_text(json.dumps(asdict(template), indent=2) + "\n")
+
+
+def load_prompt_template(directory) -> PromptTemplate | None:
+    """The template in directory/caprl_prompt.json, or None when there is none. ValueError naming the file when it is
+    not a JSON object of PromptTemplate's string fields (or misses a placeholder)."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    path = Path(directory) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    names = {f.name for f in fields(PromptTemplate)}
+    if not isinstance(raw, dict) or not set(raw) <= names or not all(isinstance(v, str) for v in raw.values()):
+        raise ValueError(f"{path}: expected a JSON object of strings with keys among {sorted(names)}")
+    raw.setdefault("header", DEFAULT_HEADER)
+    try:
+        return PromptTemplate(**raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -160,13 +196,15 @@ class RewardDetails:
 
 @dataclass
 class _Draws:
-    """The reader prompts of one call: ids [P] lists, answers [P], options per prompt [P], and bookkeeping."""
+    """The reader prompts of one call: ids [P] lists, answers [P], options per prompt [P], and bookkeeping.
+    orders[p][i] is the question option shown as letter i of prompt p (the "cannot answer" letter follows them)."""
 
     prompts: list[list[int]]
     answers: list[int]
     num_options: list[int]
     caption_index: list[int]
     question_index: list[int]
+    orders: list[list[int]]
 
 
 class CapRLReward:
@@ -242,18 +280,21 @@ class CapRLReward:
         answer = int(np.nonzero(order == mcq.answer)[0][0])
         return t.question.format(question=mcq.question, options=options), answer
 
-    def _draw(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], step: int) -> _Draws:
+    def _draw(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], step: int,
+              draw_keys: Sequence[int] | None) -> _Draws:  # fmt: skip
         cfg = self.config
-        draws = _Draws([], [], [], [], [])
+        draws = _Draws([], [], [], [], [], [])
         cue = self._after + cfg.template.answer_cue
         for c, (caption, mcqs) in enumerate(zip(captions, questions, strict=True)):
-            rng = np.random.default_rng([cfg.seed, step, c])
+            rng = np.random.default_rng([cfg.seed, step, c if draw_keys is None else int(draw_keys[c])])
             caption_ids = self._encode(cfg.template.caption.format(caption=caption))
             for q in rng.integers(0, len(mcqs), size=cfg.num_draws).tolist():
                 mcq = mcqs[q]
-                text, answer = self._question_text(mcq, rng.permutation(len(mcq.options)))
+                order = rng.permutation(len(mcq.options))
+                text, answer = self._question_text(mcq, order)
                 draws.prompts.append(self._header_ids + caption_ids + self._encode(text + cue))
                 draws.answers.append(answer)
+                draws.orders.append(order.tolist())
                 draws.num_options.append(len(mcq.options) + int(cfg.cannot_answer))
                 draws.caption_index.append(c)
                 draws.question_index.append(q)
@@ -280,17 +321,25 @@ class CapRLReward:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    def reader_prompts(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int) -> _Draws:
+    def reader_prompts(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int,
+                       draw_keys: Sequence[int] | None = None) -> _Draws:  # fmt: skip
         """The prompts `score` would build (token ids), with their answers and option counts: for tests and tools."""
         self._check(captions, questions)
-        return self._draw(captions, questions, step)
+        if draw_keys is not None and len(draw_keys) != len(captions):
+            raise ValueError(f"draw_keys: expected one key per caption ({len(captions)}), got {len(draw_keys)}")
+        return self._draw(captions, questions, step, draw_keys)
 
     def score(
-        self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None
-    ) -> tuple[torch.Tensor, RewardDetails]:
-        """Rewards [C] (fp32, on the reader's device) of the captions, and per-draw details."""
+        self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None,
+        draw_keys: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, RewardDetails]:  # fmt: skip
+        """Rewards [C] (fp32, on the reader's device) of the captions, and per-draw details.
+
+        draw_keys: one int per caption; captions with the same key (and the same question pool) get the same draws
+        and option shuffles, e.g. the image index for all G captions of an image, so that their rewards differ by
+        the captions only. None: each caption draws on its own (keyed by its index)."""
         step = self._next_step(step)
-        draws = self.reader_prompts(captions, questions, step=step)
+        draws = self.reader_prompts(captions, questions, step=step, draw_keys=draw_keys)
         stats = self.engine.stats
         before = stats.prefill_tokens - stats.shared_prefix_tokens
         hidden = self.engine.prefill(draws.prompts, shared_prefix=self._header_ids)  # [P, H]
