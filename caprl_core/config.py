@@ -58,6 +58,12 @@ class RewardSection:
     length_weight: float = 0.0  # weight of the caption-length term (0 = off): 1 up to length_l1, 0 from length_l2
     length_l1: int = 400
     length_l2: int = 600
+    # The same question draws and option shuffles for all G captions of an image (their rewards then differ by the
+    # captions only), instead of draws of their own.
+    shared_draws: bool = False
+    # A control, not for training: rewards shuffled across the batch's captions before the advantages, so that any
+    # gain of such a run is not the reward's doing.
+    shuffle_rewards: bool = False
 
 
 @dataclass
@@ -240,8 +246,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         if text is not None:
             values[name] = _parse_value(name, text)
     config = TrainConfig()
-    tiny = values.get("policy") is None
-    if tiny:
+    if values.get("policy") is None:
         for name, value in TINY_DEFAULTS.items():
             _set(config, name, value)
     for name, value in values.items():

@@ -18,6 +18,9 @@ Reported (summary.json, and printed):
 - mean_p_correct: the same average of the reader's probability of the right option (the soft score).
 - mean_caption_tokens: generated tokens per caption, a final stop token not counted.
 - train_reward: the training reward (num_draws random draws per caption, hard), for comparison; --num-draws 0 skips.
+- fact_precision, fact_recall: when every image's reference caption is a complete caption of the miniature world's
+  grammar (`caprl_core.world.grammar`), the share of the captions' claims that are true and of the images' facts
+  that the captions state, micro-averaged over all captions (None otherwise).
 details.jsonl holds one line per image: captions, per-caption accuracy and per-question correctness.
 """
 
@@ -40,6 +43,7 @@ from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, lo
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
+from caprl_core.world.grammar import caption_fact_counts
 
 # On CPU the engine's default cache is 10% of MemAvailable: gigabytes of address space for a tiny model. 32k
 # tokens hold a batch of 16 images x 4 captions x (prompt + 128 new tokens) of the tiny policy without preemption
@@ -48,8 +52,10 @@ CPU_KV_CACHE_TOKENS = 1 << 15
 # The tiny models' matmuls are too small to gain much from threads, and on a busy 2-core machine OpenMP's barriers
 # wait on a descheduled thread. Measured on the 2-core dev machine, no-argument run (time inside main): quiet, 4.1 s
 # with 2 threads and 5.4 s with 1; with another process holding a core, 32.6 s with 2 threads and 4.8 s with 1 (16
-# images). So the tiny-model path runs on one thread (restored afterwards); real checkpoints keep torch's setting.
+# images). So small models (the world's, under SMALL_MODEL_PARAMETERS) run on one thread (restored afterwards); real
+# checkpoints keep torch's setting.
 TINY_MODEL_THREADS = 1
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 
 @dataclass(slots=True)
@@ -84,7 +90,7 @@ class CaptionEvaluator:
     """Captions images with the policy and scores every question of each image from each caption with the reader."""
 
     def __init__(self, policy, prompter: PolicyPrompter, reader, reader_tokenizer, config: EvalConfig, *,
-                 max_options: int = MAX_OPTIONS + 1) -> None:  # fmt: skip
+                 max_options: int = MAX_OPTIONS + 1, template=None) -> None:  # fmt: skip
         self.config = config
         self.prompter = prompter
         cpu = next(policy.parameters()).device.type == "cpu"
@@ -95,7 +101,8 @@ class CaptionEvaluator:
                                      stop_token_ids=_stop_ids(policy, prompter.tokenizer))  # fmt: skip
         reader_cpu = next(reader.parameters()).device.type == "cpu"
         reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
-        base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options)
+        base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options,
+                            **({"template": template} if template is not None else {}))  # fmt: skip
         self.every_question = CapRLReward(reader, reader_tokenizer, base, engine=reader_engine)
         self.train_reward = None
         if config.num_draws:
@@ -161,6 +168,9 @@ class CaptionEvaluator:
             "correct": correct,  # [k][questions]: 1 when the reader answered that question right from that caption
             "questions": [mcq.question for mcq in ex.questions],
         }  # fmt: skip
+        facts = caption_fact_counts(captions, [ex.caption] * len(captions))
+        if facts is not None:
+            row["facts"] = list(facts)  # summed over the k captions: true claims, claims, facts stated, facts
         if train is not None:
             row["train_reward"] = train
         return row
@@ -195,6 +205,11 @@ def summarize(rows: list[dict]) -> dict:
     }
     if all("train_reward" in r for r in rows):
         summary["train_reward"] = float(np.mean([np.mean(r["train_reward"]) for r in rows]))
+    summary["fact_precision"] = summary["fact_recall"] = None
+    if all("facts" in r for r in rows):
+        true, claims, stated, facts = np.sum([r["facts"] for r in rows], axis=0).tolist()
+        summary["fact_precision"] = true / claims if claims else None
+        summary["fact_recall"] = stated / facts
     return summary
 
 
@@ -225,9 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
     p = argparse.ArgumentParser(prog="python -m caprl_core.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--policy", type=Path, help="local Hugging Face directory of the VL policy (default: tiny random)")
-    p.add_argument("--reader", type=Path, help="local Hugging Face directory of the reader LLM (default: tiny random)")
-    p.add_argument("--data", type=Path, help="dataset JSONL (default: 32 synthetic images in a temp dir)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        help="local Hugging Face directory of the VL policy (default: the world's shipped start policy)",
+    )
+    p.add_argument(
+        "--reader",
+        type=Path,
+        help="local Hugging Face directory of the reader LLM (default: the world's shipped reader)",
+    )
+    p.add_argument("--data", type=Path, help="dataset JSONL (default: the world's 64 held-out images, in a temp dir)")
     p.add_argument("--k", type=int, default=d.k, help="captions per image")
     p.add_argument("--num-draws", type=int, default=d.num_draws, help="draws per caption of the training reward")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="caption length cap")
@@ -291,14 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     models = _models(parser, args)
     prompter = PolicyPrompter(models.tokenizer, models.image_processor)
-    threads = TINY_MODEL_THREADS if models.builtin else None
+    size = sum(p.numel() for m in (models.policy, models.reader) for p in m.parameters())
+    threads = TINY_MODEL_THREADS if size < SMALL_MODEL_PARAMETERS else None
     with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
         data = args.data or make_synthetic_dataset(tmp, seed=args.seed)
         examples, skipped = _examples(parser, data, config.limit)
         # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
         evaluator = CaptionEvaluator(models.policy, prompter, models.reader, models.reader_tokenizer, config,
-                                     max_options=max_options + 1)  # fmt: skip
+                                     max_options=max_options + 1, template=models.reader_template)  # fmt: skip
         out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)
@@ -311,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: summary[k] for k in ("mean_accuracy", "best_of_k", "mean_caption_tokens", "train_reward",
-                                              "num_images", "seconds", "out")}))  # fmt: skip
+                                              "fact_precision", "fact_recall", "num_images", "seconds",
+                                              "out")}))  # fmt: skip
     return summary
 
 

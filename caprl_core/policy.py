@@ -275,6 +275,7 @@ class Models:
     reader_tokenizer: object
     builtin: bool
     chat_template_files: ChatTemplateFiles = field(default_factory=ChatTemplateFiles)
+    reader_template: object = None  # the reader directory's reward prompt (reward.PromptTemplate), if it has one
 
     @property
     def processors(self) -> list:
@@ -288,7 +289,8 @@ def load_models(
     """The one rule of `train` and `eval` for which models to use: both directories given, both are loaded; neither
     given, the built-in tiny pair (`tiny_policy_and_reader(seed)`); one without the other is an error naming the
     missing flag (a random tiny reader gives a real policy a meaningless reward, and a random tiny policy gives a
-    real reader nothing to read). dtype None: bf16 on CUDA, fp32 elsewhere, for the tiny models too.
+    real reader nothing to read). dtype None: bf16 on CUDA, fp32 elsewhere, for the tiny models too. A reader
+    directory with a caprl_prompt.json gives its prompt (`Models.reader_template`).
     Raises ModelLoadError (a ValueError) with a one-line message naming the flag and the path."""
     if (policy is None) != (reader is None):
         given, missing = ("--policy", "--reader") if reader is None else ("--reader", "--policy")
@@ -301,8 +303,14 @@ def load_models(
                       tokenizer, builtin=True)  # fmt: skip
     policy_model, tokenizer, image_processor = load_policy(policy, dtype=dtype, device=device, what="--policy")
     reader_model, reader_tokenizer = load_reader(reader, dtype=dtype, device=device, what="--reader")
+    from caprl_core.reward import load_prompt_template
+
+    try:
+        template = load_prompt_template(reader)
+    except ValueError as e:
+        raise ModelLoadError(f"--reader {e}") from e
     return Models(policy_model, tokenizer, image_processor, reader_model, reader_tokenizer, builtin=False,
-                  chat_template_files=ChatTemplateFiles(policy))  # fmt: skip
+                  chat_template_files=ChatTemplateFiles(policy), reader_template=template)  # fmt: skip
 
 
 def tiny_policy_and_reader(seed: int = 0):

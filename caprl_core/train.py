@@ -39,6 +39,7 @@ from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
+from caprl_core.world.grammar import caption_fact_counts
 
 # Metrics that depend on the machine's speed, not on the run: excluded when comparing runs.
 TIMING_KEYS = (
@@ -140,11 +141,12 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     """(rewards [B*G, R] per component, advantages [B*G], metrics). Component 0 is the reader's accuracy."""
     g, G = config.reward, config.rollout.group_size
     questions = [list(ex.questions) for ex in examples for _ in range(G)]
+    keys = [i // G for i in range(len(questions))] if g.shared_draws else None
     # `score` keeps only the reader's few-shot header cached between calls, always computed alone (Engine.prefill's
     # shared_prefix), so the numbers depend on this step's captions only (bit-exact resume). The whole cache is
     # released right after scoring anyway: the policy's backward pass needs that memory more than the header's few
     # hundred tokens need caching (update-phase peak 713 MB released vs 1308 MB kept, bench_train, 3B-shaped reader).
-    accuracy, details = reward.score(ro.captions, questions, step=step)
+    accuracy, details = reward.score(ro.captions, questions, step=step, draw_keys=keys)
     reward.engine.free_kv_cache()
     columns, weights = [accuracy.float().cpu()], [1.0]
     lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
@@ -152,8 +154,11 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
         columns.append(grpo.caption_length_reward(lengths, g.length_l1, g.length_l2))
         weights.append(g.length_weight)
     rewards = torch.stack(columns, dim=1)  # [N, R]
+    signal = rewards
+    if g.shuffle_rewards:  # the control run: each caption gets another caption's rewards
+        signal = rewards[torch.from_numpy(np.random.default_rng([config.seed, step, 7]).permutation(len(rewards)))]
     advantages = ops.group_advantages(
-        rewards if len(columns) > 1 else rewards[:, 0], group_size=G, method=g.advantage, scale=g.scale,
+        signal if len(columns) > 1 else signal[:, 0], group_size=G, method=g.advantage, scale=g.scale,
         weights=torch.tensor(weights) if len(columns) > 1 else None,
     )  # fmt: skip
     total = (rewards * torch.tensor(weights)).sum(1)
@@ -167,7 +172,18 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
         "caption_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
         "reader_tokens_computed": details.computed_tokens, "reader_tokens": details.prompt_tokens,
     }  # fmt: skip
+    metrics.update(_fact_metrics(ro.captions, [ex.caption for ex in examples for _ in range(G)]))
     return rewards, advantages, metrics
+
+
+def _fact_metrics(captions: list[str], references: list[str | None]) -> dict:
+    """fact_precision and fact_recall of the captions (micro-averaged) against the facts of their reference captions,
+    when every reference is a complete caption of the miniature world's grammar; else nothing."""
+    counts = caption_fact_counts(captions, references)
+    if counts is None:
+        return {}
+    true, claims, stated, facts = counts
+    return {"fact_precision": true / claims if claims else float("nan"), "fact_recall": stated / facts}
 
 
 def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch.device):
@@ -438,8 +454,9 @@ def setup(config: TrainConfig) -> Run:
     examples = _load_data(config, output_dir)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
     engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
+    template = {"template": models.reader_template} if models.reader_template is not None else {}
     reward_config = RewardConfig(num_draws=config.reward.num_draws, mode=config.reward.mode, seed=config.seed,
-                                 kv_cache_tokens=config.rollout.reader_kv_cache_tokens)  # fmt: skip
+                                 kv_cache_tokens=config.rollout.reader_kv_cache_tokens, **template)  # fmt: skip
     reward = CapRLReward(reader, reader_tokenizer, reward_config)
     # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision).
     optimizer = MasterWeightOptimizer(

@@ -19,7 +19,8 @@ from caprl_core.policy import PolicyPrompter, tiny_policy_and_reader
 
 NUM_IMAGES, K = 4, 2
 SUMMARY_KEYS = {"num_images", "num_captions", "num_questions", "mean_accuracy", "best_of_k", "mean_p_correct",
-                "mean_caption_tokens", "truncated_fraction", "train_reward", "k", "seconds", "out"}  # fmt: skip
+                "mean_caption_tokens", "truncated_fraction", "train_reward", "k", "seconds", "out", "fact_precision",
+                "fact_recall"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def run(data, tmp_path_factory):
 def test_summary(run):
     summary, _, out = run
     assert SUMMARY_KEYS <= summary.keys()
+    # The synthetic set's reference captions are the world's grammar: its facts are known.
+    assert 0 <= summary["fact_precision"] <= 1 and 0 <= summary["fact_recall"] <= 1
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["num_images"] == NUM_IMAGES and summary["num_captions"] == NUM_IMAGES * K
     for key in ("mean_accuracy", "best_of_k", "mean_p_correct", "train_reward", "truncated_fraction"):
@@ -115,6 +118,27 @@ def test_models_from_directories_match_the_builtin_defaults(run, data, tmp_path,
     rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
     assert rows == run[1]  # same weights, same seeds: the same captions and answers
     assert summary["policy"] == str(tmp_path / "policy")
+
+
+def test_a_reader_directory_gives_its_prompt(data, tmp_path, one_thread):
+    """A reader directory with caprl_prompt.json is prompted with it: the reader's prompts start with its header."""
+    from caprl_core.reward import PromptTemplate, save_prompt_template
+
+    policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
+    for name, model in (("policy", policy), ("reader", reader)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    image_processor.save_pretrained(tmp_path / "policy")
+    header = "Answer from the caption only.\n\n"
+    save_prompt_template(PromptTemplate(header=header), tmp_path / "reader")
+    out = tmp_path / "out"
+    summary = main(_args(data, out, "--policy", str(tmp_path / "policy"), "--reader", str(tmp_path / "reader")))
+    prompts = summary["num_questions"] * K + summary["num_images"] * K * 3  # every question; 3 training draws
+    assert summary["reader_prompt_tokens"] < 200 * prompts  # the default few-shot header alone is 310 tokens
+    from caprl_core.policy import load_models
+
+    models = load_models(tmp_path / "policy", tmp_path / "reader")
+    assert models.reader_template == PromptTemplate(header=header)
 
 
 @pytest.mark.parametrize("flag", ["--data", "--policy", "--reader"])

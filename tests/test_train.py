@@ -125,6 +125,8 @@ def test_short_run_resume_after_sigkill_in_a_checkpoint_write(tmp_path):
             assert math.isfinite(r[key]), (key, r)
     assert (clean / "plot.png").stat().st_size > 1000
     assert (clean / "samples.jsonl").exists()
+    for r in rows:  # the synthetic data's facts are known, so the captions' precision and recall are logged
+        assert 0 <= r["fact_recall"] <= 1 and (math.isnan(r["fact_precision"]) or 0 <= r["fact_precision"] <= 1)
     # The weights moved: the final checkpoint differs from the tiny policy the run started from.
     from safetensors.torch import load_file
 
@@ -182,6 +184,32 @@ def test_reader_without_policy_is_an_error_naming_the_flags_and_makes_no_run_dir
     err = capsys.readouterr().err.strip()
     assert "--policy: needed with --reader" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_control_and_shared_draw_options_are_wired(tmp_path):
+    """--shuffle-rewards feeds each caption another caption's reward (the logged rewards stay the true ones);
+    --shared-draws gives the G captions of an image the same questions."""
+    from caprl_core.train import rewards_and_advantages, setup
+
+    config, _ = parse_config(["--output-dir", str(tmp_path / "run"), "--synthetic-images", "4", "--group-size", "4",
+                              "--images-per-step", "2", "--max-new-tokens", "8", "--shared-draws", "true"])  # fmt: skip
+    run = setup(config)
+    batch = run.examples[:2]
+    from caprl_core.train import rollout
+
+    ro = rollout(run.engine, run.prompter, run.tokenizer, batch, config, 0)
+    seen = []
+    score = run.reward.score
+    run.reward.score = lambda *a, **k: (seen.append(k["draw_keys"]), score(*a, **k))[1]
+    rewards, advantages, _ = rewards_and_advantages(run.reward, ro, batch, config, 0)
+    assert seen == [[0, 0, 0, 0, 1, 1, 1, 1]]
+    config.reward.shuffle_rewards = True
+    shuffled_rewards, shuffled, _ = rewards_and_advantages(run.reward, ro, batch, config, 0)
+    assert torch.equal(rewards, shuffled_rewards)  # what is logged is the truth
+    from caprl_core import ops
+
+    perm = torch.from_numpy(__import__("numpy").random.default_rng([config.seed, 0, 7]).permutation(8))
+    assert torch.allclose(shuffled, ops.group_advantages(rewards[perm, 0], group_size=4))
 
 
 def test_model_load_error_is_one_line_naming_the_flag_and_makes_no_run_dir(tmp_path, capsys):
