@@ -4,7 +4,8 @@
     plot_metrics("runs/x/metrics.jsonl", "runs/x/plot.png")
 
 One small line chart per metric, in a grid: title, axes, the min/max of each axis as tick labels, step on x, a light
-grid. Missing, None or non-finite values are gaps in the line; an isolated point is drawn as a dot.
+grid. The per-step values are drawn light, their running mean (SMOOTHING) dark: per-step rewards are noisy.
+Missing, None or non-finite values are gaps in the line; an isolated point is drawn as a dot.
 """
 
 from __future__ import annotations
@@ -17,8 +18,19 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-DEFAULT_KEYS = ("reward_mean", "accuracy", "caption_length", "kl", "clip_fraction", "grad_norm")
+DEFAULT_KEYS = (
+    "reward_mean",
+    "accuracy",
+    "fact_precision",
+    "fact_recall",
+    "caption_length",
+    "kl",
+    "clip_fraction",
+    "grad_norm",
+)
 _BACKGROUND, _AXIS, _GRID, _TEXT, _LINE = "white", (60, 60, 60), (225, 225, 225), (20, 20, 20), (31, 119, 180)
+_RAW = (170, 200, 230)  # the per-step values, under their running mean
+SMOOTHING = 0.9  # running-mean weight of the past (exponential, bias-corrected); a line per panel
 # Panel margins in pixels: room for the title above, y tick labels left, x tick labels below.
 _TOP, _LEFT, _BOTTOM, _RIGHT = 30, 70, 30, 20
 
@@ -112,13 +124,24 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], key: str, 
     draw.text((left, bottom + 4), _fmt(x_lo), fill=_TEXT, font=font, anchor="la")
     draw.text((right, bottom + 4), _fmt(x_hi), fill=_TEXT, font=font, anchor="ra")
     draw.text(((left + right) / 2, bottom + 4), "step", fill=_AXIS, font=font, anchor="ma")
-    for run in _runs(points):  # each run of consecutive finite values is one polyline
+    runs = _runs(points)  # each run of consecutive finite values is one polyline
+    smoothed = [_smooth(run) for run in runs] if len(finite) > 2 else []
+    for run, colour in [(r, _RAW if smoothed else _LINE) for r in runs] + [(r, _LINE) for r in smoothed]:
         pixels = [to_px(x, y) for x, y in run]
         if len(pixels) == 1:
             (px, py), r = pixels[0], 3
-            draw.ellipse([px - r, py - r, px + r, py + r], fill=_LINE)
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=colour)
         else:
-            draw.line(pixels, fill=_LINE, width=2)
+            draw.line(pixels, fill=colour, width=2)
+
+
+def _smooth(run: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Bias-corrected exponential running mean of a run's values."""
+    out, mean = [], 0.0
+    for i, (x, y) in enumerate(run):
+        mean = SMOOTHING * mean + (1 - SMOOTHING) * y
+        out.append((x, mean / (1 - SMOOTHING ** (i + 1))))
+    return out
 
 
 def _runs(points: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
