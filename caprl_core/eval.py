@@ -21,7 +21,8 @@ Reported (summary.json, and printed):
 - fact_precision, fact_recall: when every image's reference caption is a complete caption of the miniature world's
   grammar (`caprl_core.world.grammar`), the share of the captions' claims that are true and of the images' facts
   that the captions state, micro-averaged over all captions (None otherwise).
-details.jsonl holds one line per image: captions, per-caption accuracy and per-question correctness.
+details.jsonl holds one line per image: captions, per-caption accuracy and per-question correctness; plot.png the
+distribution of per-image accuracy and accuracy against caption length.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.plot import plot_eval
 from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, load_models
 from caprl_core.reward import CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
@@ -52,7 +54,7 @@ CPU_KV_CACHE_TOKENS = 1 << 15
 # The tiny models' matmuls are too small to gain much from threads, and on a busy 2-core machine OpenMP's barriers
 # wait on a descheduled thread. Measured on the 2-core dev machine, no-argument run (time inside main): quiet, 4.1 s
 # with 2 threads and 5.4 s with 1; with another process holding a core, 32.6 s with 2 threads and 4.8 s with 1 (16
-# images). So small models (the world's, under SMALL_MODEL_PARAMETERS) run on one thread (restored afterwards); real
+# images). So small models (under SMALL_MODEL_PARAMETERS) run on one thread (restored afterwards); real
 # checkpoints keep torch's setting.
 TINY_MODEL_THREADS = 1
 SMALL_MODEL_PARAMETERS = 10_000_000
@@ -238,30 +240,52 @@ def evaluate(evaluator: CaptionEvaluator, examples: list[Example], out_dir: Path
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="python -m caprl_core.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument(
-        "--policy",
-        type=Path,
-        help="local Hugging Face directory of the VL policy (default: the world's shipped start policy)",
+    p = argparse.ArgumentParser(prog="python -m caprl_core.eval", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--policy", type=Path, metavar="DIR", help="local Hugging Face directory of the VL policy, e.g. a training "
+        "checkpoint (default: the built-in tiny random model; needs --reader)")  # fmt: skip
+    add("--reader", type=Path, metavar="DIR", help="local Hugging Face directory of the reader LLM (default: the "
+        "built-in tiny random model; needs --policy)")  # fmt: skip
+    add("--data", type=Path, metavar="FILE", help="dataset JSONL (default: 32 synthetic shapes images, in a temp dir)")
+    add("--k", type=int, default=d.k, metavar="INT", help=f"captions per image (default: {d.k})")
+    add(
+        "--num-draws",
+        type=int,
+        default=d.num_draws,
+        metavar="INT",
+        help=f"draws per caption of the training reward, for comparison; 0 skips it (default: {d.num_draws})",
     )
-    p.add_argument(
-        "--reader",
-        type=Path,
-        help="local Hugging Face directory of the reader LLM (default: the world's shipped reader)",
+    add(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        metavar="INT",
+        help=f"caption length cap in tokens (default: {d.max_new_tokens})",
     )
-    p.add_argument("--data", type=Path, help="dataset JSONL (default: the world's 64 held-out images, in a temp dir)")
-    p.add_argument("--k", type=int, default=d.k, help="captions per image")
-    p.add_argument("--num-draws", type=int, default=d.num_draws, help="draws per caption of the training reward")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="caption length cap")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling threshold")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per generate call")
-    p.add_argument("--limit", type=int, default=d.limit, help="evaluate the first N images only")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling, option shuffles and tiny models")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/eval-<timestamp>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="model dtype (auto: bf16 on CUDA, else fp32)")
+    add(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        metavar="FLOAT",
+        help=f"sampling temperature; 0 = greedy (default: {d.temperature})",
+    )
+    add("--top-p", type=float, default=d.top_p, metavar="FLOAT", help=f"nucleus sampling threshold, 1 = off "
+        f"(default: {d.top_p})")  # fmt: skip
+    add(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        metavar="INT",
+        help=f"images per generate call (default: {d.batch_size})",
+    )
+    add("--limit", type=int, default=d.limit, metavar="INT", help="evaluate the first INT images only (default: all)")
+    add("--seed", type=int, default=d.seed, metavar="INT", help=f"seed of sampling, option shuffles and the tiny "
+        f"models (default: {d.seed})")  # fmt: skip
+    add("--out", type=Path, metavar="DIR", help="output directory (default: runs/eval-<date-time>)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    add("--device", default=device, metavar="TEXT", help=f"torch device (default here: {device})")
+    add("--dtype", choices=list(DTYPES), default="auto", help="model dtype; auto = bfloat16 on CUDA, float32 "
+        "elsewhere (default: auto)")  # fmt: skip
     return p
 
 
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)
+        plot_eval(out / "details.jsonl", out / "plot.png")
     summary.update(
         k=config.k, num_draws=config.num_draws, skipped_lines=skipped,
         reader_prompt_tokens=evaluator.reader_prompt_tokens, reader_computed_tokens=evaluator.reader_computed_tokens,

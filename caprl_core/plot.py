@@ -1,11 +1,13 @@
-"""Training curves as a PNG, drawn with Pillow only (no plotting library to install on a training machine).
+"""Training and evaluation figures, drawn with matplotlib (Agg backend: no display needed).
 
-    from caprl_core.plot import plot_metrics
-    plot_metrics("runs/x/metrics.jsonl", "runs/x/plot.png")
+    from caprl_core.plot import plot_metrics, plot_eval
+    plot_metrics("runs/x/metrics.jsonl", "runs/x/plot.png")     # what `python -m caprl_core.train` writes
+    plot_eval("runs/eval/details.jsonl", "runs/eval/plot.png")   # what `python -m caprl_core.eval` writes
 
-One small line chart per metric, in a grid: title, axes, the min/max of each axis as tick labels, step on x, a light
-grid. The per-step values are drawn light, their running mean (SMOOTHING) dark: per-step rewards are noisy.
-Missing, None or non-finite values are gaps in the line; an isolated point is drawn as a dot.
+`plot_metrics` draws one titled panel per metric in a grid: the per-step values as light points and their running
+mean (exponential, bias-corrected: per-step rewards are noisy) as a line, "step" on x and the metric's unit on y.
+Missing, None or non-finite values are gaps; lines cut short by a crash are skipped. `plot_eval` draws the
+distribution of per-image accuracy and accuracy against caption length.
 """
 
 from __future__ import annotations
@@ -16,23 +18,29 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib
 
-DEFAULT_KEYS = (
-    "reward_mean",
-    "accuracy",
-    "fact_precision",
-    "fact_recall",
-    "caption_length",
-    "kl",
-    "clip_fraction",
-    "grad_norm",
-)
-_BACKGROUND, _AXIS, _GRID, _TEXT, _LINE = "white", (60, 60, 60), (225, 225, 225), (20, 20, 20), (31, 119, 180)
-_RAW = (170, 200, 230)  # the per-step values, under their running mean
-SMOOTHING = 0.9  # running-mean weight of the past (exponential, bias-corrected); a line per panel
-# Panel margins in pixels: room for the title above, y tick labels left, x tick labels below.
-_TOP, _LEFT, _BOTTOM, _RIGHT = 30, 70, 30, 20
+matplotlib.use("Agg")  # before pyplot: files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+DEFAULT_KEYS = ("reward_mean", "accuracy", "fact_precision", "fact_recall", "caption_length", "kl", "clip_fraction",
+                "grad_norm")  # fmt: skip
+SMOOTHING = 0.9  # weight of the past in the running mean
+RAW_COLOUR, MEAN_COLOUR = "#9ecae1", "#1f77b4"
+# Panel title and y label per metric; others get their key as title and no unit.
+LABELS = {
+    "reward_mean": ("Reward (mean over captions)", "reward"),
+    "accuracy": ("Reader accuracy", "fraction right"),
+    "fact_precision": ("Fact precision of captions", "true / claimed"),
+    "fact_recall": ("Fact recall of captions", "stated / facts"),
+    "caption_length": ("Caption length", "tokens"),
+    "kl": ("KL to the initial policy (k3)", "nats / token"),
+    "clip_fraction": ("Clipped ratio share", "fraction of tokens"),
+    "grad_norm": ("Gradient norm (before clipping)", "L2 norm"),
+    "entropy": ("Policy entropy", "nats / token"),
+    "loss": ("GRPO loss", "loss"),
+    "lr": ("Learning rate", "lr"),
+}
 
 
 def plot_metrics(
@@ -40,25 +48,77 @@ def plot_metrics(
     size: tuple[int, int] = (1200, 800),
 ) -> Path:  # fmt: skip
     """Draw one panel per key of `keys` that has at least one finite value in `metrics_path` (JSON lines with "step"
-    and numeric fields; unparsable lines, e.g. one cut short by a crash, are skipped). Returns `out_png`."""
-    records = _read_records(Path(metrics_path))
+    and numeric fields; unparsable lines are skipped) into `out_png` (`size` in pixels). Returns `out_png`."""
+    fig = metrics_figure(_read_records(Path(metrics_path)), keys, size=size)
+    fig.suptitle(f"Training: {Path(metrics_path).parent.name or Path(metrics_path).name}")
+    return _save(fig, Path(out_png))
+
+
+def metrics_figure(records: list[dict], keys: Sequence[str] = DEFAULT_KEYS, *, size: tuple[int, int] = (1200, 800)):
+    """The figure of `plot_metrics` from parsed metric records (tests look inside it)."""
     series = {key: _series(records, key) for key in keys}
     series = {key: pts for key, pts in series.items() if any(math.isfinite(y) for _, y in pts)}
-    image = Image.new("RGB", size, _BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    font = _font(14)
-    if not series:
-        draw.text((20, 20), f"no finite values of {', '.join(keys)} in {metrics_path}", fill=_TEXT, font=font)
     cols = min(3, len(series)) or 1
     rows = math.ceil(len(series) / cols) or 1
-    width, height = size[0] // cols, size[1] // rows
-    for i, (key, points) in enumerate(series.items()):
-        x0, y0 = (i % cols) * width, (i // cols) * height
-        _panel(draw, (x0, y0, x0 + width, y0 + height), key, points, font)
-    out = Path(out_png)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] / 100, size[1] / 100), dpi=100, squeeze=False)
+    for ax in axes.flat[len(series) :]:
+        ax.set_axis_off()
+    if not series:
+        axes[0, 0].text(0.5, 0.5, f"no finite values of {', '.join(keys)}", ha="center", va="center",
+                        transform=axes[0, 0].transAxes)  # fmt: skip
+    for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
+        _panel(ax, key, points)
+    return fig
+
+
+def plot_eval(details_path: str | Path, out_png: str | Path) -> Path:
+    """The distribution of per-image mean accuracy, and each caption's accuracy against its length, from an
+    evaluation's details.jsonl. Returns `out_png`."""
+    rows = _read_records(Path(details_path))
+    accuracy = [sum(r["accuracy"]) / len(r["accuracy"]) for r in rows if r.get("accuracy")]
+    pairs = [(t, a) for r in rows for t, a in zip(r.get("caption_tokens", []), r.get("accuracy", []), strict=False)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    left.hist(accuracy, bins=20, range=(0, 1), color=MEAN_COLOUR)
+    left.set(title="Per-image accuracy (mean over captions)", xlabel="fraction of questions right", ylabel="images")
+    if pairs:
+        right.scatter(*zip(*pairs, strict=True), s=8, alpha=0.5, color=MEAN_COLOUR)
+    right.set(title="Caption accuracy against length", xlabel="caption tokens", ylabel="fraction right")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Evaluation: {len(accuracy)} images")
+    return _save(fig, Path(out_png))
+
+
+def _panel(ax, key: str, points: list[tuple[float, float]]) -> None:
+    title, unit = LABELS.get(key, (key, ""))
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    ax.plot(xs, ys, "o", markersize=2.5, color=RAW_COLOUR, label="per step")
+    if sum(math.isfinite(y) for y in ys) > 2:
+        ax.plot(xs, _smooth(ys), color=MEAN_COLOUR, linewidth=1.8, label="running mean")
+        ax.legend(fontsize="x-small", loc="best")
+    ax.set(title=title, xlabel="step", ylabel=unit)
+    ax.grid(alpha=0.3)
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Bias-corrected exponential running mean; NaN where the value is NaN (a gap), restarted after a gap."""
+    out, mean, n = [], 0.0, 0
+    for y in values:
+        if not math.isfinite(y):
+            out.append(math.nan)
+            mean, n = 0.0, 0
+            continue
+        mean, n = SMOOTHING * mean + (1 - SMOOTHING) * y, n + 1
+        out.append(mean / (1 - SMOOTHING**n))
+    return out
+
+
+def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
     os.replace(tmp, out)  # a reader never sees a half-written image
     return out
 
@@ -89,71 +149,3 @@ def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
 def _number(value) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if is_number else math.nan
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
-def _range(values: list[float]) -> tuple[float, float]:
-    lo, hi = min(values), max(values)
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):  # flat or a single point: centre it
-        pad = 0.5 * abs(hi) if hi else 1.0
-        return lo - pad, hi + pad
-    return lo, hi
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], key: str, points, font) -> None:
-    left, top = box[0] + _LEFT, box[1] + _TOP
-    right, bottom = box[2] - _RIGHT, box[3] - _BOTTOM
-    finite = [(x, y) for x, y in points if math.isfinite(y)]
-    (x_lo, x_hi), (y_lo, y_hi) = _range([x for x, _ in points]), _range([y for _, y in finite])
-    to_px = lambda x, y: (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                          bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))  # fmt: skip
-    for k in range(5):  # light grid, 4 intervals each way
-        gx, gy = left + k * (right - left) / 4, top + k * (bottom - top) / 4
-        draw.line([(gx, top), (gx, bottom)], fill=_GRID)
-        draw.line([(left, gy), (right, gy)], fill=_GRID)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=_AXIS, width=1)
-    draw.text(((left + right) / 2, box[1] + 6), key, fill=_TEXT, font=font, anchor="mt")
-    draw.text((left - 6, top), _fmt(y_hi), fill=_TEXT, font=font, anchor="ra")
-    draw.text((left - 6, bottom), _fmt(y_lo), fill=_TEXT, font=font, anchor="rd")
-    draw.text((left, bottom + 4), _fmt(x_lo), fill=_TEXT, font=font, anchor="la")
-    draw.text((right, bottom + 4), _fmt(x_hi), fill=_TEXT, font=font, anchor="ra")
-    draw.text(((left + right) / 2, bottom + 4), "step", fill=_AXIS, font=font, anchor="ma")
-    runs = _runs(points)  # each run of consecutive finite values is one polyline
-    smoothed = [_smooth(run) for run in runs] if len(finite) > 2 else []
-    for run, colour in [(r, _RAW if smoothed else _LINE) for r in runs] + [(r, _LINE) for r in smoothed]:
-        pixels = [to_px(x, y) for x, y in run]
-        if len(pixels) == 1:
-            (px, py), r = pixels[0], 3
-            draw.ellipse([px - r, py - r, px + r, py + r], fill=colour)
-        else:
-            draw.line(pixels, fill=colour, width=2)
-
-
-def _smooth(run: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Bias-corrected exponential running mean of a run's values."""
-    out, mean = [], 0.0
-    for i, (x, y) in enumerate(run):
-        mean = SMOOTHING * mean + (1 - SMOOTHING) * y
-        out.append((x, mean / (1 - SMOOTHING ** (i + 1))))
-    return out
-
-
-def _runs(points: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
-    runs, current = [], []
-    for x, y in points:
-        if math.isfinite(y):
-            current.append((x, y))
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + [current] if current else runs
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
