@@ -353,27 +353,22 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr: step, reward, caption length, tokens/s, ETA."""
+    """The run's progress bar on stderr (tqdm): step, ETA, and the step's reward, accuracy, caption length, tokens/s."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.start, self.enabled, self.t0 = total, start, enabled, time.monotonic()
+        from tqdm import tqdm  # a dependency of transformers
+
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True)  # fmt: skip
 
     def update(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        done = step + 1 - self.start
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / done * (self.total - step - 1)
-        width = 24
-        filled = int(width * (step + 1) / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        print(f"\r[{bar}] step {step + 1}/{self.total} reward {metrics['reward_mean']:.3f} "
-              f"len {metrics['caption_length']:.1f} {metrics['tokens_per_s']:.0f} tok/s eta {eta:.0f}s ",
-              end="", file=sys.stderr, flush=True)  # fmt: skip
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                             len=f"{metrics['caption_length']:.1f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                             refresh=False)  # fmt: skip
+        self.bar.update(1)
 
     def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
+        self.bar.close()
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
