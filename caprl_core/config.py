@@ -119,6 +119,67 @@ TINY_DEFAULTS = {
 }  # fmt: skip
 
 
+# One line per option for --help: what it does. Allowed values are listed where they are a fixed set (CHOICES).
+HELP = {
+    "policy": "local Hugging Face directory of the vision-language policy (e.g. Qwen2.5-VL-3B-Instruct); "
+              "not given: the built-in tiny random model",
+    "reader": "local Hugging Face directory of the reader LLM (e.g. Qwen2.5-3B-Instruct); needed with --policy",
+    "dtype": "compute dtype of both models; auto = bfloat16 on CUDA, float32 on CPU",
+    "device": "torch device; auto = cuda when available, else cpu",
+    "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
+    "data": "dataset JSONL (format: python -m caprl_core.data --help); not given: the synthetic shapes dataset",
+    "on_error": "bad dataset lines: skip them with one warning, or raise listing every one",
+    "synthetic_images": "images of the synthetic dataset (when --data is not given)",
+    "images_per_step": "images per training step (B)",
+    "group_size": "captions sampled per image (G); advantages compare the captions of one image",
+    "max_new_tokens": "caption length cap, in tokens",
+    "temperature": "sampling temperature of the rollout (also used for the trained log-probs)",
+    "top_p": "nucleus sampling threshold of the rollout (1 = off)",
+    "top_k": "top-k sampling of the rollout (0 = off)",
+    "kv_cache_tokens": "the policy sampler's KV cache size in tokens; not given: sized by each rollout's need",
+    "reader_kv_cache_tokens": "the reader's KV cache size in tokens; not given: sized by each step's need",
+    "instruction": "the text after the image in the policy's prompt",
+    "num_draws": "questions drawn per caption (N) for its reward",
+    "mode": "reward per draw: hard = 1 if the reader's best option is right, soft = the probability it gives it",
+    "advantage": "group advantage: grpo = reward minus the group mean, rloo = minus the mean of the others",
+    "scale": "divide advantages by the group's std, the batch's std, or not at all (Dr.GRPO: none)",
+    "length_weight": "weight of the caption-length reward term (0 = off)",
+    "length_l1": "length term: full reward up to this many tokens",
+    "length_l2": "length term: no reward from this many tokens (linear in between)",
+    "shared_draws": "the same question draws and option shuffles for all G captions of an image",
+    "shuffle_rewards": "a control run: train each caption on another caption's reward (logged rewards stay true)",
+    "lr": "AdamW learning rate (on fp32 master weights)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "schedule": "learning rate after warm-up: constant, or cosine down to 0 at the last step",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping threshold (L2 norm over all parameters)",
+    "micro_batch_size": "captions per forward/backward pass of the update",
+    "num_iterations": "policy updates per rollout batch (GRPO's mu)",
+    "epsilon": "lower clip range of the probability ratio",
+    "epsilon_high": "upper clip range (DAPO's clip-higher: 0.28); not given: epsilon",
+    "aggregation": "how token losses are averaged: over all tokens, per caption then over captions, or by a "
+                   "constant (Dr.GRPO)",
+    "beta": "weight of the k3 KL to the initial policy (0 = none, and no reference model is loaded)",
+    "mask_truncated": "drop captions cut at max_new_tokens from the loss",
+    "rollout_correction": "sampler/trainer mismatch correction: tis = truncated importance weights, mis = mask "
+                          "tokens above the cap, none = ratio against the sampler's log-probs",
+    "rollout_correction_level": "correction weights per token or per caption",
+    "rollout_correction_cap": "the correction's cap on the importance weight",
+    "output_dir": "run directory; not given: runs/<date-time>",
+    "sample_every": "write sample captions to samples.jsonl every this many steps",
+    "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",
+    "keep_last": "checkpoints kept",
+    "progress": "show the progress bar",
+    "steps": "training steps",
+    "seed": "seed of data order, sampling, question draws and the tiny models",
+}  # fmt: skip
+CHOICES = {
+    "dtype": tuple(DTYPES), "on_error": ("skip", "raise"), "mode": ("hard", "soft"), "advantage": ("grpo", "rloo"),
+    "scale": ("group", "batch", "none"), "schedule": ("constant", "cosine"), "aggregation": AGGREGATIONS,
+    "rollout_correction": ROLLOUT_CORRECTIONS, "rollout_correction_level": CORRECTION_LEVELS,
+}  # fmt: skip
+
+
 def _fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     """Every settable name -> (its section or None for top level, its field)."""
     out: dict[str, tuple[str | None, dataclasses.Field]] = {}
@@ -221,24 +282,46 @@ def _parse_value(name: str, text: str) -> Any:
         raise ValueError(f"{_flag(name)}: expected {kind.__name__}, got {text!r}") from None
 
 
+def _metavar(name: str) -> str:
+    if name in CHOICES:
+        return "{" + ",".join(CHOICES[name]) + "}"
+    kinds = [t for t in FIELD_TYPES[name] if t is not type(None)]
+    if name in ("policy", "reader", "data", "output_dir"):
+        return "DIR" if name != "data" else "FILE"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}[kinds[0]]
+
+
+def _default_text(name: str) -> str:
+    """The default that applies: the recipe's, and the tiny run's when it differs."""
+    value = _get(TrainConfig(), name)
+    text = "not given" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+    if name in TINY_DEFAULTS:
+        text += f"; without --policy {TINY_DEFAULTS[name]}"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m caprl_core.train",
         description="CapRL: GRPO training of an image captioner with a reader-LLM reward. With no arguments: the "
-        "built-in tiny models on synthetic shapes data (a few minutes on a CPU).",
+        "built-in tiny models on synthetic shapes data (a few minutes on a CPU). Options are also read from "
+        "--config (TOML or JSON, the same names, flat or by section); flags override the file.",
     )
-    parser.add_argument("--config", type=Path, help="TOML or JSON file of options (flags override it)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML or JSON file of options")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in "
+                        "--output-dir")  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON "
+                        "and exit")  # fmt: skip
+    groups = {section: parser.add_argument_group(section or "run") for section in (*SECTIONS, None)}
     for name, (section, _) in FIELDS.items():
-        default = _get(TrainConfig(), name)
-        parser.add_argument(_flag(name), dest=name, default=None, metavar=type(default).__name__.upper()
-                            if default is not None else "VALUE",
-                            help=f"[{section or 'run'}] default: {default!r}")  # fmt: skip
+        groups[section].add_argument(_flag(name), dest=name, default=None, metavar=_metavar(name),
+                                     help=f"{HELP[name]} (default: {_default_text(name)})")  # fmt: skip
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """(config, resume) from the command line; ValueError naming the option on a bad value."""
+    """(config, resume) from the command line; ValueError naming the option on a bad value. With --print-config,
+    prints the resolved configuration as JSON and exits (SystemExit 0)."""
     args = build_parser().parse_args(argv)
     values = _read_file(args.config) if args.config is not None else {}
     for name in FIELDS:
@@ -252,6 +335,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     for name, value in values.items():
         _set(config, name, value)
     validate(config)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        raise SystemExit(0)
     if args.resume and config.log.output_dir is None:
         raise ValueError("--resume: needs --output-dir (the run directory to continue); without it a fresh run would "
                          "start in a new runs/<date-time>")  # fmt: skip

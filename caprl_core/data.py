@@ -454,14 +454,19 @@ def _validate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m caprl_core.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-synthetic", help="write a synthetic shapes dataset (PNGs + data.jsonl)")
-    make.add_argument("--out", required=True, type=Path, help="output directory")
-    make.add_argument("--num", type=int, default=32, help="number of images (default 32)")
-    make.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    make.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
-    make.add_argument("--questions", type=int, default=6, help="questions per image (default 6)")
-    check = commands.add_parser("validate", help="check a dataset file and list every bad line")
-    check.add_argument("file", type=Path, help="the JSONL dataset file")
+    make = commands.add_parser("make-synthetic", help="write a synthetic shapes dataset (PNGs + data.jsonl)",
+                               description="Coloured shapes on a 2x2 grid, with questions only the image (or the exact "
+                               "reference caption) answers; deterministic for a seed.")  # fmt: skip
+    make.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created)")
+    make.add_argument("--num", type=int, default=32, metavar="INT", help="number of images (default: 32)")
+    make.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (default: 0)")
+    make.add_argument("--image-size", type=int, default=112, metavar="PX", help="image side in pixels, >= 16 "
+                      "(default: 112)")  # fmt: skip
+    make.add_argument("--questions", type=int, default=6, metavar="INT", help="questions per image (default: 6)")
+    check = commands.add_parser("validate", help="check a dataset file and list every bad line",
+                                description="Check every line of a dataset file (format: this module's docstring) "
+                                "and list each bad one as file:line: what is wrong.")  # fmt: skip
+    check.add_argument("file", type=Path, metavar="FILE", help="the JSONL dataset file")
     check.add_argument("--strict", action="store_true", help="exit with status 1 if any line is bad")
     check.add_argument("--no-check-images", action="store_true", help="do not open the image files")
     args = parser.parse_args(argv)

@@ -234,3 +234,19 @@ def test_dtype_applies_to_the_builtin_models(tmp_path):
     config, _ = parse_config(["--dtype", "bfloat16", "--output-dir", str(tmp_path / "run"), "--synthetic-images", "2"])
     run = setup(config)
     assert run.policy.dtype == torch.bfloat16 and run.reward.model.dtype == torch.bfloat16
+
+
+def test_help_describes_every_option_and_print_config_resolves(capsys):
+    from caprl_core.config import FIELDS, HELP, build_parser
+
+    assert set(HELP) == set(FIELDS)
+    text = build_parser().format_help()
+    for name in FIELDS:
+        assert HELP[name].split()[0] in text, name
+    assert "(default: 8; without --policy 4)" in " ".join(text.split())  # group_size: the default that applies
+    assert "{grpo,rloo}" in text and "{token,sequence}" in text
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--print-config", "--lr", "3e-4"])
+    assert exit_info.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 3e-4 and printed["rollout"]["group_size"] == 4 and printed["steps"] == 30
