@@ -497,6 +497,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # checkpoint writes would print bars of their own between the run's
     try:
         config, resume = parse_config(argv)
     except ValueError as e:
