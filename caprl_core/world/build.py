@@ -39,7 +39,7 @@ class BuildConfig:
     reader_lr: float = 3e-3
     reader_hidden: int = 128
     reader_layers: int = 4
-    policy_steps: int = 300
+    policy_steps: int = 2000  # 91.8% precision, 41.5% recall (README); 300 steps give about 15%
     policy_batch: int = 32
     policy_lr: float = 3e-3
     policy_hidden: int = 128
