@@ -150,3 +150,19 @@ def test_qwen2_5_vl_logps_equal_trl(tmp_path):
 def test_use_fused_logprobs_rejects_other_objects():
     with pytest.raises(TypeError, match="trainer"):
         use_fused_logprobs(object())
+
+
+def test_softcapped_logits_fall_back_to_trl(tmp_path):
+    """TRL's head soft-caps the logits when the config says so; ours cannot, so it must hand over to TRL's path
+    (with a warning) rather than return different log-probs."""
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tokenizer=tok, seed=1)
+    model.config.final_logit_softcapping = 2.0  # read by TRL's add_fused_lm_head when the trainer is built
+    trainer = _trainer(model, tok, tmp_path)
+    batch = _text_batch(tok, len(tok))
+    with torch.no_grad():
+        want_logps, _ = _logps(trainer, batch)
+        use_fused_logprobs(trainer)
+        with pytest.warns(UserWarning, match="final_logit_softcapping"):
+            got_logps, _ = _logps(trainer, batch)
+    torch.testing.assert_close(got_logps, want_logps, atol=0, rtol=0)
