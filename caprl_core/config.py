@@ -123,7 +123,8 @@ TINY_DEFAULTS = {
 HELP = {
     "policy": "local Hugging Face directory of the vision-language policy (e.g. Qwen2.5-VL-3B-Instruct); "
               "not given: the built-in tiny random model",
-    "reader": "local Hugging Face directory of the reader LLM (e.g. Qwen2.5-3B-Instruct); needed with --policy",
+    "reader": "local Hugging Face directory of the reader LLM (e.g. Qwen2.5-3B-Instruct); needed with --policy, not "
+              "given without it: the built-in tiny random model",
     "dtype": "compute dtype of both models; auto = bfloat16 on CUDA, float32 on CPU",
     "device": "torch device; auto = cuda when available, else cpu",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
@@ -292,12 +293,15 @@ def _metavar(name: str) -> str:
 
 
 def _default_text(name: str) -> str:
-    """The default that applies: the recipe's, and the tiny run's when it differs."""
+    """The help's "(default: ...)": the recipe's default, and the tiny run's when it differs; empty for options whose
+    description says what happens when they are not given (default None)."""
     value = _get(TrainConfig(), name)
-    text = "not given" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+    if value is None:
+        return ""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
     if name in TINY_DEFAULTS:
         text += f"; without --policy {TINY_DEFAULTS[name]}"
-    return text
+    return f" (default: {text})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {section: parser.add_argument_group(section or "run") for section in (*SECTIONS, None)}
     for name, (section, _) in FIELDS.items():
         groups[section].add_argument(_flag(name), dest=name, default=None, metavar=_metavar(name),
-                                     help=f"{HELP[name]} (default: {_default_text(name)})")  # fmt: skip
+                                     help=HELP[name] + _default_text(name))  # fmt: skip
     return parser
 
 
