@@ -304,6 +304,18 @@ def test_stop_tokens_end_a_completion():
     assert out.token_ids == tokens[: tokens.index(stop) + 1]
 
 
+def test_progress_bar_on_stderr_changes_nothing(capsys):
+    model = tiny_qwen2()
+    prompts = _prompts(512, (6, 9))
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=5, seed=3)
+    quiet = Engine(model, num_kv_blocks=64, block_size=4).generate(prompts, params)
+    assert capsys.readouterr().err == ""
+    shown = Engine(model, num_kv_blocks=64, block_size=4).generate(prompts, params, progress=True)
+    err = capsys.readouterr().err
+    assert "sampler" in err and "4/4" in err  # tqdm: 2 prompts x n=2 finished sequences
+    assert [[c.token_ids for c in g] for g in shown] == [[c.token_ids for c in g] for g in quiet]
+
+
 def test_engine_uses_the_model_in_place_and_recovers_from_a_failed_step(monkeypatch):
     model = tiny_qwen2()
     engine = Engine(model, num_kv_blocks=32, block_size=4)

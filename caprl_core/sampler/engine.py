@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -210,7 +209,7 @@ class Engine:
 
         A prompt is a list (or 1-D tensor) of token ids, or a dict of model inputs: `input_ids` and, for
         Qwen2.5-VL, `pixel_values`, `image_grid_thw` (and optionally `mm_token_type_ids`). `params` is one
-        SamplingParams for all prompts or one per prompt. progress=True prints a status line to stderr every ~5 s.
+        SamplingParams for all prompts or one per prompt. progress=True shows a tqdm bar on stderr.
         """
         plist = self._params_list(prompts, params)
         seqs, most = [], self.max_kv_blocks()
@@ -377,14 +376,16 @@ class Engine:
         preemptions_before = self.scheduler.num_preemptions
         for seq in seqs:
             self.scheduler.add(seq)
-        last_report = start = time.monotonic()
+        from tqdm import tqdm  # a dependency of transformers
+
+        bar = tqdm(total=total, desc="sampler", unit="seq", file=sys.stderr, disable=not progress, mininterval=1.0,
+                   dynamic_ncols=True)  # fmt: skip
         try:
             while not self.scheduler.is_finished:
                 self._step()
-                if progress and time.monotonic() - last_report > 5:
-                    last_report = time.monotonic()
-                    print(f"[caprl_core.sampler] {len(self._done)}/{total} done, {self.stats.steps} steps, "
-                          f"{time.monotonic() - start:.0f}s", file=sys.stderr)  # fmt: skip
+                if progress:  # the decode loop is hot: nothing to do without a bar
+                    bar.update(len(self._done) - bar.n)
+                    bar.set_postfix(steps=self.stats.steps, refresh=False)
         except BaseException:
             # A step that died half way leaves blocks registered whose K/V was never written: forget it all.
             self.scheduler.waiting.clear()
@@ -392,6 +393,8 @@ class Engine:
             self.block_manager.reset()
             self._done, self._hidden = [], {}
             raise
+        finally:
+            bar.close()
         self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
 
     def _step(self) -> None:
