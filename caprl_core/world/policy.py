@@ -1,9 +1,12 @@
 """Training the world's starting policy: a small Qwen2.5-VL fine-tuned (supervised) from scene images to terse
 captions that mention only part of each scene, so that the reward has room to teach it to say more.
 
-The target captions (`start_caption`) are the first k shapes in reading order (k = 1 most of the time), and now
-and then the full reference caption; so the policy sees every shape of the world described, and sampling from it
-sometimes says more than the terse habit. GRPO can then shift that habit towards complete captions.
+Training first uses reference captions (every shape of every image: the most supervision for seeing), then the
+start style (`start_caption`): the first k shapes in reading order (k = 1 most of the time), now and then the full
+reference caption, so that sampling from it sometimes says more than the terse habit and GRPO can shift that habit
+towards complete captions. A linear probe shared by the four image tokens (one per cell at 56 px) reads each cell's
+content during training, so the vision tower learns one code for every cell. Measured: 2,000 steps give fact
+precision 91.8% and recall 41.5% on held-out scenes (README, "The miniature world").
 """
 
 from __future__ import annotations
