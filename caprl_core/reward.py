@@ -18,9 +18,11 @@ the reader's chat template the header starts the user turn and the answer cue st
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,20 +101,12 @@ PROMPT_FILE = "caprl_prompt.json"
 
 def save_prompt_template(template: PromptTemplate, directory) -> None:
     """Write `template` as directory/caprl_prompt.json."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
     (Path(directory) / PROMPT_FILE).write_text(json.dumps(asdict(template), indent=2) + "\n")
 
 
 def load_prompt_template(directory) -> PromptTemplate | None:
     """The template in directory/caprl_prompt.json, or None when there is none. ValueError naming the file when it is
     not a JSON object of PromptTemplate's string fields (or misses a placeholder)."""
-    import json
-    from dataclasses import fields
-    from pathlib import Path
-
     path = Path(directory) / PROMPT_FILE
     if not path.is_file():
         return None

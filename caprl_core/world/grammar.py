@@ -30,7 +30,6 @@ __all__ = [
     "implied_text",
     "parse_caption",
     "question_kind",
-    "scene_facts",
     "terse_caption",
 ]
 
@@ -92,11 +91,6 @@ def parse_caption(caption: str) -> Claims:
         else:
             unparsable.append(phrase)
     return Claims(count, tuple(items), tuple(unparsable))
-
-
-def scene_facts(scene: Scene) -> tuple[int, tuple[Shape, ...]]:
-    """(number of shapes, the shapes): the facts a caption can state."""
-    return len(scene.shapes), scene.shapes
 
 
 def fact_scores(claims: Claims, scene: Scene) -> tuple[int, int, int, int]:

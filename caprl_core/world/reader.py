@@ -143,6 +143,8 @@ class ReaderBatches:
     def __init__(self, reward: CapRLReward, seed: int) -> None:
         self.reward = reward
         self.rng = random.Random(seed)
+        self._options_marker = reward._encode("Options:\n")  # token ids, encoded once for every prompt
+        self._newline = reward._encode("\n")[0]
 
     def sample(self, batch_size: int, step: int) -> dict:
         template = self.reward.config.template.caption
@@ -190,14 +192,6 @@ class ReaderBatches:
         else:
             words = [answer, answer]
         return [self.reward._encode(w if w.isdigit() else " " + w)[-1] for w in words]
-
-    @property
-    def _options_marker(self) -> list[int]:
-        return self.reward._encode("Options:\n")
-
-    @property
-    def _newline(self) -> int:
-        return self.reward._encode("\n")[0]
 
 
 def suffix_hidden(model, header: list[int], prompts: list[list[int]]) -> torch.Tensor:
