@@ -42,7 +42,7 @@ import torch
 from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl, make_synthetic_dataset
 from caprl_core.plot import plot_eval
 from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, load_models
-from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.world.grammar import caption_fact_counts
@@ -104,7 +104,7 @@ class CaptionEvaluator:
         reader_cpu = next(reader.parameters()).device.type == "cpu"
         reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
         base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options,
-                            **({"template": template} if template is not None else {}))  # fmt: skip
+                            template=template or DEFAULT_TEMPLATE)  # fmt: skip
         self.every_question = CapRLReward(reader, reader_tokenizer, base, engine=reader_engine)
         self.train_reward = None
         if config.num_draws:

@@ -36,7 +36,7 @@ from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_data
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
 from caprl_core.precision import MasterWeightOptimizer
-from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.world.grammar import caption_fact_counts
@@ -449,9 +449,9 @@ def setup(config: TrainConfig) -> Run:
     examples = _load_data(config, output_dir)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
     engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
-    template = {"template": models.reader_template} if models.reader_template is not None else {}
     reward_config = RewardConfig(num_draws=config.reward.num_draws, mode=config.reward.mode, seed=config.seed,
-                                 kv_cache_tokens=config.rollout.reader_kv_cache_tokens, **template)  # fmt: skip
+                                 kv_cache_tokens=config.rollout.reader_kv_cache_tokens,
+                                 template=models.reader_template or DEFAULT_TEMPLATE)  # fmt: skip
     reward = CapRLReward(reader, reader_tokenizer, reward_config)
     # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision).
     optimizer = MasterWeightOptimizer(
