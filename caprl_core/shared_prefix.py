@@ -70,7 +70,8 @@ def _attention_mask(policy, allowed: torch.Tensor, dtype: torch.dtype) -> torch.
     if implementation == "sdpa":
         return allowed[None, None]
     if implementation == "eager":  # additive: 0 where allowed, the dtype's minimum elsewhere (as transformers does)
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
     raise ValueError(f"shared_prefix: the policy's attention implementation {implementation!r} takes no dense "
                      f"block mask; use 'sdpa' or 'eager', or shared_prefix=False (one row per caption)")  # fmt: skip
 
@@ -104,12 +105,12 @@ def shared_prefix_inputs(policy, prompts: list[dict], groups: list[Group],
             group_ids += [g] * len(tokens)
             caption_ids += [caption] * len(tokens)
             caption += 1
-    allowed = block_mask(torch.tensor(group_ids), torch.tensor(caption_ids))  # [T, T]
+    allowed = block_mask(torch.tensor(group_ids, device=device), torch.tensor(caption_ids, device=device))  # [T, T]
     position_ids = torch.cat(positions, dim=1)  # [R, T]
     kwargs = {
         "input_ids": torch.tensor(ids, dtype=torch.long)[None].to(device),  # [1, T]
         "position_ids": (position_ids[:, None] if position_ids.shape[0] == 3 else position_ids).to(device),
-        "attention_mask": _attention_mask(policy, allowed, policy.dtype).to(device),
+        "attention_mask": _attention_mask(policy, allowed, policy.dtype),  # [1, 1, T, T]
     }
     images = [prompts[group.prompt] for group in groups if "pixel_values" in prompts[group.prompt]]
     if images:

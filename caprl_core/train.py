@@ -10,6 +10,9 @@ with N drawn questions (`CapRLReward`), plus an optional caption-length term, an
 rewards into advantages within each image's group; (3) update: for each micro-batch the policy's hidden states and
 `ops.linear_token_logprobs` give the caption tokens' log-probs (the [tokens, vocab] logits never exist), the
 clipped GRPO loss (`caprl_core.grpo`) is back-propagated, and AdamW steps once per batch (num_iterations times).
+By default the update's forward packs each image's prompt once followed by its captions in the micro-batch
+(`caprl_core.shared_prefix`: the vision tower encodes each image once); `shared_prefix=False` runs one padded
+`prompt + caption` row per caption, the reference it equals.
 
 Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
 checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
