@@ -209,6 +209,8 @@ def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch
     row per sample, or (shared_prefix, needs `policy`) one packed row holding each image's prompt once followed by
     its captions among `rows` (`caprl_core.shared_prefix`)."""
     if shared_prefix:
+        if policy is None:
+            raise ValueError("policy: required with shared_prefix=True (its positions and attention mask form)")
         groups = [Group(g, [ro.completions[i].token_ids for i in rows if i // group_size == g])
                   for g in dict.fromkeys(i // group_size for i in rows)]  # fmt: skip
         inputs, index, num_images = shared_prefix_inputs(policy, ro.prompts, groups, device)
