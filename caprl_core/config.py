@@ -74,6 +74,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
+    # The update's forward packs each image's prompt once with its captions (caprl_core.shared_prefix); False runs
+    # one padded prompt + caption row per caption (the reference). A micro-batch holds the same captions either way.
+    shared_prefix: bool = True
     num_iterations: int = 1  # policy updates per rollout batch
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None = epsilon; DAPO's clip-higher: 0.28
@@ -154,7 +157,10 @@ HELP = {
     "schedule": "learning rate after warm-up: constant, or cosine down to 0 at the last step",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping threshold (L2 norm over all parameters)",
-    "micro_batch_size": "captions per forward/backward pass of the update",
+    "micro_batch_size": "captions per forward/backward pass of the update; with --shared-prefix a multiple of G "
+                        "computes each prompt once (a group split between micro-batches computes it in each part)",
+    "shared_prefix": "update forward: each image's prompt and image once, followed by its captions (each caption "
+                     "attends to the prompt and itself); false = one padded prompt + caption row per caption",
     "num_iterations": "policy updates per rollout batch (GRPO's mu)",
     "epsilon": "lower clip range of the probability ratio",
     "epsilon_high": "upper clip range (DAPO's clip-higher: 0.28); not given: epsilon",

@@ -10,6 +10,9 @@ with N drawn questions (`CapRLReward`), plus an optional caption-length term, an
 rewards into advantages within each image's group; (3) update: for each micro-batch the policy's hidden states and
 `ops.linear_token_logprobs` give the caption tokens' log-probs (the [tokens, vocab] logits never exist), the
 clipped GRPO loss (`caprl_core.grpo`) is back-propagated, and AdamW steps once per batch (num_iterations times).
+By default the update's forward packs each image's prompt once followed by its captions in the micro-batch
+(`caprl_core.shared_prefix`: the vision tower encodes each image once); `shared_prefix=False` runs one padded
+`prompt + caption` row per caption, the reference it equals.
 
 Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
 checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
@@ -39,6 +42,7 @@ from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
+from caprl_core.shared_prefix import Group, shared_prefix_inputs
 from caprl_core.world.grammar import caption_fact_counts
 
 # Metrics that depend on the machine's speed, not on the run: excluded when comparing runs.
@@ -186,54 +190,89 @@ def _fact_metrics(captions: list[str], references: list[str | None]) -> dict:
     return {"fact_precision": true / claims if claims else float("nan"), "fact_recall": stated / facts}
 
 
-def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch.device):
-    """Right-padded policy inputs for samples `rows` and where their caption tokens are.
+@dataclass
+class TrainingBatch:
+    """One micro-batch of the update (M captions of at most T tokens): the policy's inputs and the caption targets."""
 
-    Returns (model kwargs, gather index [M, T] into the flattened [M*L] positions that predict each caption token,
-    targets [M, T] (-100 on padding), the sampler's log-probs [M, T] under the unfiltered policy, mask [M, T])."""
-    ids, completions = [], []
-    for i in rows:
-        prompt, completion = ro.prompts[i // group_size], ro.completions[i]
-        ids.append(prompt["input_ids"].tolist() + completion.token_ids)
-        completions.append((len(prompt["input_ids"]), completion))
+    inputs: dict  # kwargs of `policy.model`
+    index: torch.Tensor  # [M, T] into the flattened forward positions: the one whose hidden state predicts each token
+    targets: torch.Tensor  # [M, T], -100 past each caption's end
+    sampler_logp: torch.Tensor  # [M, T] the sampler's log-probs under the unfiltered policy
+    mask: torch.Tensor  # [M, T] bool, True on caption tokens
+    num_tokens: int  # tokens the forward runs through the language model (padding included)
+    num_images: int  # images the vision tower encodes
+
+
+def _training_batch(ro: Rollout, rows: list[int], group_size: int, device: torch.device, policy=None,
+                    shared_prefix: bool = False) -> TrainingBatch:  # fmt: skip
+    """The policy inputs of samples `rows` and where their caption tokens are: one right-padded `prompt + caption`
+    row per sample, or (shared_prefix, needs `policy`) one packed row holding each image's prompt once followed by
+    its captions among `rows` (`caprl_core.shared_prefix`)."""
+    if shared_prefix:
+        if policy is None:
+            raise ValueError("policy: required with shared_prefix=True (its positions and attention mask form)")
+        groups = [Group(g, [ro.completions[i].token_ids for i in rows if i // group_size == g])
+                  for g in dict.fromkeys(i // group_size for i in rows)]  # fmt: skip
+        inputs, index, num_images = shared_prefix_inputs(policy, ro.prompts, groups, device)
+    else:
+        inputs, index, num_images = _unshared_inputs(ro, rows, group_size, device)
+    targets, old = _caption_targets(ro, rows)
+    num_tokens = inputs["input_ids"].numel()
+    return TrainingBatch(inputs, index, targets.to(device), old.to(device), (targets != -100).to(device), num_tokens,
+                         num_images)  # fmt: skip
+
+
+def _caption_targets(ro: Rollout, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """targets [M, T] (-100 on padding) and the sampler's log-probs [M, T] under the unfiltered policy."""
+    t_max = max(len(ro.completions[i].token_ids) for i in rows)
+    targets = torch.full((len(rows), t_max), -100, dtype=torch.long)
+    old = torch.zeros(len(rows), t_max)
+    for m, i in enumerate(rows):
+        c = ro.completions[i]
+        if c.policy_logprobs is None:
+            raise ValueError(f"completion {i}: has no policy_logprobs (the unfiltered policy's log-probs the "
+                             f"ratio needs; the Engine records them)")  # fmt: skip
+        targets[m, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+        old[m, : len(c.token_ids)] = torch.tensor(c.policy_logprobs)  # what the fused kernel computes (module doc)
+    return targets, old
+
+
+def _unshared_inputs(ro: Rollout, rows: list[int], group_size: int,
+                     device: torch.device) -> tuple[dict, torch.Tensor, int]:  # fmt: skip
+    """One right-padded `prompt + caption` row per sample: (model kwargs, index [M, T] into the flattened [M*L]
+    positions that predict each caption token, images in the batch). The reference for the shared forward."""
+    ids = [ro.prompts[i // group_size]["input_ids"].tolist() + ro.completions[i].token_ids for i in rows]
     width = max(len(x) for x in ids)
-    t_max = max(len(c.token_ids) for _, c in completions)
+    t_max = max(len(ro.completions[i].token_ids) for i in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     attention = torch.zeros(len(rows), width, dtype=torch.long)
     index = torch.zeros(len(rows), t_max, dtype=torch.long)
-    targets = torch.full((len(rows), t_max), -100, dtype=torch.long)
-    old = torch.zeros(len(rows), t_max)
-    for m, (x, (plen, c)) in enumerate(zip(ids, completions, strict=True)):
-        n = len(c.token_ids)
+    for m, (x, i) in enumerate(zip(ids, rows, strict=True)):
+        plen, n = len(ro.prompts[i // group_size]["input_ids"]), len(ro.completions[i].token_ids)
         input_ids[m, : len(x)] = torch.tensor(x)
         attention[m, : len(x)] = 1
         index[m, :n] = m * width + torch.arange(plen - 1, plen - 1 + n)  # position p predicts token p + 1
-        targets[m, :n] = torch.tensor(c.token_ids)
-        if c.policy_logprobs is None:
-            raise ValueError(f"completion {rows[m]}: has no policy_logprobs (the unfiltered policy's log-probs the "
-                             f"ratio needs; the Engine records them)")  # fmt: skip
-        old[m, :n] = torch.tensor(c.policy_logprobs)  # the distribution the fused kernel computes (module docstring)
     kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-    first = ro.prompts[0]
-    if "pixel_values" in first:
-        prompts = [ro.prompts[i // group_size] for i in rows]
-        kwargs["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts]).to(device)
-        kwargs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts]).to(device)
-        types = torch.zeros_like(input_ids, dtype=torch.int)
-        for m, p in enumerate(prompts):
-            types[m, : len(p["mm_token_type_ids"])] = p["mm_token_type_ids"]
-        kwargs["mm_token_type_ids"] = types.to(device)
-    return kwargs, index.to(device), targets.to(device), old.to(device), (targets != -100).to(device)
+    if "pixel_values" not in ro.prompts[0]:
+        return kwargs, index.to(device), 0
+    prompts = [ro.prompts[i // group_size] for i in rows]
+    kwargs["pixel_values"] = torch.cat([p["pixel_values"] for p in prompts]).to(device)
+    kwargs["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in prompts]).to(device)
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    for m, p in enumerate(prompts):
+        types[m, : len(p["mm_token_type_ids"])] = p["mm_token_type_ids"]
+    kwargs["mm_token_type_ids"] = types.to(device)
+    return kwargs, index.to(device), len(prompts)
 
 
-def policy_logprobs(policy, kwargs: dict, index: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """Log-probs [M, T] (and entropies) of the caption tokens under the policy at `temperature`, from the base
-    model's hidden states and the fused lm_head + log-softmax (no [tokens, vocab] logits)."""
-    hidden = policy.model(**kwargs, use_cache=False).last_hidden_state  # [M, L, H]
+def policy_logprobs(policy, batch: TrainingBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [M, T] and entropies [M, T] of the batch's caption tokens under the policy at `temperature`, from
+    the base model's hidden states and the fused lm_head + log-softmax (no [tokens, vocab] logits)."""
+    hidden = policy.model(**batch.inputs, use_cache=False).last_hidden_state  # [rows, L, H]: [M, L] or [1, T]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    selected = flat[index.reshape(-1)].view(*index.shape, -1)  # [M, T, H]
+    selected = flat[batch.index.reshape(-1)].view(*batch.index.shape, -1)  # [M, T, H]
     head = policy.get_output_embeddings()
-    return ops.linear_token_logprobs(selected, head.weight, targets, bias=head.bias, temperature=temperature,
+    return ops.linear_token_logprobs(selected, head.weight, batch.targets, bias=head.bias, temperature=temperature,
                                      return_entropy=True)  # fmt: skip
 
 
@@ -256,17 +295,21 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     total_seqs = float(keep.sum().clamp_min(1))
     sums: dict[str, float] = {}
     first_pass: dict[int, torch.Tensor] = {}  # micro-batch start -> the trainer's log-probs [M, T] at rollout time
+    counts = {"update_tokens": 0, "update_images": 0}  # what the policy's forwards ran, over all passes
     policy.train()
     for iteration in range(o.num_iterations):
         optimizer.zero_grad()
         for start in range(0, n, o.micro_batch_size):
             rows = list(range(start, min(n, start + o.micro_batch_size)))
-            kwargs, index, targets, sampler_logp, mask = _training_batch(ro, rows, G, device)
-            logp, entropy = policy_logprobs(policy, kwargs, index, targets, config.rollout.temperature)
+            batch = _training_batch(ro, rows, G, device, policy, o.shared_prefix)
+            counts["update_tokens"] += batch.num_tokens
+            counts["update_images"] += batch.num_images
+            sampler_logp, mask = batch.sampler_logp, batch.mask
+            logp, entropy = policy_logprobs(policy, batch, config.rollout.temperature)
             ref = None
             if ref_policy is not None:
                 with torch.no_grad():
-                    ref, _ = policy_logprobs(ref_policy, kwargs, index, targets, config.rollout.temperature)
+                    ref, _ = policy_logprobs(ref_policy, batch, config.rollout.temperature)
             m: dict[str, torch.Tensor] = {}
             if iteration == 0:
                 first_pass[start] = logp.detach()
@@ -296,6 +339,7 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
     out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
     out["grad_norm"] = float(grad_norm)
+    out.update(counts)
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
 

@@ -250,3 +250,26 @@ def test_help_describes_every_option_and_print_config_resolves(capsys):
     assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 3e-4 and printed["rollout"]["group_size"] == 4 and printed["steps"] == 30
+
+
+def test_shared_prefix_run_reproduces_the_unshared_run(tmp_path):
+    """3 steps with the group-shared update forward (the default) and with --shared-prefix false: the same metrics
+    within float tolerance (the same captions, rewards and losses), with fewer tokens and images in the update."""
+    counts = ("update_tokens", "update_images")
+    runs = {}
+    for shared in ("true", "false"):
+        out = tmp_path / shared
+        done = _run(out, "--steps", "3", "--shared-prefix", shared)
+        assert done.returncode == 0, done.stderr
+        runs[shared] = [_stable(r) for r in _metrics(out)]
+    assert len(runs["true"]) == len(runs["false"]) == 3
+    for shared, unshared in zip(runs["true"], runs["false"], strict=True):
+        assert shared.keys() == unshared.keys()
+        for key in unshared.keys() - set(counts):
+            a, b = shared[key], unshared[key]
+            if isinstance(b, float) and math.isnan(b):
+                assert math.isnan(a), key
+            else:
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)
+        assert shared["update_tokens"] < unshared["update_tokens"]
+        assert shared["update_images"] * 3 == unshared["update_images"] == 2 * 3  # SMALL: 2 images, G = 3
