@@ -20,8 +20,9 @@ options, an answer outside the options, a missing or unreadable image, a duplica
 with `on_error="raise"` the whole file is scanned first and `DataError` lists every problem at once. A file
 with no valid example raises `DataError` either way.
 
-`make_synthetic_dataset` writes coloured shapes on a 2x2 grid with MCQs that need the image to answer and an
-exact reference caption: the default data of `python -m caprl_core.train` and `eval`, and the tests' fixture.
+`make_synthetic_dataset` writes coloured shapes at the four edge cells of a 3x3 grid with MCQs that need the image to
+answer and an exact reference caption (the miniature world's, `caprl_core.world`): the default data of
+`python -m caprl_core.train` and `eval`, and the tests' fixture.
 
 Command line:
 
@@ -274,14 +275,20 @@ def _image_problem(image: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Synthetic dataset: coloured shapes on a 2x2 grid, with questions only the image (or an exact caption) answers.
+# Synthetic dataset: coloured shapes at the edge cells of a 3x3 grid, with questions only the image (or an exact
+# caption) answers.
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 160, 70), "blue": (40, 80, 220),
     "yellow": (235, 200, 30), "purple": (130, 60, 170), "orange": (245, 135, 25),
 }  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
+# The cells a shape may fill: the middles of the edges of a 3x3 grid ("plus" layout), in reading order. One word each,
+# so that a cell is one token of the world's tokenizer; with 84-px images each cell is one 28-px merged patch group,
+# one image token of the policy (`caprl_core.world`).
+POSITIONS = ("top", "left", "right", "bottom")
+GRID_CELLS = {"top": (0, 1), "left": (1, 0), "right": (1, 2), "bottom": (2, 1)}  # (row, column) in the 3x3 grid
+EMPTY = "none"  # what the grammar says of an empty cell
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,20 +321,28 @@ def synthetic_scene(rng: random.Random) -> Scene:
     return Scene(tuple(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), p) for p in positions))
 
 
+def cell_contents(scene: Scene) -> dict[str, str]:
+    """Each cell's content in POSITIONS order: "<colour> <kind>", or EMPTY."""
+    by_cell = {s.position: f"{s.colour} {s.kind}" for s in scene.shapes}
+    return {cell: by_cell.get(cell, EMPTY) for cell in POSITIONS}
+
+
+def statement(cell: str, content: str) -> str:
+    """One statement of the caption grammar: "top: red circle." (`caprl_core.world.grammar`)."""
+    return f"{cell}: {content}."
+
+
 def describe(scene: Scene) -> str:
-    """The exact reference caption: every shape with its colour and cell, so every question is answerable."""
-    parts = [f"{_noun(s.colour, s.kind)} in the {s.position}" for s in scene.shapes]
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    count = f"{len(parts)} shape" + ("s" if len(parts) > 1 else "")
-    return f"A white image with {count}: {listing}."
+    """The exact reference caption: every cell's content in reading order, empty cells included, so every question
+    is answerable: "top: red circle. left: none. right: blue square. bottom: none."."""
+    return " ".join(statement(cell, content) for cell, content in cell_contents(scene).items())
 
 
 def scene_questions(scene: Scene, rng: random.Random, n: int) -> list[MCQ]:
-    """Up to `n` distinct MCQs about `scene` (every scene has at least 8), each with 2-4 options in random order.
+    """Up to `n` distinct MCQs about `scene` (every scene has at least 6), each with 2-4 options in random order.
 
-    Kinds: how many shapes; is there a <kind> (yes/no); what is in each cell ("nothing" for an empty one); the
-    colour of a <kind> and the kind of a <colour> thing (when unique in the scene); where the <colour> <kind> is
-    (when unique).
+    Kinds, each about one cell: what is in it ("none" for an empty one), and for a cell with a shape its colour and
+    its kind.
     """
     candidates = _question_candidates(scene)  # (question, right option, wrong options) in a fixed order
     rng.shuffle(candidates)
@@ -342,47 +357,29 @@ def scene_questions(scene: Scene, rng: random.Random, n: int) -> list[MCQ]:
 
 def _question_candidates(scene: Scene) -> list[tuple[str, str, list[str]]]:
     # Lists and dicts only (no sets): iteration order must not depend on the string hash seed.
-    def others(values, right: str) -> list[str]:
-        return [v for v in values if v != right]
-
-    count = str(len(scene.shapes))
-    kinds = [s.kind for s in scene.shapes]
-    colours = [s.colour for s in scene.shapes]
-    pairs = [(s.colour, s.kind) for s in scene.shapes]
-    candidates = [("How many shapes are in the image?", count, others(["1", "2", "3", "4"], count))]
-    for kind in SHAPES:
-        present = "yes" if kind in kinds else "no"
-        candidates.append((f"Is there a {kind} in the image?", present, others(["yes", "no"], present)))
-    # Distractors for "what is in the <cell>": the scene's own shapes first (the hard ones), then "nothing", then
-    # other combinations.
-    names = [_noun(c, k) for c, k in pairs] + ["nothing"] + [_noun(c, k) for c in COLOURS for k in SHAPES]
+    contents = cell_contents(scene)
+    # Distractors for "what is in the <cell>": the scene's other contents first (the hard ones), then any shape.
+    names = [*contents.values(), EMPTY, *(f"{c} {k}" for c in COLOURS for k in SHAPES)]
     names = list(dict.fromkeys(names))
-    by_position = {s.position: _noun(s.colour, s.kind) for s in scene.shapes}
-    for position in POSITIONS:
-        right = by_position.get(position, "nothing")
-        candidates.append((f"What is in the {position} of the image?", right, others(names, right)[:6]))
-    for s in scene.shapes:
-        if kinds.count(s.kind) == 1:
-            candidates.append((f"What colour is the {s.kind}?", s.colour, others(COLOURS, s.colour)))
-        if colours.count(s.colour) == 1:
-            candidates.append((f"What shape is the {s.colour} object?", s.kind, others(SHAPES, s.kind)))
-        if pairs.count((s.colour, s.kind)) == 1:
-            candidates.append((f"Where is the {s.colour} {s.kind}?", s.position, others(POSITIONS, s.position)))
+    candidates = []
+    for cell, content in contents.items():
+        candidates.append((f"What is at the {cell}?", content, [x for x in names if x != content][:6]))
+        if content != EMPTY:
+            colour, kind = content.split()
+            candidates.append((f"What colour is the shape at the {cell}?", colour, [c for c in COLOURS if c != colour]))
+            candidates.append((f"What shape is at the {cell}?", kind, [k for k in SHAPES if k != kind]))
     return candidates
 
 
-def _noun(colour: str, kind: str) -> str:
-    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {kind}"
-
-
-def draw_scene(scene: Scene, image_size: int = 112) -> Image.Image:
-    """The scene as an RGB image [image_size, image_size] on white; each shape fills its cell less a margin."""
+def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
+    """The scene as an RGB image [image_size, image_size] on white; each shape fills its cell of the 3x3 grid less a
+    margin."""
     image = Image.new("RGB", (image_size, image_size), "white")
     draw = ImageDraw.Draw(image)
-    cell = image_size // 2
+    cell = image_size // 3
     margin = max(2, cell // 8)
     for s in scene.shapes:
-        row, col = divmod(POSITIONS.index(s.position), 2)
+        row, col = GRID_CELLS[s.position]
         x0, y0 = col * cell + margin, row * cell + margin
         x1, y1 = (col + 1) * cell - 1 - margin, (row + 1) * cell - 1 - margin
         fill = COLOURS[s.colour]
@@ -396,7 +393,7 @@ def draw_scene(scene: Scene, image_size: int = 112) -> Image.Image:
 
 
 def make_synthetic_dataset(
-    out_dir: str | os.PathLike, num_images: int = 32, *, seed: int = 0, image_size: int = 112,
+    out_dir: str | os.PathLike, num_images: int = 32, *, seed: int = 0, image_size: int = 84,
     questions_per_image: int = 6,
 ) -> Path:  # fmt: skip
     """Write `num_images` PNGs under out_dir/images and out_dir/data.jsonl (relative paths); return the JSONL path.
@@ -455,13 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m caprl_core.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-synthetic", help="write a synthetic shapes dataset (PNGs + data.jsonl)",
-                               description="Coloured shapes on a 2x2 grid, with questions only the image (or the exact "
-                               "reference caption) answers; deterministic for a seed.")  # fmt: skip
+                               description="Coloured shapes at the edge cells of a 3x3 grid, with questions only the "
+                               "image (or the exact reference caption) answers; deterministic for a seed.")  # fmt: skip
     make.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created)")
     make.add_argument("--num", type=int, default=32, metavar="INT", help="number of images (default: 32)")
     make.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (default: 0)")
-    make.add_argument("--image-size", type=int, default=112, metavar="PX", help="image side in pixels, >= 16 "
-                      "(default: 112)")  # fmt: skip
+    make.add_argument("--image-size", type=int, default=84, metavar="PX", help="image side in pixels, >= 16 "
+                      "(default: 84)")  # fmt: skip
     make.add_argument("--questions", type=int, default=6, metavar="INT", help="questions per image (default: 6)")
     check = commands.add_parser("validate", help="check a dataset file and list every bad line",
                                 description="Check every line of a dataset file (format: this module's docstring) "

@@ -25,7 +25,8 @@ from caprl_core import data
 from caprl_core.data import MCQ, DataError, load_image, load_jsonl, make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-CELLS = {"top-left": (0, 0), "top-right": (0, 1), "bottom-left": (1, 0), "bottom-right": (1, 1)}  # (row, col)
+# The four cells of the synthetic images: the middles of the edges of a 3x3 grid, (row, column).
+CELLS = {"top": (0, 1), "left": (1, 0), "right": (1, 2), "bottom": (2, 1)}
 
 
 def _no_warnings_load(path, **kwargs):
@@ -39,54 +40,44 @@ def _no_warnings_load(path, **kwargs):
 
 
 def _parse_caption(caption: str) -> dict[str, tuple[str, str]]:
-    """{position: (colour, kind)} from 'A white image with 2 shapes: a red circle in the top-left and ...'."""
-    head, listing = caption.rstrip(".").split(": ", 1)
-    found = re.findall(r"an? (\w+) (circle|square|triangle) in the ([\w-]+)", listing)
-    assert len(found) == int(re.search(r"with (\d) shapes?", head).group(1)), caption
-    return {position: (colour, kind) for colour, kind, position in found}
+    """{cell: (colour, kind)} of the shapes in 'top: red circle. left: none. right: blue square. bottom: none.'."""
+    found = re.findall(r"(\w+): (none|\w+ (?:circle|square|triangle))\.", caption)
+    assert [cell for cell, _ in found] == list(CELLS), caption  # every cell, in reading order
+    return {cell: tuple(content.split()) for cell, content in found if content != "none"}
 
 
 def _scene_in_image(image: Image.Image) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{position: (rgb, kind)} read from the pixels: kind from the fill fraction of the shape's bounding box."""
+    """{cell: (rgb, kind)} read from the pixels: kind from the fill fraction of the shape's bounding box; every
+    pixel outside the four cells is white."""
     pixels = np.asarray(image)  # [S, S, 3]
-    half = pixels.shape[0] // 2
+    third = pixels.shape[0] // 3
     scene = {}
-    for position, (row, col) in CELLS.items():
-        cell = pixels[row * half : (row + 1) * half, col * half : (col + 1) * half]  # [S/2, S/2, 3]
-        ink = (cell != 255).any(axis=-1)
+    ink_anywhere = (pixels != 255).any(axis=-1)  # [S, S]
+    for cell, (row, col) in CELLS.items():
+        window = pixels[row * third : (row + 1) * third, col * third : (col + 1) * third]  # [S/3, S/3, 3]
+        ink = (window != 255).any(axis=-1)
+        ink_anywhere[row * third : (row + 1) * third, col * third : (col + 1) * third] = False
         if not ink.any():
             continue
-        colours = np.unique(cell[ink], axis=0)
-        assert len(colours) == 1, f"{position}: several colours {colours}"
+        colours = np.unique(window[ink], axis=0)
+        assert len(colours) == 1, f"{cell}: several colours {colours}"
         ys, xs = np.nonzero(ink)
         fill = ink.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
         # square 1.0, circle pi/4 = 0.79, triangle 0.5 (plus edge pixels)
         kind = "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle"
-        scene[position] = (tuple(int(c) for c in colours[0]), kind)
+        scene[cell] = (tuple(int(c) for c in colours[0]), kind)
+    assert not ink_anywhere.any(), "ink outside the four cells"
     return scene
 
 
 def _true_answer(question: str, scene: dict[str, tuple[str, str]]) -> tuple[str, str]:
-    """(question kind, right option) for a synthetic question about `scene` ({position: (colour, kind)})."""
-    things = list(scene.values())
-    if question == "How many shapes are in the image?":
-        return "count", str(len(things))
-    if m := re.fullmatch(r"Is there a (\w+) in the image\?", question):
-        return "presence", "yes" if any(k == m[1] for _, k in things) else "no"
-    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
-        (colour,) = [c for c, k in things if k == m[1]]  # asked only when the kind is unique
-        return "colour", colour
-    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-        (kind,) = [k for c, k in things if c == m[1]]
-        return "shape", kind
-    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
-        (position,) = [p for p, thing in scene.items() if thing == (m[1], m[2])]
-        return "where", position
-    if m := re.fullmatch(r"What is in the ([\w-]+) of the image\?", question):
-        if m[1] not in scene:
-            return "cell", "nothing"
-        colour, kind = scene[m[1]]
-        return "cell", f"{'an' if colour == 'orange' else 'a'} {colour} {kind}"
+    """(question kind, right option) for a synthetic question about `scene` ({cell: (colour, kind)})."""
+    if m := re.fullmatch(r"What is at the (\w+)\?", question):
+        return "content", " ".join(scene[m[1]]) if m[1] in scene else "none"
+    if m := re.fullmatch(r"What colour is the shape at the (\w+)\?", question):
+        return "colour", scene[m[1]][0]  # asked only of a cell with a shape
+    if m := re.fullmatch(r"What shape is at the (\w+)\?", question):
+        return "kind", scene[m[1]][1]
     raise AssertionError(f"unknown question kind: {question!r}")
 
 
@@ -102,7 +93,7 @@ def test_synthetic_round_trip(tmp_path):
         assert ex.image.is_absolute() and ex.image.parent == tmp_path / "images"
         assert len(ex.questions) == 6 and len({q.question for q in ex.questions}) == 6
         image = load_image(ex.image)
-        assert image.mode == "RGB" and image.size == (112, 112)
+        assert image.mode == "RGB" and image.size == (84, 84)
         scene = _parse_caption(ex.caption)
         in_image = _scene_in_image(image)
         assert in_image == {p: (data.COLOURS[c], k) for p, (c, k) in scene.items()}, ex.caption
@@ -111,7 +102,7 @@ def test_synthetic_round_trip(tmp_path):
             kind, right = _true_answer(q.question, scene)
             assert q.options[q.answer] == right, (ex.caption, q)
             kinds_seen.add(kind)
-    assert kinds_seen == {"count", "presence", "colour", "shape", "where", "cell"}
+    assert kinds_seen == {"content", "colour", "kind"}
 
 
 def test_scene_questions_are_true_and_varied():
@@ -122,7 +113,7 @@ def test_scene_questions_are_true_and_varied():
         truth = {s.position: (s.colour, s.kind) for s in scene.shapes}
         assert _parse_caption(data.describe(scene)) == truth
         questions = data.scene_questions(scene, rng, 100)
-        assert len(questions) >= 8 and len({q.question for q in questions}) == len(questions)
+        assert len(questions) >= 6 and len({q.question for q in questions}) == len(questions)
         for q in questions:
             assert q.options[q.answer] == _true_answer(q.question, truth)[1]
             answers_by_num_options[len(q.options)].append(q.answer)

@@ -1,12 +1,14 @@
 """The miniature CapRL world (issue 10, in progress): scenes, questions, a caption grammar with fact precision and
 recall, and the recipe that trains a reader and a starting policy in it.
 
-A scene is 1 to 4 coloured shapes on a 2x2 grid (`caprl_core.data`: 6 colours, 3 kinds, 4 cells); its facts are each
-shape and the number of shapes, more than a terse caption holds. Questions (`data.scene_questions`) ask for the count,
-whether a kind is present, what fills a cell ("nothing" for an empty one), a shape's colour, an object's kind, a
-shape's cell. The caption grammar, its parser, what a caption implies for each question and fact precision / recall
-are in `caprl_core.world.grammar`; train and eval log the precision and recall of any dataset whose reference
-captions are complete captions of the grammar (the synthetic shapes data are).
+A scene is 1 to 4 coloured shapes in four cells, the middles of the edges of a 3x3 grid (`caprl_core.data`: 6
+colours, 3 kinds, cells top / left / right / bottom, one word and one token each); its facts are the four cells'
+contents, more than a terse caption holds. The reference caption states every cell, empty ones included ("top: red
+circle. left: none. ..."), so a caption answers a question exactly when it has the asked cell's statement. Questions
+(`data.scene_questions`) ask what is at a cell ("none" for an empty one), and for a cell with a shape its colour and
+its kind. The caption grammar, its parser, what a caption implies for each question and fact precision / recall are
+in `caprl_core.world.grammar`; train and eval log the precision and recall of any dataset whose reference captions are
+complete captions of the grammar (the synthetic shapes data are).
 
 `python -m caprl_core.world build --out DIR` trains a reader (`world.reader`: a small Qwen2 that answers through
 CapRLReward's own prompts) and a start policy (`world.policy`: a small Qwen2.5-VL fine-tuned to terse captions) and

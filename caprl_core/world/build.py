@@ -34,15 +34,15 @@ from caprl_core.world.reader import WORLD_TEMPLATE, make_reader, reader_accuracy
 class BuildConfig:
     """Sizes and budgets of a build. The defaults made the shipped models."""
 
-    reader_steps: int = 1500
-    reader_batch: int = 32
+    reader_steps: int = 3000
+    reader_batch: int = 64
     reader_lr: float = 3e-3
-    reader_hidden: int = 128
+    reader_hidden: int = 64
     reader_layers: int = 4
-    policy_steps: int = 2000  # 91.8% precision, 41.5% recall (README); 300 steps give about 15%
+    policy_steps: int = 800
     policy_batch: int = 32
     policy_lr: float = 3e-3
-    policy_hidden: int = 128
+    policy_hidden: int = 64
     policy_layers: int = 4
     eval_pairs: int = 400  # (caption, question) pairs of the reader's check
     eval_images: int = 64  # images of the policy's check
@@ -65,8 +65,10 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
     config = config or BuildConfig()
     out_dir = Path(out_dir)
     card: dict = {"config": asdict(config), "seconds": {}}
+    # The reader reads raw prompts (no chat turns: `world_reward`), so its directory's tokenizer has no chat template
+    # and CapRLReward prompts it the same way; the policy's prompt is a chat turn.
     tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.chat_template = None
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -76,7 +78,7 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
 
         def log(step, losses, accuracy):
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[0]:.3f}", acc=f"{accuracy:.2f}")
+            bar.set_postfix(loss=f"{losses['answer']:.3f}", look=f"{losses['look']:.3f}", acc=f"{accuracy:.2f}")
 
         train_reader(reader, tokenizer, steps=config.reader_steps, batch_size=config.reader_batch,
                      lr=config.reader_lr, seed=SPLIT_SEEDS["reader"] + config.seed, log=log)  # fmt: skip
@@ -86,6 +88,7 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
     save_prompt_template(WORLD_TEMPLATE, out_dir / "reader")
 
     started = time.perf_counter()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     prompter = PolicyPrompter(tokenizer, tiny_image_processor())
     policy = make_policy(tokenizer, hidden_size=config.policy_hidden, num_layers=config.policy_layers,
                          seed=config.seed)  # fmt: skip
@@ -116,7 +119,7 @@ def _save(model, tokenizer, directory: Path, image_processor=None) -> None:
 
 def check_reader(reader, tokenizer, num_pairs: int) -> dict:
     """The reader's accuracy on held-out (caption, question) pairs: from reference captions, from terse ones (the
-    first shape only), from empty ones; and how often it agrees with what the caption implies."""
+    first cell only), from empty ones; and how often it agrees with what the caption implies."""
     rng = random.Random(SPLIT_SEEDS["reader_eval"])
     scenes = [synthetic_scene(rng) for _ in range(num_pairs)]
     questions = [scene_questions(s, rng, 1)[0] for s in scenes]
