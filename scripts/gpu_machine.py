@@ -10,6 +10,7 @@ TFLOP/s figures are then reported without a percentage). `source` in the result 
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 
 import torch
@@ -99,6 +100,9 @@ def machine_facts() -> dict:
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "triton": triton_version, "transformers": transformers_version,
         "cuda_available": torch.cuda.is_available(), "driver": _driver_version(), "peaks": card_peaks(),
+        # What the later steps need: a missing one explains their failure at a glance.
+        "tools": {**{p: _version(p) for p in ("pytest", "ninja", "liger-kernel")},
+                  **{t: shutil.which(t) for t in ("nvcc", "compute-sanitizer")}},
     }  # fmt: skip
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

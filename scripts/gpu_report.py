@@ -81,7 +81,8 @@ def _facts(report: dict) -> list[str]:
     return [f"- GPU: {facts.get('gpu', 'none')}, driver {facts.get('driver')}, CUDA {facts.get('torch_cuda')}",
             f"- torch {facts.get('torch')}, triton {facts.get('triton')}, transformers {facts.get('transformers')}",
             f"- peaks: {_fmt(peaks.get('bandwidth_gbs'), ' GB/s', 0)}, "
-            f"{_fmt(peaks.get('bf16_tflops'), ' bf16 TFLOP/s', 0)} ({peaks.get('source')})"]  # fmt: skip
+            f"{_fmt(peaks.get('bf16_tflops'), ' bf16 TFLOP/s', 0)} ({peaks.get('source')})",
+            "- tools: " + ", ".join(f"{k} {v}" for k, v in (facts.get("tools") or {}).items())]  # fmt: skip
 
 
 def summary_markdown(report: dict) -> str:
