@@ -30,22 +30,13 @@ if not torch.cuda.is_available():  # the dry run: Triton through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from caprl_core import backends, ops, reference  # noqa: E402
-from scripts.gpu_machine import CUDA, DEVICE, VOCAB, card_peaks, percent  # noqa: E402
+from scripts.gpu_machine import CUDA, DEVICE, VOCAB, card_peaks, percent, synced_seconds  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `repeats` synchronised calls after one warm-up call (compiles, fills caches)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if CUDA:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(synced_seconds(fn) for _ in range(repeats))
 
 
 def assert_close(name: str, got: torch.Tensor, expected: torch.Tensor, atol: float) -> float:

@@ -20,7 +20,7 @@ import torch
 from caprl_core.models import tiny_qwen2
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
-from scripts.gpu_machine import CUDA, DEVICE, VOCAB, card_peaks, percent
+from scripts.gpu_machine import DEVICE, VOCAB, card_peaks, percent, synced_seconds
 
 PROMPT_LEN, NEW_TOKENS = 128, 128
 QWEN2_0_5B = dict(vocab_size=VOCAB, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
@@ -30,16 +30,6 @@ QWEN2_0_5B = dict(vocab_size=VOCAB, hidden_size=896, num_layers=24, num_heads=14
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab - 1, (batch, length), generator=gen).tolist()
-
-
-def _timed(fn) -> float:
-    if CUDA:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _engine_call(engine: Engine, vocab: int):
@@ -63,8 +53,8 @@ def _hf_call(model, vocab: int):
 def decode_rate(call, batch: int, length: int, new: int, seed: int) -> dict:
     """tokens/s of the decode steps alone and of the whole call, for `call(batch, length, new, seed)`."""
     call(2, length, 2, seed + 1)  # warm-up: kernel compilation, allocator
-    prefill_s = _timed(lambda: call(batch, length, 1, seed + 2))
-    full_s = _timed(lambda: call(batch, length, new, seed + 3))
+    prefill_s = synced_seconds(lambda: call(batch, length, 1, seed + 2))
+    full_s = synced_seconds(lambda: call(batch, length, new, seed + 3))
     decode_s = max(full_s - prefill_s, 1e-9)
     return {"decode_tokens_per_s": batch * (new - 1) / decode_s, "total_tokens_per_s": batch * new / full_s,
             "prefill_s": prefill_s, "full_s": full_s}  # fmt: skip

@@ -12,12 +12,24 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import time
 
 import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 VOCAB = 151936  # Qwen2.5's: the real shape of every vocabulary-wide op
+
+
+def synced_seconds(fn) -> float:
+    """Wall time of one call of fn, the device synchronised before and after (so its kernels are inside it)."""
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def percent(value: float, peak: float | None) -> float | None:
