@@ -19,7 +19,8 @@ written whatever happens: bench/results/gpu-check-<time>.json (every step's stat
 and a markdown summary beside it. The pytest steps load scripts/ci_strict_skips.py, so a backend skipped because it
 did not load fails them. --dry-run runs the same steps with stand-ins where a GPU is needed (pytest collects instead
 of running, the kernels run on the CPU backends without compute-sanitizer, the benchmarks at tiny shapes), so the
-kit is exercised on every CI run. --break STEP replaces STEP's command by one that fails (to see the failure path).
+kit is exercised on every CI run; its steps run in forks of a process that imported torch once (scripts/gpu_fork.py).
+--break STEP replaces STEP's command by one that fails (to see the failure path).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scripts import gpu_fork
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 480  # the whole check: a GPU machine is lent for minutes, so it must fit in 8
@@ -122,22 +126,31 @@ def _junit_counts(path: Path) -> dict | None:
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 
 
-def run_step(step: Step, work_dir: Path, timeout_s: float) -> dict:
+# A runner runs a command with extra environment and a timeout -> (status, exit code or None, output).
+Runner = Callable[[list[str], dict[str, str], float], tuple[str, "int | None", str]]
+
+
+def run_subprocess(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, int | None, str]:
+    """The command in a fresh process from the repository root: passed, failed, or timeout (killed)."""
+    try:
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        return "timeout", None, _tail(e.stdout) + _tail(e.stderr)
+    except OSError as e:  # the command does not exist (e.g. no compute-sanitizer on PATH)
+        return "failed", None, f"could not start: {e}"
+    return "passed" if done.returncode == 0 else "failed", done.returncode, done.stdout + done.stderr
+
+
+def run_step(step: Step, work_dir: Path, timeout_s: float, runner: Runner = run_subprocess) -> dict:
     """Runs one step with `timeout_s`; returns its record: status (passed / failed / timeout), exit code, seconds,
     output tail, and the figures or test counts it wrote."""
     result, junit = work_dir / f"{step.name}.json", work_dir / f"{step.name}.xml"
     command = [part.replace("{result}", str(result)).replace("{junit}", str(junit)) for part in step.command]
     record: dict = {"name": step.name, "command": command, "timeout_s": round(timeout_s, 1)}
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, **step.env}, capture_output=True, text=True,
-                              timeout=timeout_s)  # fmt: skip
-        record.update(status="passed" if done.returncode == 0 else "failed", returncode=done.returncode,
-                      output_tail=_tail(done.stdout + done.stderr))  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        record.update(status="timeout", returncode=None, output_tail=_tail(e.stdout) + _tail(e.stderr))
-    except OSError as e:  # the command does not exist (e.g. no compute-sanitizer on PATH)
-        record.update(status="failed", returncode=None, output_tail=f"could not start: {e}")
+    status, returncode, output = runner(command, step.env, timeout_s)
+    record.update(status=status, returncode=returncode, output_tail=_tail(output))
     record["seconds"] = round(time.perf_counter() - start, 2)
     if result.is_file():
         record["result"] = json.loads(result.read_text())
@@ -150,7 +163,9 @@ def run_step(step: Step, work_dir: Path, timeout_s: float) -> dict:
     return record
 
 
-def run_all(steps: list[Step], work_dir: Path, budget_s: float, records: list[dict]) -> None:
+def run_all(
+    steps: list[Step], work_dir: Path, budget_s: float, records: list[dict], runner: Runner = run_subprocess
+) -> None:
     """Every step in order, each with the smaller of its timeout and what is left of the budget, appending to
     `records` as it goes (so a crash of the runner itself still leaves what ran); a step with no budget left is
     recorded as skipped_budget (a failure: the check did not run it)."""
@@ -161,7 +176,7 @@ def run_all(steps: list[Step], work_dir: Path, budget_s: float, records: list[di
             records.append({"name": step.name, "status": "skipped_budget", "seconds": 0.0})
             continue
         print(f"gpu-check: {step.name} ...", file=sys.stderr, flush=True)
-        records.append(run_step(step, work_dir, min(step.timeout_s, left)))
+        records.append(run_step(step, work_dir, min(step.timeout_s, left), runner))
         print(f"gpu-check: {step.name} {records[-1]['status']} in {records[-1]['seconds']} s", file=sys.stderr)
 
 
@@ -202,13 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         if step.name in args.broken:
             step.command = [sys.executable, "-c", f"raise SystemExit('{step.name}: broken on purpose (--break)')"]
-    start, records = time.perf_counter(), []
+    start, records, runner = time.perf_counter(), [], run_subprocess
     try:
-        run_all(steps, work_dir, args.budget_s, records)
+        if args.dry_run and gpu_fork.available():  # see scripts/gpu_fork.py: fresh interpreters cost ~5 s a step here
+            gpu_fork.preload()
+            runner = gpu_fork.run_forked
+        run_all(steps, work_dir, args.budget_s, records, runner)
     except BaseException as e:  # a bug in the runner or Ctrl-C: still write the report of what ran
         records.append({"name": "runner", "status": "failed", "seconds": 0.0, "output_tail": repr(e)})
     failed = [r["name"] for r in records if r["status"] != "passed"]
-    report = {"started": started, "dry_run": args.dry_run, "passed": not failed, "failed_steps": failed,
+    report = {"started": started, "dry_run": args.dry_run, "runner": runner.__name__, "passed": not failed,
+              "failed_steps": failed,
               "seconds": round(time.perf_counter() - start, 1), "steps": records}  # fmt: skip
     json_path, md_path = write_report(report, args.out)
     print(f"gpu-check: {'PASSED' if not failed else 'FAILED: ' + ', '.join(failed)} in {report['seconds']} s; "

@@ -7,13 +7,14 @@ Run: pytest tests/test_gpu_check.py
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from scripts import gpu_check
+from scripts import gpu_check, gpu_fork
 from scripts.gpu_machine import card_peaks
 from scripts.gpu_report import summary_markdown
 
@@ -33,6 +34,7 @@ def test_dry_run_invokes_every_step_and_writes_the_report(tmp_path):
     names = [s.name for s in gpu_check.plan(True, tmp_path)]
     assert done.returncode == 0, done.stdout + done.stderr
     assert report["passed"] and report["dry_run"] and report["failed_steps"] == []
+    assert report["runner"] == "run_forked"
     assert [r["name"] for r in report["steps"]] == names
     assert all(r["status"] == "passed" and r["returncode"] == 0 for r in report["steps"])
     steps = {r["name"]: r for r in report["steps"]}
@@ -67,6 +69,18 @@ def test_a_step_past_its_timeout_is_killed_and_recorded(tmp_path):
                           timeout_s=60)  # fmt: skip
     record = gpu_check.run_step(step, tmp_path, timeout_s=2)
     assert record["status"] == "timeout" and record["seconds"] < 30 and record["returncode"] is None
+
+
+def test_forked_steps_keep_their_exit_code_environment_and_timeout(tmp_path):
+    """The dry run's runner: a fork per step, with its own output, environment and timeout."""
+    code = "import os, sys; print(os.environ['STEP_VAR']); sys.exit(3)"
+    status, returncode, output = gpu_fork.run_forked([sys.executable, "-c", code], {"STEP_VAR": "seen"}, 30)
+    assert (status, returncode, output.strip()) == ("failed", 3, "seen")
+    assert "STEP_VAR" not in os.environ  # the parent's environment is untouched
+    status, returncode, _ = gpu_fork.run_forked([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1)
+    assert (status, returncode) == ("timeout", None)
+    with pytest.raises(ValueError, match="^command:"):
+        gpu_fork.run_forked(["compute-sanitizer", "python"], {}, 1)
 
 
 def test_steps_beyond_the_budget_are_recorded_as_not_run(tmp_path):
