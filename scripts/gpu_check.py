@@ -74,13 +74,21 @@ def _bench(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "scripts.gpu_bench", name, "--result", "{result}", *args]
 
 
+def find_sanitizer() -> str:
+    """compute-sanitizer on PATH, else in the CUDA toolkit ($CUDA_HOME, /usr/local/cuda: bin/ or its own folder);
+    the bare name when nowhere, so the step fails saying it could not start it."""
+    found = shutil.which("compute-sanitizer")
+    homes = [Path(h) for h in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if h]
+    candidates = [home / sub / "compute-sanitizer" for home in homes for sub in ("bin", "compute-sanitizer")]
+    return found or next((str(c) for c in candidates if c.is_file()), "compute-sanitizer")
+
+
 def _sanitized(tool: str, backend: str, dry_run: bool) -> list[str]:
     """compute-sanitizer `tool` over every kernel of `backend`; the dry run runs the same driver on the CPU
     backend, without the sanitizer (there is no GPU to instrument)."""
     if dry_run:
         return _bench("kernels", "--backend", "cpu" if backend == "cuda" else backend)
-    sanitizer = shutil.which("compute-sanitizer") or "compute-sanitizer"  # a missing tool fails the step, loudly
-    return [sanitizer, "--tool", tool, "--error-exitcode", "1", *_bench("kernels", "--backend", backend)]
+    return [find_sanitizer(), "--tool", tool, "--error-exitcode", "1", *_bench("kernels", "--backend", backend)]
 
 
 def plan(dry_run: bool, out_dir: Path) -> list[Step]:

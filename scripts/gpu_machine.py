@@ -107,6 +107,8 @@ def _version(package: str) -> str:
 
 def machine_facts() -> dict:
     """GPU, driver, CUDA, torch, triton and transformers versions, and the peaks used for the percentages."""
+    from scripts.gpu_check import find_sanitizer
+
     triton_version, transformers_version = _version("triton"), _version("transformers")
     facts = {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
@@ -114,7 +116,7 @@ def machine_facts() -> dict:
         "cuda_available": torch.cuda.is_available(), "driver": _driver_version(), "peaks": card_peaks(),
         # What the later steps need: a missing one explains their failure at a glance.
         "tools": {**{p: _version(p) for p in ("pytest", "ninja", "liger-kernel")},
-                  **{t: shutil.which(t) for t in ("nvcc", "compute-sanitizer")}},
+                  "nvcc": shutil.which("nvcc"), "compute-sanitizer": find_sanitizer()},
     }  # fmt: skip
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
