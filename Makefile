@@ -15,7 +15,7 @@ CUDA_ARCH ?= sm_90
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint build nvcc-check bench train selfcheck clean
+.PHONY: setup test lint build nvcc-check bench train selfcheck gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,15 @@ bench: setup build
 
 selfcheck: setup build
 	$(PY) -m caprl_core.selfcheck
+
+# The GPU validation kit (scripts/gpu_check.py): build with CUDA, op and gpu tests, compute-sanitizer, benchmarks, a
+# 3-step training run, in under 8 minutes; the report goes to bench/results/gpu-check-<time>.{json,md}. DRY_RUN=1
+# runs every step with CPU stand-ins (CI runs it through tests/test_gpu_check.py). GPU_CHECK_ARGS passes options,
+# e.g. GPU_CHECK_ARGS="--steps build,gpu_tests".
+DRY_RUN ?= 0
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	$(PY) -m scripts.gpu_check $(if $(filter 1,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
 # The built-in default run: tiny models on synthetic shapes data, a few minutes on a CPU. ARGS passes options,
 # e.g. make train ARGS="--policy DIR --reader DIR --data FILE".

@@ -3,8 +3,10 @@
 On the CI machine every backend that tests/conftest.py lists for the device must run (the C++ extension built,
 Triton importable) and the test dependencies must import. A skip there means the build or the install is broken, and
 without this plugin it would hide under a green run, e.g. after a torch upgrade breaks the extension or Triton.
-Other skips are left alone (a test may legitimately skip for reasons of its own). Tests marked `gpu` are deselected on
-CPU machines, not skipped, so they are unaffected.
+Other skips are left alone (a test may legitimately skip for reasons of its own), among them a backend that has no
+kernel for an op by design ("the cuda backend has no kernel for token_logprobs (by design)"). Tests marked `gpu` are
+deselected on CPU machines, not skipped, so they are unaffected. On a GPU machine tests/conftest.py fails (does not
+skip) a Triton or CUDA backend that does not load; `make gpu-check` loads this plugin too.
 
 Use: python -m pytest -p scripts.ci_strict_skips   (.ci/run does; run from the repository root)
 """

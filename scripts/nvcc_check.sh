@@ -10,6 +10,9 @@
 # and 2.14, whose headers need it), for both steps, so this checks what the JIT build compiles; c++17 (the oldest
 # torch 2.x used, and enough for the torch-free .cu files) when $PY has no torch. Never a fixed c++17: torch 2.14's
 # headers do not compile under it.
+# nvcc flags: the real build's (`python -m caprl_core._build --nvcc-flags`: csrc/cuda/nvcc.flags, e.g. -O3
+# --use_fast_math, after the flags torch's builder adds to every .cu compile, e.g. -D__CUDA_NO_HALF_OPERATORS__);
+# without torch, csrc/cuda/nvcc.flags alone. One source for both, so this check compiles what the JIT build compiles.
 # Usage: scripts/nvcc_check.sh   (env: NVCC=nvcc CUDA_ARCH=sm_90 PY=.venv/bin/python CXX=c++ REQUIRE_NVCC=0)
 set -euo pipefail
 NVCC=${NVCC:-nvcc} CUDA_ARCH=${CUDA_ARCH:-sm_90} PY=${PY:-.venv/bin/python} CXX=${CXX:-c++}
@@ -23,12 +26,16 @@ fi
 have_torch=0
 if "$PY" -c "import torch" >/dev/null 2>&1; then have_torch=1; fi
 cxx_std=c++17
-if [ "$have_torch" = 1 ]; then cxx_std=$("$PY" -m caprl_core._build --cxx-std); fi
+read -r -a nvcc_flags <csrc/cuda/nvcc.flags
+if [ "$have_torch" = 1 ]; then
+  cxx_std=$("$PY" -m caprl_core._build --cxx-std)
+  read -r -a nvcc_flags <<<"$("$PY" -m caprl_core._build --nvcc-flags)"
+fi
 
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for f in csrc/cuda/*.cu; do
-  echo "nvcc -arch=$CUDA_ARCH -std=$cxx_std $f"
-  "$NVCC" -arch="$CUDA_ARCH" -std="$cxx_std" -O3 -Xcompiler -fPIC -Icsrc -c "$f" -o "$tmp/$(basename "$f").o"
+  echo "nvcc -arch=$CUDA_ARCH -std=$cxx_std ${nvcc_flags[*]} $f"
+  "$NVCC" -arch="$CUDA_ARCH" -std="$cxx_std" "${nvcc_flags[@]}" -Xcompiler -fPIC -Icsrc -c "$f" -o "$tmp/$(basename "$f").o"
 done
 "$NVCC" -arch="$CUDA_ARCH" -shared "$tmp"/*.o -o "$tmp/libcheck.so"
 echo "nvcc-check: CUDA kernels ok"

@@ -27,11 +27,24 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS_HERE = ("torch", "cpu", "triton") if DEVICE.type == "cpu" else ("torch", "triton", "cuda")
 
 
+# Backends that must load wherever CUDA tensors are tested: on a GPU machine a failed Triton import or CUDA build is
+# a broken install, and a skip would hide it under a green run.
+REQUIRED_ON_CUDA = ("triton", "cuda")
+
+
 def require_backend(name: str, op: str, device: torch.device = DEVICE) -> None:
-    """Skip (with the reason) when backend `name` cannot run `op` on `device`; tests must not pass on a fallback."""
+    """Skip (with the reason) when backend `name` cannot run `op` on `device`; tests must not pass on a fallback.
+
+    A backend that has no kernel for `op` by design (the CUDA backend has no token_logprobs) is a plain skip. On CUDA
+    tensors, a Triton or CUDA backend that does not load fails the test instead: that is a broken build."""
     why = backends._why_unavailable(name, op, device)
-    if why is not None:
-        pytest.skip(f"{name} backend unavailable for {op}: {why}")
+    if why is None:
+        return
+    if backends._load_error(name) is None and not backends.has_op(backends.load(name), op):
+        pytest.skip(f"the {name} backend has no kernel for {op} (by design)")
+    if device.type == "cuda" and name in REQUIRED_ON_CUDA:
+        pytest.fail(f"{name} backend broken for {op} on a CUDA machine: {why}", pytrace=False)
+    pytest.skip(f"{name} backend unavailable for {op}: {why}")
 
 
 @pytest.fixture(params=BACKENDS_HERE)

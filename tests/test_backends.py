@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
 import torch
 
 from caprl_core import backends, ops, reference
+from scripts import ci_strict_skips
 
 CPU = torch.device("cpu")
 
@@ -73,3 +75,30 @@ def test_fallback_gives_the_same_answer(monkeypatch, fresh_warnings):
     with pytest.warns(UserWarning):
         got = ops.token_logprobs(logits, targets, backend="cuda")  # no CUDA tensors here: falls back
     torch.testing.assert_close(got, reference.token_logprobs(logits, targets), atol=1e-5, rtol=0)
+
+
+def test_broken_kernel_backend_fails_on_cuda_tensors_and_skips_elsewhere(monkeypatch):
+    """tests/conftest.py: on a GPU machine a Triton or CUDA backend that does not load is a failure, not a skip."""
+    from conftest import require_backend
+
+    why = "the cuda kernels did not load: the CUDA build failed: error: identifier undefined"
+    monkeypatch.setattr(backends, "_why_unavailable", lambda name, op, device: why)
+    monkeypatch.setattr(backends, "_load_error", lambda name: why)
+    with pytest.raises(BaseException) as outcome:  # BaseException: a skip must be caught too, and fail this test
+        require_backend("cuda", "mcq_rewards", torch.device("cuda"))
+    assert outcome.type is pytest.fail.Exception, f"expected a failure, got {outcome.type.__name__}: {outcome.value}"
+    assert "cuda backend broken for mcq_rewards on a CUDA machine" in str(outcome.value)
+    with pytest.raises(pytest.skip.Exception, match="cuda backend unavailable for mcq_rewards"):
+        require_backend("cuda", "mcq_rewards", CPU)
+
+
+def test_backend_without_the_op_by_design_is_a_plain_skip(monkeypatch):
+    """The CUDA backend has no token_logprobs kernel: a skip whose reason scripts/ci_strict_skips.py lets pass."""
+    from conftest import require_backend
+
+    monkeypatch.setattr(backends, "_why_unavailable", lambda *a: "the cuda backend has no kernel for token_logprobs")
+    monkeypatch.setattr(backends, "_load_error", lambda name: None)
+    monkeypatch.setattr(backends, "load", lambda name: types.SimpleNamespace())  # a module with no kernels
+    with pytest.raises(pytest.skip.Exception, match=r"has no kernel for token_logprobs \(by design\)") as skipped:
+        require_backend("cuda", "token_logprobs", torch.device("cuda"))
+    assert not ci_strict_skips.BROKEN.search(str(skipped.value))

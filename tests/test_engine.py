@@ -24,11 +24,13 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int
 
 
 def _hf_greedy(model, prompt, max_new_tokens: int) -> list[int]:
-    """HF generate on one unpadded prompt (token list or VL dict); greedy, no early stop."""
+    """HF generate on one unpadded prompt (token list or VL dict) on the model's device; greedy, no early stop."""
     if isinstance(prompt, dict):
-        kw = {k: (v[None] if k in ("input_ids", "mm_token_type_ids") else v) for k, v in prompt.items()}
+        kw = {
+            k: (v[None] if k in ("input_ids", "mm_token_type_ids") else v).to(model.device) for k, v in prompt.items()
+        }
     else:
-        kw = {"input_ids": torch.tensor([prompt])}
+        kw = {"input_ids": torch.tensor([prompt], device=model.device)}
     kw["attention_mask"] = torch.ones_like(kw["input_ids"])
     out = model.generate(**kw, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=None, pad_token_id=0)  # fmt: skip
@@ -287,6 +289,23 @@ def test_triton_attention_backend_matches_hf_under_interpreter():
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=new))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out[0].token_ids == _hf_greedy(model, prompt, new)
+
+
+@pytest.mark.gpu  # deselected (and counted as such) without CUDA
+@pytest.mark.parametrize("attn_backend", ["triton", "torch"])
+@pytest.mark.parametrize("num_kv_blocks", [256, 14], ids=["big-cache", "preempting-cache"])
+def test_greedy_matches_hf_generate_on_cuda(attn_backend, num_kv_blocks):
+    """The GPU paths (Triton store/prefill/decode kernels, CUDA sampling) give HF's greedy tokens. fp32: in bf16 a
+    near-tie between two logits may flip on a different summation order, which is not an engine error."""
+    model = tiny_qwen2().cuda()
+    prompts, new = _prompts(512), 16
+    engine = Engine(model, num_kv_blocks=num_kv_blocks, block_size=4, max_batch_tokens=64, attn_backend=attn_backend)
+    assert engine.attn_backend == attn_backend  # not a silent fallback
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=new))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out[0].token_ids == _hf_greedy(model, prompt, new)
+    if num_kv_blocks == 14:
+        assert engine.stats.preemptions > 0
 
 
 def test_stop_tokens_end_a_completion():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,53 @@ def test_decoupled_components_are_normalised_separately(backend, device):
     second_adv = grpo(second[:4]) + grpo(second[4:])
     expected = [a + 0.5 * b for a, b in zip(first_adv, second_adv, strict=True)]
     torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64, device=device), **FP64)
+
+
+# The CUDA kernel keeps 40 bytes of state per group in shared memory while they fit, else in a global workspace
+# (csrc/cuda/group_advantages.cu: group_advantages_workspace_bytes). The same arithmetic, with its constants:
+CU_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "group_advantages.cu"
+CU_BYTES_PER_GROUP = 5 * 8  # kBytesPerGroup = 5 * sizeof(double)
+CU_DEFAULT_SHARED = 48 * 1024  # kDefaultShared
+CU_STATIC_SHARED = (1024 // 32) * 8 + 1024  # kStaticShared = kWarps * sizeof(double) + 1024, kWarps = kThreads / 32
+
+
+def max_shared_groups(optin_shared_bytes: int) -> int:
+    """The most groups whose state the CUDA kernel keeps in shared memory, given the device's opt-in limit."""
+    return (max(optin_shared_bytes, CU_DEFAULT_SHARED) - CU_STATIC_SHARED) // CU_BYTES_PER_GROUP
+
+
+def test_shared_memory_threshold_constants_match_the_cuda_source():
+    """The constants above are the .cu file's: an edit there must be mirrored here, or the GPU test below would test
+    the shared-memory path twice and the global one never."""
+    source = CU_SOURCE.read_text()
+    for line in [
+        "constexpr int kThreads = 1024;",
+        "constexpr size_t kBytesPerGroup = 5 * sizeof(double);",
+        "constexpr size_t kDefaultShared = 48 * 1024;",
+        "constexpr size_t kStaticShared = kWarps * sizeof(double) + 1024;",
+        "const size_t limit = std::max(static_cast<size_t>(optin), kDefaultShared) - kStaticShared;",
+    ]:
+        assert line in source, f"csrc/cuda/group_advantages.cu changed: {line!r} not found"
+    assert max_shared_groups(227 * 1024) == 5779  # H100/H200: the "about 5,700 groups" of the .cu comment
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("extra_groups", [0, 1, 3000], ids=["shared-last", "global-first", "global-many"])
+def test_cuda_global_memory_path_matches_reference(device, dtype, extra_groups):
+    """Just below, just above and well above the number of groups whose state fits in shared memory: the kernel's
+    two storage paths (shared, and the global workspace with L1-bypassing loads) against the reference."""
+    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    num_groups = max_shared_groups(optin) + extra_groups
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, num_groups, (4 * num_groups,), generator=gen)
+    ids[:num_groups] = torch.randperm(num_groups, generator=gen)  # every group present: G is exactly num_groups
+    rewards = torch.randint(0, 9, (len(ids), 2), generator=gen).double() / 8  # ties, flat and single groups
+    ids, rewards = ids.to(device), rewards.to(device, dtype)
+    weights = torch.tensor([1.0, 0.5], dtype=dtype, device=device)
+    for method, scale in [("grpo", "group"), ("rloo", "batch")]:
+        kwargs = dict(group_ids=ids, method=method, scale=scale, weights=weights, eps=1e-6)
+        out = advantages("cuda", rewards, **kwargs)
+        expected = reference.group_advantages(rewards.double(), **{**kwargs, "weights": weights.double()}).to(dtype)
+        tol = FP64 if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)  # as test_fp32_rewards
+        torch.testing.assert_close(out, expected, **tol)

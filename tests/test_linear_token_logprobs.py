@@ -26,6 +26,9 @@ CASES = [
     ((2,), 151936, 8, True, 0.7),
 ]
 CASE_IDS = [f"{'x'.join(map(str, n))}-V{v}-H{h}-{'bias' if b else 'nobias'}-T{t}" for n, v, h, b, t in CASES]
+# A micro-batch at Qwen2.5's vocab and a real hidden width, on CUDA only (deselected without it): the kernels' real
+# tiles, the full-vocab chunk loop and the long H reduction.
+GPU_CASE = pytest.param((1024,), 151936, 1024, True, 1.0, id="gpu-1024-V151936-H1024", marks=pytest.mark.gpu)
 # (dtype, atol, rtol) against the fp64 reference on the same (rounded) inputs.
 TOLERANCES = [
     # fp32: the acceptance bound is 1e-5 absolute on log-probs (the Triton kernel: measured <= 3e-6; its logits are
@@ -117,7 +120,10 @@ def check_against_reference(backend, hidden, weight, bias, targets, atol, rtol, 
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
-@pytest.mark.parametrize("lead, vocab, hidden_size, with_bias, temperature", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "lead, vocab, hidden_size, with_bias, temperature",
+    [*(pytest.param(*case, id=i) for case, i in zip(CASES, CASE_IDS, strict=True)), GPU_CASE],
+)
 def test_matches_reference(backend, device, lead, vocab, hidden_size, with_bias, temperature, dtype, atol, rtol):
     hidden, weight, bias = make_inputs(lead, vocab, hidden_size, with_bias, dtype, device)
     targets = make_targets(lead, vocab, device)
@@ -151,7 +157,14 @@ def native(hidden, weight, bias, targets, grad_logp, grad_entropy, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead, vocab, hidden_size", [((5,), 1009, 37), ((2,), 151936, 8)], ids=["5x1009", "2x151936"])
+@pytest.mark.parametrize(
+    "lead, vocab, hidden_size",
+    [
+        pytest.param((5,), 1009, 37, id="5x1009"),
+        pytest.param((2,), 151936, 8, id="2x151936"),
+        pytest.param((1024,), 151936, 1024, id="gpu-1024x151936-H1024", marks=pytest.mark.gpu),
+    ],
+)
 def test_low_precision_within_twice_native_error(backend, device, lead, vocab, hidden_size, dtype):
     """bf16/fp16 inputs: the kernel may be at most 2x as far from the fp64 reference as PyTorch's own computation
     in that dtype (matmul, log_softmax, autograd), for logp, entropy and every gradient."""

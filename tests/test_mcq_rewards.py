@@ -168,3 +168,23 @@ def test_hidden_longer_than_one_block(backend, device):
     out = score(backend, *args, **kwargs)
     # H = 700 products per logit: the fp32 summation-order error grows ~sqrt(H); 2e-5 covers it.
     assert_close_to_reference(out, reference.mcq_rewards(*args, **kwargs), num_options, dict(rtol=2e-5, atol=2e-5))
+
+
+@pytest.mark.gpu  # deselected (and counted as such) without CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reader_scoring_shape_gpu(backend, device, dtype):
+    """A reward step's shape: 1,024 prompts of 128 captions, H = 2,048, Qwen2.5's vocabulary, 5 option slots. Soft
+    mode only: with 1,024 prompts some hard margins fall below the fp32 rounding of an H = 2,048 logit, where the
+    backends may legitimately disagree on a tie-break (the hard rule is tested above at a checked margin)."""
+    hidden, weight, bias, _, num_options, answers, caption_index = problem(
+        device, dtype, prompts=1024, hidden_size=2048, vocab=151_936, slots=5, captions=128, seed=7
+    )
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(151_936, generator=gen)[:5] for _ in range(1024)]).to(device)
+    kwargs = dict(num_options=num_options, bias=bias, temperature=1.0, mode="soft")
+    out = score(backend, hidden, weight, ids, answers, caption_index, 128, **kwargs)
+    acc = reference.acc_dtype(dtype)
+    upcast = dict(kwargs, bias=bias.to(acc))
+    expected = reference.mcq_rewards(hidden.to(acc), weight.to(acc), ids, answers, caption_index, 128, **upcast)
+    # 2,048 products per logit: the summation-order error grows ~sqrt(H) (2e-5 at H = 700 above), so 5e-5.
+    assert_close_to_reference(out, expected, num_options, dict(rtol=5e-5, atol=5e-5))

@@ -18,6 +18,8 @@ from caprl_core import backends, ops, reference
 IGNORE = -100
 # (leading shape, V): N = 1; a prime vocab; leading batch dims; the Qwen2.5 vocab (N tiny: the interpreter is slow)
 SHAPES = [((1,), 7), ((5,), 1009), ((2, 3), 257), ((2,), 151936)]
+# A training micro-batch's shape, on CUDA only (deselected without it): the kernels' real grid and chunking.
+GPU_SHAPE = pytest.param((2048,), 151936, id="gpu-2048x151936", marks=pytest.mark.gpu)
 # (dtype, atol, rtol) against the fp64 reference on the same (rounded) inputs, for logp, entropy and grad_logits.
 TOLERANCES = [
     # fp32: the op's acceptance bound is 1e-5 absolute on log-probs. A 151,936-term logsumexp carries ~1e-6
@@ -101,7 +103,9 @@ def check_against_reference(backend, logits, targets, atol, rtol, grad_atol=None
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("lead, vocab", SHAPES, ids=[f"{'x'.join(map(str, s))}x{v}" for s, v in SHAPES])
+@pytest.mark.parametrize(
+    "lead, vocab", [*(pytest.param(s, v, id=f"{'x'.join(map(str, s))}x{v}") for s, v in SHAPES), GPU_SHAPE]
+)
 def test_matches_reference(backend, device, lead, vocab, temperature, dtype, atol, rtol):
     logits = make_logits((*lead, vocab), dtype, device)
     targets = make_targets(lead, vocab, device)
@@ -128,7 +132,9 @@ def native(logits, targets, grad_logp, grad_entropy, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead, vocab", [((5,), 1009), ((2,), 151936)], ids=["5x1009", "2x151936"])
+@pytest.mark.parametrize(
+    "lead, vocab", [pytest.param((5,), 1009, id="5x1009"), pytest.param((2,), 151936, id="2x151936"), GPU_SHAPE]
+)
 def test_low_precision_within_twice_native_error(backend, device, lead, vocab, dtype):
     """bf16/fp16 logits: the kernel may be at most 2x as far from the fp64 reference as PyTorch's own computation
     in that dtype (flash-attention's criterion), for logp, entropy and grad_logits."""

@@ -1,0 +1,72 @@
+"""caprl_core._build: where CUDA is present, a failed CUDA build is reported with the compiler's error and fails
+`python -m caprl_core._build` (the CPU kernels stay usable); the nvcc flags of the build and of `make nvcc-check`
+come from one file.
+
+Run: pytest tests/test_build.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+from caprl_core import _build
+
+ROOT = Path(__file__).resolve().parent.parent
+NVCC_OUTPUT = """Error building extension 'caprl_ext_0123':
+[1/3] nvcc -c csrc/cuda/mcq_rewards.cu
+csrc/cuda/mcq_rewards.cu(42): error: identifier "lse" is undefined
+ninja: build stopped: subcommand failed."""
+
+
+@pytest.fixture
+def failing_cuda_build(monkeypatch):
+    """A machine where CUDA is expected and its part fails to compile; the CPU part builds as usual."""
+    real_build = _build._build
+
+    def build(with_cuda: bool):
+        if with_cuda:
+            raise RuntimeError(NVCC_OUTPUT)
+        return real_build(with_cuda=False)
+
+    monkeypatch.setattr(_build, "_build", build)
+    monkeypatch.setattr(_build, "cuda_expected", lambda: True)
+    monkeypatch.setattr(_build, "_cuda_build_error", None)
+    _build.extension.cache_clear()
+    yield
+    _build.extension.cache_clear()  # the next caller gets the real extension again
+
+
+def test_failed_cuda_build_names_the_compiler_error(failing_cuda_build):
+    with pytest.warns(UserWarning, match='error: identifier "lse" is undefined'):
+        ext = _build.extension()
+    assert hasattr(ext, "cpu") and not hasattr(ext, "cuda")  # the CPU kernels stay usable
+    with pytest.raises(RuntimeError, match='CUDA build failed: .*identifier "lse" is undefined'):
+        _build.load_extension("cuda")
+
+
+def test_build_command_fails_where_cuda_is_expected_but_did_not_build(failing_cuda_build, capsys):
+    with pytest.warns(UserWarning):
+        assert _build.main([]) == 1
+    err = capsys.readouterr().err
+    assert "this machine has CUDA but the CUDA kernels did not build" in err and "ninja: build stopped" in err
+
+
+def test_build_command_passes_when_every_expected_part_built(capsys):
+    assert _build.main([]) == 0
+    assert ("(cpu, cuda)" if _build.cuda_expected() else "(cpu)") in capsys.readouterr().out
+
+
+def test_nvcc_flags_are_the_builds_and_torchs():
+    """--use_fast_math and the rest of csrc/cuda/nvcc.flags, after the flags torch's builder adds to every .cu file;
+    scripts/nvcc_check.sh compiles with exactly this list."""
+    ours = (ROOT / "csrc" / "cuda" / "nvcc.flags").read_text().split()
+    assert "--use_fast_math" in ours and _build.nvcc_flags() == ours
+    command = [sys.executable, "-m", "caprl_core._build", "--nvcc-flags"]
+    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert printed == [*COMMON_NVCC_FLAGS, *ours]
+    assert '"$PY" -m caprl_core._build --nvcc-flags' in (ROOT / "scripts" / "nvcc_check.sh").read_text()
