@@ -1,6 +1,6 @@
 """Group-shared training forward: each image's prompt once, followed by its captions, in one packed row.
 
-    inputs, index = shared_prefix_inputs(policy, prompts, captions, groups)
+    inputs, index, num_images = shared_prefix_inputs(policy, prompts, groups, device)
     hidden = policy.model(**inputs).last_hidden_state  # [1, T, H]
     selected = hidden[0][index]  # [M, T_max, H]: the positions that predict each caption token
 
