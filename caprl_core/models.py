@@ -17,6 +17,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 # Special token ids of the tiny Qwen2.5-VL model, at the top of its vocabulary (as in the real one).
@@ -50,6 +52,22 @@ def tiny_qwen2(
         kwargs["eos_token_id"] = tokenizer.eos_token_id
     config = Qwen2Config(**kwargs)
     return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def tiny_qwen3(
+    vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    *, head_dim: int = 24, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None,
+) -> Qwen3ForCausalLM:  # fmt: skip
+    """A random Qwen3 decoder (the CapRL++ answerer's architecture): RMS norms on q and k per head, no q/k/v biases,
+    and a head_dim of its own (24 here, not hidden / heads = 16, as Qwen3-4B's 128 is not 2560 / 32 = 80), so the
+    sampler cannot get away with deriving it. With a `tokenizer`, its size and eos id are used."""
+    torch.manual_seed(seed)
+    vocab_size = len(tokenizer) if tokenizer is not None else vocab_size
+    kwargs = _text_kwargs(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads)
+    if tokenizer is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    config = Qwen3Config(**kwargs, head_dim=head_dim)
+    return Qwen3ForCausalLM(config).to(dtype).eval()
 
 
 def tiny_llama(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from caprl_core.models import tiny_llama, tiny_qwen2, tiny_qwen2_5_vl, vl_prompt_inputs
+from caprl_core.models import tiny_llama, tiny_qwen2, tiny_qwen2_5_vl, tiny_qwen3, vl_prompt_inputs
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
@@ -43,7 +43,8 @@ def _full_forward_logits(model, prompt_ids: list[int], completion: list[int]) ->
     return logits[len(prompt_ids) - 1 : -1]
 
 
-@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama], ids=["qwen2", "llama"])
+# Qwen3: q/k RMS norms and a head_dim (24) that is not hidden / heads (16): the paged cache must be sized by it.
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama, tiny_qwen3], ids=["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("num_kv_blocks", [256, 14], ids=["big-cache", "preempting-cache"])
 def test_greedy_matches_hf_generate(build, num_kv_blocks):
     model = build()

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from caprl_core.data import MCQ
-from caprl_core.models import tiny_qwen2, tiny_tokenizer
+from caprl_core.models import tiny_qwen2, tiny_qwen3, tiny_tokenizer
 from caprl_core.reward import LETTERS, CapRLReward, RewardConfig
 
 CAPTIONS = [
@@ -52,8 +52,9 @@ def _answer_logits(reward: CapRLReward, step: int) -> tuple[list[torch.Tensor], 
     return rows, draws
 
 
-def test_hard_reward_equals_full_vocabulary_reference(tokenizer):
-    reward = _reward(tokenizer, num_draws=6)
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_qwen3], ids=["qwen2", "qwen3"])  # Qwen3: the CapRL++ answerer
+def test_hard_reward_equals_full_vocabulary_reference(tokenizer, build):
+    reward = _reward(tokenizer, build(tokenizer=tokenizer, seed=1), num_draws=6)
     rewards, details = reward.score(CAPTIONS, QUESTIONS, step=3)
     rows, draws = _answer_logits(reward, step=3)
     expect = torch.zeros(len(CAPTIONS))
