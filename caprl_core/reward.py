@@ -135,12 +135,14 @@ The answer is E.
 Now answer the question from the following caption:
 
 """
+# The server writes the Qwen chat turns itself, without a system message and without the reader's chat template
+# (Qwen3's would add thinking tags): the preset does the same (use_chat_template=False).
 RECIPE_TEMPLATE = PromptTemplate(
-    header=RECIPE_HEADER,
+    header="<|im_start|>user\n" + RECIPE_HEADER,
     caption="Caption: <Caption Start> {caption} <Caption End>\n",
     question="Question: {question}\n{options}\n",
     option="- {letter}) {text}",
-    answer_cue="The answer is",
+    answer_cue="<|im_end|>\n<|im_start|>assistant\nThe answer is",
 )
 # The recipe's answerer: sampled at T = 0.6, at most 10 new tokens, the first of the letters A-I in the reply.
 RECIPE_READER_TEMPERATURE = 0.6
@@ -208,11 +210,12 @@ class RewardConfig:
     @classmethod
     def recipe(cls, **overrides) -> RewardConfig:
         """The CapRL reward server's setting: 8 draws with replacement, shuffled lettered options plus "Can not
-        answer based on the caption", the prompt ending "The answer is", the reader at T = 0.6, soft mode (the
+        answer based on the caption", Qwen chat turns written out (no system message, no chat template), the
+        assistant's turn opened with "The answer is", the reader at T = 0.6, soft mode (the
         expectation of the server's sampled reward: `CapRLReward.sample_by_generation` draws that reward itself, at
         most 10 tokens, first letter A-I). `overrides` replace any field."""
         values = dict(num_draws=8, mode="soft", temperature=RECIPE_READER_TEMPERATURE, cannot_answer=True,
-                      cannot_answer_text=RECIPE_CANNOT_ANSWER, template=RECIPE_TEMPLATE,
+                      cannot_answer_text=RECIPE_CANNOT_ANSWER, template=RECIPE_TEMPLATE, use_chat_template=False,
                       max_options=len(RECIPE_ANSWER_LETTERS), answer_letters=RECIPE_ANSWER_LETTERS,
                       answer_tokens=RECIPE_ANSWER_TOKENS)  # fmt: skip
         values.update(overrides)
