@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_to_checkpoint
 from PIL import Image
 
 from caprl_core import eval as caprl_eval
-from caprl_core import train
 from caprl_core.policy import PolicyPrompter, load_models
 from caprl_core.qwen3_dirs import QWEN3_VL_CHAT_TEMPLATE, write_qwen3_format_dirs
 
@@ -46,10 +46,7 @@ def test_directories_load_as_qwen3_vl_and_qwen3(dirs):
 
 @pytest.fixture(scope="module")
 def trained(dirs, tmp_path_factory) -> tuple[Path, Path]:
-    policy, reader = dirs
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out), *RUN]) == 0
-    return out, out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    return train_to_checkpoint(*dirs, tmp_path_factory.mktemp("run"), RUN)
 
 
 def test_training_steps_run_and_match_the_sampler(trained):
