@@ -18,6 +18,12 @@ from typing import Any
 
 from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
 from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES
+from caprl_core.reward import (
+    RECIPE_LENGTH_L1,
+    RECIPE_LENGTH_L2,
+    RECIPE_LENGTH_WEIGHT,
+    RECIPE_READER_TEMPERATURE,
+)
 
 
 @dataclass
@@ -51,8 +57,12 @@ class RolloutConfig:
 
 @dataclass
 class RewardSection:
+    # "recipe" = the published CapRL reward server (caprl_core.reward.RewardConfig.recipe): its prompt, the reader at
+    # T = 0.6, soft mode, and the length term 0.2 x (1 up to 2,048 tokens, 0 from 3,072); explicit options win.
+    reward_preset: str = "default"
     num_draws: int = 8  # N: questions drawn per caption
     mode: str = "hard"  # hard | soft
+    reader_temperature: float = 1.0  # the reader's softmax temperature (soft mode)
     advantage: str = "grpo"  # grpo | rloo
     scale: str = "group"  # group | batch | none (Dr.GRPO: none)
     length_weight: float = 0.0  # weight of the caption-length term (0 = off): 1 up to length_l1, 0 from length_l2
@@ -143,8 +153,12 @@ HELP = {
     "kv_cache_tokens": "the policy sampler's KV cache size in tokens; not given: sized by each rollout's need",
     "reader_kv_cache_tokens": "the reader's KV cache size in tokens; not given: sized by each step's need",
     "instruction": "the text after the image in the policy's prompt",
+    "reward_preset": "recipe = the published CapRL reward server: its prompt layout, reader temperature 0.6, soft "
+                     "mode (the expectation of its sampled reward), 8 draws, length term weight 0.2 from 2,048 to "
+                     "3,072 tokens; options given explicitly override the preset",
     "num_draws": "questions drawn per caption (N) for its reward",
     "mode": "reward per draw: hard = 1 if the reader's best option is right, soft = the probability it gives it",
+    "reader_temperature": "the reader's softmax temperature in soft mode (the recipe's answerer samples at 0.6)",
     "advantage": "group advantage: grpo = reward minus the group mean, rloo = minus the mean of the others",
     "scale": "divide advantages by the group's std, the batch's std, or not at all (Dr.GRPO: none)",
     "length_weight": "weight of the caption-length reward term (0 = off)",
@@ -180,7 +194,14 @@ HELP = {
     "steps": "training steps",
     "seed": "seed of data order, sampling, question draws and the tiny models",
 }  # fmt: skip
+# What --reward-preset recipe sets (caprl_core.reward's RECIPE_* constants), under the options given explicitly.
+RECIPE_PRESET = {
+    "num_draws": 8, "mode": "soft", "reader_temperature": RECIPE_READER_TEMPERATURE,
+    "length_weight": RECIPE_LENGTH_WEIGHT, "length_l1": RECIPE_LENGTH_L1, "length_l2": RECIPE_LENGTH_L2,
+}  # fmt: skip
+REWARD_PRESETS = ("default", "recipe")
 CHOICES = {
+    "reward_preset": REWARD_PRESETS,
     "dtype": tuple(DTYPES), "on_error": ("skip", "raise"), "mode": ("hard", "soft"), "advantage": ("grpo", "rloo"),
     "scale": ("group", "batch", "none"), "schedule": ("constant", "cosine"), "aggregation": AGGREGATIONS,
     "rollout_correction": ROLLOUT_CORRECTIONS, "rollout_correction_level": CORRECTION_LEVELS,
@@ -342,6 +363,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     if values.get("policy") is None:
         for name, value in TINY_DEFAULTS.items():
             _set(config, name, value)
+    if values.get("reward_preset") == "recipe":
+        for name, value in RECIPE_PRESET.items():
+            _set(config, name, value)
     for name, value in values.items():
         _set(config, name, value)
     validate(config)
@@ -373,7 +397,9 @@ def validate(config: TrainConfig) -> None:
     need(r.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
     need(r.kv_cache_tokens is None or r.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1")
     need(r.reader_kv_cache_tokens is None or r.reader_kv_cache_tokens >= 1, "reader_kv_cache_tokens", "must be >= 1")
+    need(g.reward_preset in REWARD_PRESETS, "reward_preset", f"one of {'|'.join(REWARD_PRESETS)}")
     need(g.num_draws >= 1, "num_draws", "must be >= 1")
+    need(g.reader_temperature > 0, "reader_temperature", "must be > 0")
     need(g.mode in ("hard", "soft"), "mode", "must be hard or soft")
     need(g.advantage in ("grpo", "rloo"), "advantage", "must be grpo or rloo")
     need(g.scale in ("group", "batch", "none"), "scale", "must be group, batch or none")

@@ -28,6 +28,10 @@ Command line:
 
     python -m caprl_core.data make-synthetic --out DIR [--num 32] [--seed 0]
     python -m caprl_core.data validate FILE [--strict] [--no-check-images]
+    python -m caprl_core.data convert IN OUT [--image-root DIR] [--strict] [--no-check-images]
+
+`convert` turns the official CapRL QA files (verl-style parquet or JSONL rows) into this format
+(`caprl_core.convert`).
 """
 
 from __future__ import annotations
@@ -448,6 +452,34 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if args.strict and result.errors else 0
 
 
+def _add_convert_parser(commands) -> None:
+    convert = commands.add_parser("convert", help="convert the official CapRL QA rows (parquet or JSONL) to this "
+                                  "format", description="Convert verl-style rows (prompt, images, data_source, "
+                                  "reward_model.ground_truth) to this module's JSONL; every row left out is listed "
+                                  "as file:row: what is wrong.")  # fmt: skip
+    convert.add_argument("src", type=Path, metavar="IN", help="the released file: .parquet (needs pyarrow) or JSONL")
+    convert.add_argument("dst", type=Path, metavar="OUT", help="the JSONL file to write")
+    convert.add_argument("--image-root", type=Path, metavar="DIR", help="where the rows' relative image paths "
+                         "start (default: IN's directory)")  # fmt: skip
+    convert.add_argument("--strict", action="store_true", help="exit with status 1 if any row is left out")
+    convert.add_argument("--no-check-images", action="store_true", help="do not open the image files")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from caprl_core.convert import convert_file  # convert imports this module
+
+    try:
+        result = convert_file(args.src, args.dst, image_root=args.image_root, check_images=not args.no_check_images)
+    except DataError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{args.src}: {result.num_rows} rows, {result.num_written} written to {args.dst}, "
+          f"{len(result.errors)} left out")  # fmt: skip
+    for error in result.errors:
+        print(f"  {error}")
+    return 1 if args.strict and result.errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m caprl_core.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -466,9 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path, metavar="FILE", help="the JSONL dataset file")
     check.add_argument("--strict", action="store_true", help="exit with status 1 if any line is bad")
     check.add_argument("--no-check-images", action="store_true", help="do not open the image files")
+    _add_convert_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(args)
+    if args.command == "convert":
+        return _convert(args)
     try:
         path = make_synthetic_dataset(
             args.out, args.num, seed=args.seed, image_size=args.image_size, questions_per_image=args.questions

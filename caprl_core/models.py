@@ -17,6 +17,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 # Special token ids of the tiny Qwen2.5-VL model, at the top of its vocabulary (as in the real one).
@@ -50,6 +54,22 @@ def tiny_qwen2(
         kwargs["eos_token_id"] = tokenizer.eos_token_id
     config = Qwen2Config(**kwargs)
     return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+def tiny_qwen3(
+    vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    *, head_dim: int = 24, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None,
+) -> Qwen3ForCausalLM:  # fmt: skip
+    """A random Qwen3 decoder (the CapRL++ answerer's architecture): RMS norms on q and k per head, no q/k/v biases,
+    and a head_dim of its own (24 here, not hidden / heads = 16, as Qwen3-4B's 128 is not 2560 / 32 = 80), so the
+    sampler cannot get away with deriving it. With a `tokenizer`, its size and eos id are used."""
+    torch.manual_seed(seed)
+    vocab_size = len(tokenizer) if tokenizer is not None else vocab_size
+    kwargs = _text_kwargs(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads)
+    if tokenizer is not None:
+        kwargs["eos_token_id"] = tokenizer.eos_token_id
+    config = Qwen3Config(**kwargs, head_dim=head_dim)
+    return Qwen3ForCausalLM(config).to(dtype).eval()
 
 
 def tiny_llama(
@@ -87,6 +107,33 @@ def tiny_qwen2_5_vl(
         text["eos_token_id"] = tokenizer.eos_token_id
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
     return Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+
+
+def tiny_qwen3_vl(
+    vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
+    *, head_dim: int = 24, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None,
+) -> Qwen3VLForConditionalGeneration:  # fmt: skip
+    """A random Qwen3-VL (the CapRL++ captioner's architecture) small enough for CPU tests: a 2-block vision tower
+    with 16-px patches, a 2x2 merge and learned position embeddings (8 x 8, interpolated to each grid), DeepStack
+    features from both blocks added to the hidden states after decoder layers 0 and 1, interleaved M-RoPE, q/k norms
+    and a head_dim (24) that is not hidden / heads. Special tokens as in `tiny_qwen2_5_vl`."""
+    torch.manual_seed(seed)
+    special = tiny_vl_token_ids(vocab_size)
+    if tokenizer is not None:
+        vocab_size = len(tokenizer)
+        special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in VL_SPECIAL_TOKENS.items()}
+    half = head_dim // 2  # the rotary half, split t/h/w and interleaved (t h w t h w ...)
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = _text_kwargs(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads)
+    text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                    "mrope_section": section, "mrope_interleaved": True})  # fmt: skip
+    if tokenizer is not None:
+        text["eos_token_id"] = tokenizer.eos_token_id
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])  # fmt: skip
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    return Qwen3VLForConditionalGeneration(config).to(dtype).eval()
 
 
 def tiny_vl_token_ids(vocab_size: int = 512) -> dict[str, int]:

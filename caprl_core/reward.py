@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from caprl_core.data import MAX_OPTIONS, MCQ
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
-__all__ = ["MCQ", "PromptTemplate", "RewardConfig", "RewardDetails", "CapRLReward"]
+__all__ = ["MCQ", "PromptTemplate", "RewardConfig", "RewardDetails", "CapRLReward", "RECIPE_TEMPLATE"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -99,6 +99,61 @@ CANNOT_ANSWER = "The question cannot be answered from the caption."
 PROMPT_FILE = "caprl_prompt.json"
 
 
+# The published CapRL reward server's prompt layout (CapRL 1.0 and CapRL++ share it): the caption between
+# "<Caption Start>" / "<Caption End>" markers, options as "- A) text" lines, the shuffled options followed by
+# "Can not answer based on the caption", and the assistant turn opened with "The answer is" so that the reply starts
+# with the letter. The instruction and the two worked examples are written for this project in the same structure
+# (answer from the caption only, one example answerable, one not); a reader directory may carry another wording in
+# caprl_prompt.json.
+RECIPE_CANNOT_ANSWER = "Can not answer based on the caption"
+RECIPE_HEADER = """You are given a caption that describes an image, and one multiple-choice question about that image.
+Answer using only what the caption states or clearly implies, even when the answer looks obvious from general \
+knowledge or from the question itself. Make no assumptions beyond the caption.
+
+Example 1:
+Caption: <Caption Start> A man in a yellow raincoat rides a green bicycle along a canal. <Caption End>
+Question: What colour is the bicycle?
+- A) Red
+- B) Green
+- C) Yellow
+- D) Black
+- E) Can not answer based on the caption
+
+The answer is B.
+
+Example 2:
+Caption: <Caption Start> A girl holds a paper lantern at a night market. <Caption End>
+Question: What shape is the lantern?
+- A) Round
+- B) Square
+- C) Star-shaped
+- D) Oval
+- E) Can not answer based on the caption
+
+The answer is E.
+
+Now answer the question from the following caption:
+
+"""
+# The server writes the Qwen chat turns itself, without a system message and without the reader's chat template
+# (Qwen3's would add thinking tags): the preset does the same (use_chat_template=False).
+RECIPE_TEMPLATE = PromptTemplate(
+    header="<|im_start|>user\n" + RECIPE_HEADER,
+    caption="Caption: <Caption Start> {caption} <Caption End>\n",
+    question="Question: {question}\n{options}\n",
+    option="- {letter}) {text}",
+    answer_cue="<|im_end|>\n<|im_start|>assistant\nThe answer is",
+)
+# The recipe's answerer: sampled at T = 0.6, at most 10 new tokens, the first of the letters A-I in the reply.
+RECIPE_READER_TEMPERATURE = 0.6
+RECIPE_ANSWER_TOKENS = 10
+RECIPE_ANSWER_LETTERS = "ABCDEFGHI"
+# The recipe's caption-length term (CapRL++ launch scripts): 1 up to 2,048 tokens, linear to 0 at 3,072, weight 0.2.
+RECIPE_LENGTH_WEIGHT = 0.2
+RECIPE_LENGTH_L1 = 2048
+RECIPE_LENGTH_L2 = 3072
+
+
 def save_prompt_template(template: PromptTemplate, directory) -> None:
     """Write `template` as directory/caprl_prompt.json."""
     (Path(directory) / PROMPT_FILE).write_text(json.dumps(asdict(template), indent=2) + "\n")
@@ -131,7 +186,10 @@ class RewardConfig:
     temperature: the reader's softmax temperature (soft mode). seed: with the step number, fixes every draw and
     shuffle. use_chat_template: None = use the reader tokenizer's chat template when it has one.
     kv_cache_tokens: the reader's KV cache size in tokens; None = sized by each call's need (see `Engine`).
-    engine_kwargs: passed to the reader's `Engine` (block size, ...)."""
+    engine_kwargs: passed to the reader's `Engine` (block size, ...).
+    answer_letters: the letters the generate-and-parse ways look for in a reply (the first one found is the
+    answer). answer_tokens: the tokens those ways let the reader generate.
+    `RewardConfig.recipe()` is the published reward server's setting."""
 
     num_draws: int = 8
     mode: str = "hard"
@@ -146,6 +204,22 @@ class RewardConfig:
     max_options: int = MAX_OPTIONS + 1
     kv_cache_tokens: int | None = None
     engine_kwargs: dict = field(default_factory=dict)
+    answer_letters: str = LETTERS
+    answer_tokens: int = RECIPE_ANSWER_TOKENS
+
+    @classmethod
+    def recipe(cls, **overrides) -> RewardConfig:
+        """The CapRL reward server's setting: 8 draws with replacement, shuffled lettered options plus "Can not
+        answer based on the caption", Qwen chat turns written out (no system message, no chat template), the
+        assistant's turn opened with "The answer is", the reader at T = 0.6, soft mode (the
+        expectation of the server's sampled reward: `CapRLReward.sample_by_generation` draws that reward itself, at
+        most 10 tokens, first letter A-I). `overrides` replace any field."""
+        values = dict(num_draws=8, mode="soft", temperature=RECIPE_READER_TEMPERATURE, cannot_answer=True,
+                      cannot_answer_text=RECIPE_CANNOT_ANSWER, template=RECIPE_TEMPLATE, use_chat_template=False,
+                      max_options=len(RECIPE_ANSWER_LETTERS), answer_letters=RECIPE_ANSWER_LETTERS,
+                      answer_tokens=RECIPE_ANSWER_TOKENS)  # fmt: skip
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.num_draws, int) and self.num_draws >= 1):
@@ -156,6 +230,10 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.temperature must be > 0, got {self.temperature!r}")
         if not (2 <= self.max_options <= len(LETTERS)):
             raise ValueError(f"RewardConfig.max_options must be in [2, 26], got {self.max_options!r}")
+        if not (self.answer_letters and set(self.answer_letters) <= set(LETTERS)):
+            raise ValueError(f"RewardConfig.answer_letters must be capital letters A-Z, got {self.answer_letters!r}")
+        if not (isinstance(self.answer_tokens, int) and self.answer_tokens >= 1):
+            raise ValueError(f"RewardConfig.answer_tokens must be an integer >= 1, got {self.answer_tokens!r}")
         if self.kv_cache_tokens is not None:
             if not (isinstance(self.kv_cache_tokens, int) and self.kv_cache_tokens >= 1):
                 raise ValueError(f"RewardConfig.kv_cache_tokens must be None or an integer >= 1, "
@@ -369,20 +447,46 @@ class CapRLReward:
 
     def score_by_generation(
         self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None,
-        max_new_tokens: int = 10,
+        max_new_tokens: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """The recipe's way, for comparison: the reader generates up to `max_new_tokens` greedily per prompt and the
-        first capital letter of its reply is its answer (no letter, or a letter past the options, is wrong).
-        Same draws and shuffles as `score` for the same step. Returns rewards [C] (hard)."""
+        """The recipe's way, greedy: the reader generates up to `max_new_tokens` (default config.answer_tokens)
+        greedily per prompt and the first of config.answer_letters in its reply is its answer (no letter, or a
+        letter past the options, is wrong). Same draws and shuffles as `score` for the same step. Rewards [C]."""
         step = self._next_step(step)
         draws = self.reader_prompts(captions, questions, step=step)
-        eos = [t for t in (self.tokenizer.eos_token_id,) if t is not None]
-        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(eos))
-        outs = self.engine.generate(draws.prompts, params)
-        right = torch.zeros(len(captions))
+        params = self._answer_params(0.0, max_new_tokens)
+        return self._generated_rewards(draws, self.engine.generate(draws.prompts, params), len(captions))[0]
+
+    def sample_by_generation(
+        self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], *, step: int | None = None,
+        num_samples: int = 1, seed: int = 0, max_new_tokens: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The recipe's way, sampled as its server does: each prompt's reply is sampled at config.temperature (up to
+        `max_new_tokens`, default config.answer_tokens) and parsed as in `score_by_generation`. `num_samples`
+        independent replies per prompt (seeded by `seed`, per prompt and sample). Same draws and shuffles as
+        `score` for the same step. Rewards [num_samples, C]: row s is the reward of every caption in sample s."""
+        step = self._next_step(step)
+        draws = self.reader_prompts(captions, questions, step=step)
+        params = replace(self._answer_params(self.config.temperature, max_new_tokens), n=num_samples, seed=seed)
+        return self._generated_rewards(draws, self.engine.generate(draws.prompts, params), len(captions))
+
+    def _answer_params(self, temperature: float, max_new_tokens: int | None) -> SamplingParams:
+        eos = tuple(t for t in (self.tokenizer.eos_token_id,) if t is not None)
+        tokens = self.config.answer_tokens if max_new_tokens is None else max_new_tokens
+        return SamplingParams(temperature=temperature, max_new_tokens=tokens, stop_token_ids=eos)
+
+    def _generated_rewards(self, draws: _Draws, outs: list, num_captions: int) -> torch.Tensor:
+        """Rewards [S, C] from the parsed replies; outs[p] holds S completions of prompt p."""
+        num_samples = len(outs[0]) if outs else 1
+        right = torch.zeros(num_samples, num_captions)
+        letters = self.config.answer_letters
         for out, answer, n, c in zip(outs, draws.answers, draws.num_options, draws.caption_index, strict=True):
-            letter = first_capital_letter(self.tokenizer.decode(out[0].token_ids, skip_special_tokens=True))
-            right[c] += float(letter is not None and LETTERS.index(letter) < n and LETTERS.index(letter) == answer)
+            for s, completion in enumerate(out):
+                letter = first_capital_letter(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                                              letters)  # fmt: skip
+                right[s, c] += float(
+                    letter is not None and LETTERS.index(letter) < n and LETTERS.index(letter) == answer
+                )
         return right / self.config.num_draws
 
     def _next_step(self, step: int | None) -> int:
@@ -412,9 +516,10 @@ class CapRLReward:
         return caprl_reward
 
 
-def first_capital_letter(text: str) -> str | None:
-    """The recipe's parse: the first capital letter A-Z of a reply, or None."""
-    match = re.search(r"[A-Z]", text)
+def first_capital_letter(text: str, letters: str = LETTERS) -> str | None:
+    """The recipe's parse: the first of `letters` (capitals) in a reply, or None. The recipe's server looks for
+    A-I only, so a reply "Not sure: B" is B there (the N is skipped), while with A-Z it would be N."""
+    match = re.search(f"[{re.escape(letters)}]", text)
     return match.group(0) if match else None
 
 

@@ -39,7 +39,7 @@ from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_data
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
 from caprl_core.precision import MasterWeightOptimizer
-from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
+from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, PromptTemplate, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.shared_prefix import Group, shared_prefix_inputs
@@ -476,6 +476,17 @@ class Run:
                                     "rewards": rewards[i * G : (i + 1) * G, 0].tolist()}) + "\n")  # fmt: skip
 
 
+def reward_config(config: TrainConfig, reader_template: PromptTemplate | None) -> RewardConfig:
+    """The reward's configuration from the run's: with --reward-preset recipe the published server's prompt and
+    answer letters (`RewardConfig.recipe`), else the reader directory's template or the default one."""
+    g = config.reward
+    values = dict(num_draws=g.num_draws, mode=g.mode, temperature=g.reader_temperature, seed=config.seed,
+                  kv_cache_tokens=config.rollout.reader_kv_cache_tokens)  # fmt: skip
+    if g.reward_preset == "recipe":
+        return RewardConfig.recipe(**values)
+    return RewardConfig(**values, template=reader_template or DEFAULT_TEMPLATE)
+
+
 def setup(config: TrainConfig) -> Run:
     """Models, data, sampler, reward, optimizer and schedule of a run (nothing trained yet)."""
     _seed_everything(config.seed)
@@ -493,10 +504,7 @@ def setup(config: TrainConfig) -> Run:
     examples = _load_data(config, output_dir)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
     engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
-    reward_config = RewardConfig(num_draws=config.reward.num_draws, mode=config.reward.mode, seed=config.seed,
-                                 kv_cache_tokens=config.rollout.reader_kv_cache_tokens,
-                                 template=models.reader_template or DEFAULT_TEMPLATE)  # fmt: skip
-    reward = CapRLReward(reader, reader_tokenizer, reward_config)
+    reward = CapRLReward(reader, reader_tokenizer, reward_config(config, models.reader_template))
     # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision).
     optimizer = MasterWeightOptimizer(
         policy, lambda params: torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from caprl_core.models import write_real_format_dirs
+from caprl_core.qwen3_dirs import write_qwen3_format_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory to write policy/ and reader/ into")
     parser.add_argument("--widths", choices=["test", "real"], default="test", help="small widths or the 3B ones")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--family", choices=["qwen2.5", "qwen3"], default="qwen2.5",
+                        help="qwen2.5: Qwen2.5-VL-3B policy + Qwen2.5-3B reader; qwen3: Qwen3-VL-4B policy + "
+                        "Qwen3-4B reader (CapRL++)")  # fmt: skip
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    policy, reader = write_real_format_dirs(args.out, widths=args.widths, seed=args.seed)
+    write = write_qwen3_format_dirs if args.family == "qwen3" else write_real_format_dirs
+    policy, reader = write(args.out, widths=args.widths, seed=args.seed)
     print(f"policy {policy}\nreader {reader}\n({time.perf_counter() - start:.1f} s)")
     return 0
 

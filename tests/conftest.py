@@ -65,3 +65,11 @@ def pytest_collection_modifyitems(config, items) -> None:
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+
+
+def train_to_checkpoint(policy, reader, out, run_args: list[str]):
+    """`python -m caprl_core.train` in this process on model directories: (run directory, its latest checkpoint)."""
+    from caprl_core import train
+
+    assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out), *run_args]) == 0
+    return out, out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from caprl_core.models import tiny_llama, tiny_qwen2, tiny_qwen2_5_vl, vl_prompt_inputs
+from caprl_core.models import tiny_llama, tiny_qwen2, tiny_qwen2_5_vl, tiny_qwen3, tiny_qwen3_vl, vl_prompt_inputs
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
@@ -45,7 +45,8 @@ def _full_forward_logits(model, prompt_ids: list[int], completion: list[int]) ->
     return logits[len(prompt_ids) - 1 : -1]
 
 
-@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama], ids=["qwen2", "llama"])
+# Qwen3: q/k RMS norms and a head_dim (24) that is not hidden / heads (16): the paged cache must be sized by it.
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_llama, tiny_qwen3], ids=["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("num_kv_blocks", [256, 14], ids=["big-cache", "preempting-cache"])
 def test_greedy_matches_hf_generate(build, num_kv_blocks):
     model = build()
@@ -60,9 +61,12 @@ def test_greedy_matches_hf_generate(build, num_kv_blocks):
     assert model.config._attn_implementation == "sdpa"  # switched back after the engine's steps
 
 
+# Qwen3-VL: DeepStack features added after decoder layers 0 and 1 (without them 3 of the 4 outputs differ),
+# interleaved M-RoPE, 16-px patches with interpolated position embeddings.
+@pytest.mark.parametrize("build", [tiny_qwen2_5_vl, tiny_qwen3_vl], ids=["qwen2.5-vl", "qwen3-vl"])
 @pytest.mark.parametrize("num_kv_blocks", [128, 18], ids=["big-cache", "preempting-cache"])
-def test_greedy_matches_hf_generate_qwen2_5_vl(num_kv_blocks):
-    model = tiny_qwen2_5_vl()
+def test_greedy_matches_hf_generate_vl(build, num_kv_blocks):
+    model = build()
     prompts = [
         vl_prompt_inputs(model, [1, 2], [[1, 4, 6]], [5, 6, 7], seed=1),
         vl_prompt_inputs(model, [3], [[1, 4, 4], [1, 6, 2]], [8, 9, 10, 11, 12], seed=2),  # two grids

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_to_checkpoint
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
 
 from caprl_core import eval as caprl_eval
@@ -57,10 +58,7 @@ def test_qwen_id_tokenizer_has_the_real_special_ids():
 @pytest.fixture(scope="module")
 def trained(dirs, tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, its last checkpoint) of 2 training steps on the real-format directories."""
-    policy, reader = dirs
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out), *RUN]) == 0
-    return out, out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    return train_to_checkpoint(*dirs, tmp_path_factory.mktemp("run"), RUN)
 
 
 def test_checkpoint_is_a_complete_policy_directory(dirs, trained):

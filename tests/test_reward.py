@@ -3,13 +3,15 @@ generate-and-parse way, and its prefix sharing counted token by token."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from caprl_core.data import MCQ
-from caprl_core.models import tiny_qwen2, tiny_tokenizer
+from caprl_core.models import tiny_qwen2, tiny_qwen3, tiny_tokenizer
 from caprl_core.reward import LETTERS, CapRLReward, RewardConfig
 
 CAPTIONS = [
@@ -50,8 +52,9 @@ def _answer_logits(reward: CapRLReward, step: int) -> tuple[list[torch.Tensor], 
     return rows, draws
 
 
-def test_hard_reward_equals_full_vocabulary_reference(tokenizer):
-    reward = _reward(tokenizer, num_draws=6)
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_qwen3], ids=["qwen2", "qwen3"])  # Qwen3: the CapRL++ answerer
+def test_hard_reward_equals_full_vocabulary_reference(tokenizer, build):
+    reward = _reward(tokenizer, build(tokenizer=tokenizer, seed=1), num_draws=6)
     rewards, details = reward.score(CAPTIONS, QUESTIONS, step=3)
     rows, draws = _answer_logits(reward, step=3)
     expect = torch.zeros(len(CAPTIONS))
@@ -210,3 +213,50 @@ def test_trl_reward_follows_the_trainer_step(tokenizer):
     at_7 = fn(prompts=["p"] * 3, completions=CAPTIONS, questions=rows, trainer_state=SimpleNamespace(global_step=7))
     expect, _ = _reward(tokenizer, num_draws=4).score(CAPTIONS, QUESTIONS, step=7)
     assert at_7 == expect.tolist()
+
+
+def _letter_reader(tokenizer, seed: int, letters: str, scale: float):
+    """A tiny random reader whose every generated token is one of `letters` (lm_head bias -1e4 elsewhere), with its
+    weights scaled so that the letters' probabilities differ by question, caption and temperature."""
+    reader = tiny_qwen2(tokenizer=tokenizer, seed=seed, num_layers=1)
+    with torch.no_grad():
+        for name, param in reader.named_parameters():
+            if "norm" not in name:
+                param.mul_(scale)
+    weight = reader.lm_head.weight.detach()
+    reader.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    ids = [tokenizer.convert_tokens_to_ids("Ġ" + x) for x in letters]
+    with torch.no_grad():
+        reader.lm_head.weight.copy_(weight)
+        reader.lm_head.bias.fill_(-1e4)
+        reader.lm_head.bias[ids] = 0.0
+    return reader
+
+
+def test_soft_recipe_reward_is_the_expectation_of_the_recipes_sampled_reward(tokenizer):
+    """The recipe's server samples the reader's reply at T = 0.6 and parses its first letter A-I; the recipe preset
+    scores the soft reward at T = 0.6 instead. For a reader that answers with an option letter (as a trained reader
+    does after "The answer is"), the soft reward is the expectation of the sampled one: Monte-Carlo over 600 sampled
+    replies per prompt (the same draws and shuffles), within 3 standard errors per caption. The same samples are
+    more than 3 standard errors away from the soft reward at T = 1 and from the greedy reward, so the check would
+    notice a wrong temperature or a hard reward."""
+    questions = [[MCQ(q.question, (q.options + ("x", "y", "z"))[:4], q.answer) for q in qs] for qs in QUESTIONS]
+    reader = _letter_reader(tokenizer, seed=5, letters="ABCDE", scale=4.0)  # 4 options + "Can not answer"
+    config = RewardConfig.recipe(engine_kwargs={"kv_cache_tokens": 65536, "block_size": 16})
+    reward = CapRLReward(reader, tokenizer, config)
+    assert (config.num_draws, config.temperature, config.answer_tokens) == (8, 0.6, 10)
+    soft, _ = reward.score(CAPTIONS, questions, step=7)
+    samples = reward.sample_by_generation(CAPTIONS, questions, step=7, num_samples=600, seed=11)  # [S, C]
+    estimate, se = samples.mean(0), samples.std(0) / samples.shape[0] ** 0.5
+    assert (se > 0).all()
+    assert ((estimate - soft.cpu()).abs() < 3 * se).all(), (estimate, se, soft)
+    at_t1, _ = CapRLReward(reader, tokenizer, replace(config, temperature=1.0), engine=reward.engine).score(
+        CAPTIONS, questions, step=7
+    )
+    greedy = reward.score_by_generation(CAPTIONS, questions, step=7)
+    assert ((estimate - at_t1.cpu()).abs() > 3 * se).any(), (estimate, se, at_t1)
+    assert ((estimate - greedy).abs() > 3 * se).any(), (estimate, se, greedy)
+    print(
+        f"\nrecipe MC: estimate {estimate.tolist()} se {se.tolist()} soft(T=0.6) {soft.tolist()} "
+        f"soft(T=1) {at_t1.tolist()} greedy {greedy.tolist()}"
+    )

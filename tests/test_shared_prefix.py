@@ -1,7 +1,8 @@
 """The group-shared training forward (`caprl_core.shared_prefix`) against the unshared one, its reference: the same
-log-probs and the same gradient on every parameter (vision tower included) on tiny Qwen2 and Qwen2.5-VL models,
-with ragged and truncated captions, G in {1, 2, 8}, groups split across micro-batches and gradient checkpointing; and
-the work it saves, counted with hooks on the model (tokens into the decoder, images into the vision tower)."""
+log-probs and the same gradient on every parameter (vision tower included) on tiny Qwen2, Qwen2.5-VL and Qwen3-VL
+models, with ragged and truncated captions, G in {1, 2, 8}, groups split across micro-batches and gradient
+checkpointing; and the work it saves, counted with hooks on the model (tokens into the decoder, images into the
+vision tower)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from caprl_core import train as train_mod
 from caprl_core.config import parse_config
-from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, vl_prompt_inputs
+from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, tiny_qwen3_vl, vl_prompt_inputs
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.sampler.sequence import Completion
 from caprl_core.shared_prefix import Group, block_mask, shared_prefix_inputs
@@ -22,6 +23,8 @@ ATOL = 1e-5  # fp32: the two paths sum the same terms in other orders (SDPA bloc
 def _model(kind: str):
     if kind == "qwen2":
         return tiny_qwen2(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2, seed=1)
+    if kind == "qwen3_vl":  # DeepStack: the image rows of the packed row get the vision blocks' features too
+        return tiny_qwen3_vl(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2, seed=1)
     return tiny_qwen2_5_vl(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2, seed=1)
 
 
@@ -60,7 +63,7 @@ def _logp_and_grads(model, ro, group_size: int, shared: bool) -> tuple[torch.Ten
     return logp.detach().masked_fill(~batch.mask, 0), grads
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("group_size", [1, 2, 8])
 def test_logprobs_and_gradients_equal_the_unshared_forward(kind: str, group_size: int) -> None:
     model = _model(kind).train()
@@ -96,7 +99,7 @@ def _update(model, ro, group_size: int, shared: bool, *extra: str) -> tuple[dict
     return metrics, grads
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_update_with_split_groups_and_checkpointing_equals_the_unshared_update(kind: str, checkpointing: bool) -> None:
     """micro_batch_size 3 with G = 4 splits groups between micro-batches; masked truncated captions; k3 metrics."""

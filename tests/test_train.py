@@ -273,3 +273,23 @@ def test_shared_prefix_run_reproduces_the_unshared_run(tmp_path):
                 assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)
         assert shared["update_tokens"] < unshared["update_tokens"]
         assert shared["update_images"] * 3 == unshared["update_images"] == 2 * 3  # SMALL: 2 images, G = 3
+
+
+def test_recipe_reward_preset_sets_the_servers_reward_under_explicit_options():
+    from caprl_core.reward import RECIPE_TEMPLATE
+    from caprl_core.train import reward_config
+
+    config, _ = parse_config(["--reward-preset", "recipe"])
+    g = config.reward
+    assert (g.num_draws, g.mode, g.reader_temperature) == (8, "soft", 0.6)  # over the tiny run's 4 draws
+    assert (g.length_weight, g.length_l1, g.length_l2) == (0.2, 2048, 3072)
+    made = reward_config(config, None)
+    assert made.template == RECIPE_TEMPLATE and made.temperature == 0.6 and made.answer_letters == "ABCDEFGHI"
+    assert made.cannot_answer_text == "Can not answer based on the caption" and made.max_options == 9
+    config, _ = parse_config(["--reward-preset", "recipe", "--reader-temperature", "0.9", "--num-draws", "3"])
+    assert (config.reward.reader_temperature, config.reward.num_draws, config.reward.mode) == (0.9, 3, "soft")
+    assert reward_config(config, None).temperature == 0.9
+    default, _ = parse_config([])
+    assert default.reward.reward_preset == "default" and reward_config(default, None).template != RECIPE_TEMPLATE
+    with pytest.raises(ValueError, match="--reward-preset"):
+        parse_config(["--reward-preset", "paper"])

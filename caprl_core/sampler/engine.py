@@ -402,8 +402,10 @@ class Engine:
         if not batch.seqs:
             raise RuntimeError("scheduler returned an empty batch with work left (a bug: please report)")
         self._note_usage()
-        ctx, positions, ids, embeds, last_rows = self._prepare(batch)
-        hidden = self.adapter.forward(ctx, positions, input_ids=ids, inputs_embeds=embeds)  # [T, H]
+        ctx, positions, ids, embeds, deepstack, last_rows = self._prepare(batch)
+        hidden = self.adapter.forward(
+            ctx, positions, input_ids=ids, inputs_embeds=embeds, deepstack=deepstack
+        )  # [T, H]
         last = hidden[last_rows]  # [B, H]
         self.stats.steps += 1
         rows, targets = [], []
@@ -472,7 +474,8 @@ class Engine:
     # --- batch inputs -------------------------------------------------------------------------------------------
 
     def _prepare(self, batch: Batch):
-        """StepContext, positions ([T] or [3, T]), input_ids [T] or inputs_embeds [T, H], last row of each seq [B]."""
+        """StepContext, positions ([T] or [3, T]), input_ids [T] or inputs_embeds [T, H], Qwen3-VL's DeepStack inputs
+        of the step (or None), last row of each seq [B]."""
         bs, device, vl = self.block_size, self.adapter.device, self.adapter.vision is not None
         spans = []  # per sequence: the token range [start, end) this step computes
         for seq in batch.seqs:
@@ -513,8 +516,9 @@ class Engine:
         positions = torch.from_numpy(np.concatenate(pos, axis=-1)).to(device)
         last_rows = torch.from_numpy(cu[1:] - 1).to(device)
         if not vl:
-            return ctx, positions, ids_t, None, last_rows
-        return ctx, positions, None, self._embed(batch.seqs, spans, ids_t, cu), last_rows
+            return ctx, positions, ids_t, None, None, last_rows
+        embeds, deepstack = self._embed(batch.seqs, spans, ids_t, cu)
+        return ctx, positions, None, embeds, deepstack, last_rows
 
     def _positions(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """M-RoPE positions [3, end - start] of tokens start..end-1 (text: the same 1-D position on all rows)."""
@@ -528,9 +532,13 @@ class Engine:
         out[:, max(n_prompt, 0) :] = p[max(n_prompt, 0) :] + seq.mm.rope_delta
         return out
 
-    def _embed(self, seqs: list[Sequence], spans, ids: torch.Tensor, cu: np.ndarray) -> torch.Tensor:
-        """Token embeddings [T, H] with each image's placeholder rows replaced by its vision-tower output."""
+    def _embed(self, seqs: list[Sequence], spans, ids: torch.Tensor, cu: np.ndarray):
+        """Token embeddings [T, H] with each image's placeholder rows replaced by its vision-tower output, and for
+        Qwen3-VL the DeepStack inputs: (image token mask [T], per DeepStack layer [image tokens of the step, H] in
+        packed order), or None when the step computes no image token."""
         embeds = self.adapter.embed(ids)
+        mask = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        stacked = []  # [num_deepstack, rows, H] pieces in packed order
         for seq, (s, e), offset in zip(seqs, spans, cu[:-1].tolist(), strict=True):
             if seq.mm is None:
                 continue
@@ -542,7 +550,12 @@ class Engine:
                     self.stats.vision_calls += 1
                 image_rows = self.adapter.image_embeds(seq.mm, image)
                 embeds[offset + lo - s : offset + hi - s] = image_rows[lo - span.start : hi - span.start]
-        return embeds
+                if self.adapter.num_deepstack:
+                    mask[offset + lo - s : offset + hi - s] = True
+                    stacked.append(seq.mm.deepstack_embeds[image][:, lo - span.start : hi - span.start])
+        if not stacked:
+            return embeds, None
+        return embeds, (mask, list(torch.cat(stacked, dim=1).unbind(0)))
 
 
 def _mem_available_bytes() -> int:

@@ -9,7 +9,10 @@ installs for the step. A mask function that returns None is registered under the
 for a packed batch, and building a [T, T] one would cost memory.
 
 Supported: decoder-only text models whose attention modules call the attention interface and carry `layer_idx`
-(Qwen2/Qwen2.5, Llama, and the like), and Qwen2.5-VL (`model.model.language_model` + `model.model.visual`).
+(Qwen2/Qwen2.5, Qwen3, Llama, and the like), Qwen2.5-VL and Qwen3-VL (`model.model.language_model` +
+`model.model.visual`). Qwen3-VL's DeepStack adds features of early vision blocks to the hidden states of the image
+tokens after its first decoder layers: the engine hands the step's image rows of each such feature to the decoder
+(`visual_pos_masks`, `deepstack_visual_embeds`), in the packed order of the image tokens the step computes.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ class ModelAdapter:
         self.dtype = self.lm_head.weight.dtype
         self.device = self.lm_head.weight.device
         self.image_token_id = getattr(model.config, "image_token_id", None) if self.vision is not None else None
+        # Qwen3-VL: vision blocks whose features are added after decoder layers 0, 1, ... (DeepStack); 0 otherwise.
+        visual = self.vision.visual if self.vision is not None else None
+        self.num_deepstack = len(getattr(visual, "deepstack_visual_indexes", None) or ())
 
     @contextmanager
     def step(self, ctx: StepContext) -> Iterator[None]:
@@ -123,10 +129,15 @@ class ModelAdapter:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(token_ids)
 
-    def forward(self, ctx: StepContext, positions: torch.Tensor, *, input_ids=None, inputs_embeds=None):
-        """Hidden states after the final norm, [T, H], of a packed batch. positions: [T], or [3, T] for M-RoPE."""
+    def forward(self, ctx: StepContext, positions: torch.Tensor, *, input_ids=None, inputs_embeds=None,
+                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None):  # fmt: skip
+        """Hidden states after the final norm, [T, H], of a packed batch. positions: [T], or [3, T] for M-RoPE.
+        deepstack (Qwen3-VL, when the step computes image tokens): (image token mask [T], one [image tokens, H]
+        tensor per DeepStack layer)."""
         position_ids = positions[:, None, :] if positions.dim() == 2 else positions[None, :]
         kwargs = {"input_ids": input_ids[None]} if input_ids is not None else {"inputs_embeds": inputs_embeds[None]}
+        if deepstack is not None:
+            kwargs.update(visual_pos_masks=deepstack[0][None], deepstack_visual_embeds=deepstack[1])
         with self.step(ctx):
             out = self.decoder(position_ids=position_ids, use_cache=False, **kwargs)
         return out.last_hidden_state[0]
@@ -188,7 +199,8 @@ class ModelAdapter:
         return MultimodalPrompt(pixels, grid, positions[:, 0].cpu(), int(delta.reshape(-1)[0]), spans)
 
     def image_embeds(self, mm: MultimodalPrompt, image: int) -> torch.Tensor:
-        """The vision tower's output for one image of `mm`, [tokens, H] (computed once, then kept on `mm`)."""
+        """The vision tower's output for one image of `mm`, [tokens, H] (computed once, then kept on `mm`, with
+        Qwen3-VL's DeepStack features of the image, [num_deepstack, tokens, H], in mm.deepstack_embeds)."""
         if image not in mm.image_embeds:
             rows = mm.image_grid_thw.prod(-1)
             start = int(rows[:image].sum())
@@ -196,6 +208,8 @@ class ModelAdapter:
             grid = mm.image_grid_thw[image : image + 1].to(self.device)
             out = self.vision.get_image_features(pixels, grid)
             mm.image_embeds[image] = out.pooler_output[0].to(self.dtype)
+            if self.num_deepstack:
+                mm.deepstack_embeds[image] = torch.stack([f[0] for f in out.deepstack_features]).to(self.dtype)
         return mm.image_embeds[image]
 
 

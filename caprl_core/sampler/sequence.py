@@ -110,6 +110,7 @@ class MultimodalPrompt:
     rope_delta: int
     spans: list[ImageSpan]
     image_embeds: dict[int, Any] = field(default_factory=dict)
+    deepstack_embeds: dict[int, Any] = field(default_factory=dict)  # Qwen3-VL: [num_deepstack, tokens, H] per image
 
     def block_key(self, start: int, end: int) -> bytes:
         """Digests of the images whose tokens overlap [start, end): mixed into that block's prefix hash, so two
