@@ -30,6 +30,10 @@ import torch
 import torch.distributed as dist
 
 
+class WorldSizeError(ValueError):
+    """A global batch size that does not split into whole image groups over the ranks."""
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in the job: rank of world_size, local_rank on its node, the FSDP device mesh."""
@@ -76,8 +80,8 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 def local_images(images_per_step: int, world: World) -> range:
     """Indices into the step's global batch that this rank rolls out: a contiguous block of whole images."""
     if images_per_step % world.world_size:
-        raise ValueError(f"--images-per-step: the global batch ({images_per_step} images) must divide by the world "
-                         f"size ({world.world_size} processes), so every rank gets whole image groups")  # fmt: skip
+        raise WorldSizeError(f"--images-per-step: the global batch ({images_per_step} images) must divide by the world "
+                             f"size ({world.world_size} processes), so every rank gets whole image groups")  # fmt: skip
     per_rank = images_per_step // world.world_size
     return range(world.rank * per_rank, (world.rank + 1) * per_rank)
 

@@ -39,6 +39,7 @@ from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_data
 from caprl_core.distributed import (
     TokenLogprobs,
     World,
+    WorldSizeError,
     all_gather_objects,
     barrier,
     close_world,
@@ -539,7 +540,7 @@ class Run:
                         "tokens_per_s": generated / max(t1 - t0, 1e-9), "peak_memory_mb": max(peaks.values()),
                         "peak_memory_rollout_mb": peaks["rollout"], "peak_memory_reward_mb": peaks["reward"],
                         "peak_memory_update_mb": peaks["update"]})  # fmt: skip
-        if step % config.log.sample_every == 0 and world.is_main:  # rank 0 holds the batch's first images
+        if step % config.log.sample_every == 0 and world.is_main:  # rank 0's first images: the batch's first
             self._write_samples(step, batch, ro, rewards)
         return {"step": step, **metrics}
 
@@ -649,6 +650,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     device, _ = _device_dtype(config)
     world = init_world(device.type)
     try:
+        local_images(config.rollout.images_per_step, world)  # before any model loads: a batch that cannot split
         return _train(config, resume, world)
     finally:
         close_world(world)
@@ -695,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = train(config, resume=resume)
-    except ModelLoadError as e:  # a --policy / --reader that does not load: the user's input, not a crash
+    except (ModelLoadError, WorldSizeError) as e:  # the user's input (a directory, a batch size), not a crash
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)
