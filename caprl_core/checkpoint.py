@@ -70,12 +70,14 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(
     output_dir: str | Path, step: int, *, model, optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, trainer_state: dict,
-    processors: Iterable = (), keep_last: int = 3,
+    processors: Iterable = (), keep_last: int = 3, state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:  # fmt: skip
     """Write checkpoint `step` under `<output_dir>/checkpoints/` atomically; returns its directory.
 
     model: a transformers model (saved with `save_pretrained`, safetensors). processors: tokenizers / image processors
-    saved beside it (None entries are skipped). trainer_state: a JSON-serialisable dict, returned by
+    saved beside it (None entries are skipped). state_dict: the weights to write instead of the model's own (a
+    sharded model's full state dict, gathered on this rank); the model then gives only its config.
+    trainer_state: a JSON-serialisable dict, returned by
     `load_checkpoint`. Keeps the newest `keep_last` complete checkpoints (by step; the one written now is always
     kept) and deletes leftovers of interrupted saves. Writing the same step again replaces that checkpoint."""
     if step < 0:
@@ -95,7 +97,7 @@ def save_checkpoint(
     name = checkpoint_name(step)
     tmp, final = root / f"{name}.tmp-{os.getpid()}", root / name
     try:
-        _write_checkpoint(tmp, step, _unwrap(model), optimizer, scheduler, state_json, processors)
+        _write_checkpoint(tmp, step, _unwrap(model), optimizer, scheduler, state_json, processors, state_dict)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,6 +134,7 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict:  # fmt: skip
     """Restore a checkpoint into existing objects; returns the trainer_state dict given to `save_checkpoint`.
+    model None: the weights are not loaded here (a sharded run loads them with `load_weights` before sharding).
 
     Weights are copied into `model` in place (it must already be on its device: the optimizer's state follows the
     parameters' devices). The optimizer and scheduler must be built as when saving (same parameter order, same LR
@@ -142,7 +145,8 @@ def load_checkpoint(
     problem = _problem(path)
     if problem is not None:
         raise ValueError(f"{path}: not a complete checkpoint: {problem}")
-    _load_weights(path, _unwrap(model))
+    if model is not None:
+        load_weights(path, model)
     state_dir = path / STATE_DIR
     for what, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is None:
@@ -161,12 +165,13 @@ def load_checkpoint(
 # --- writing ---------------------------------------------------------------------------------------------------------
 
 
-def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state_json: str, processors) -> None:
+def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state_json: str, processors,
+                      state_dict: dict | None = None) -> None:  # fmt: skip
     """Everything into `tmp`, durable on disk, COMPLETE last."""
     tmp.mkdir(parents=True)
     # transformers writes safetensors by default (4.57) or only (5.x, where `safe_serialization` is gone): check the
     # result instead of passing a flag.
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     weights = sorted(p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
     if weights or not _weight_files_or_none(tmp):
         raise RuntimeError(f"{type(model).__name__}.save_pretrained did not write safetensors only (found {weights})")
@@ -421,9 +426,10 @@ def _checkpoint_key_map(model) -> dict[str, str] | None:
     return None if None in key_map.values() else key_map
 
 
-def _load_weights(path: Path, model) -> None:
-    """Copy the checkpoint's weights into `model` in place, after checking names and shapes (nothing is changed when
-    they do not fit)."""
+def load_weights(path: str | Path, model) -> None:
+    """Copy the weights of checkpoint (or model directory) `path` into `model` in place, after checking names and
+    shapes (nothing is changed when they do not fit); tensors of another dtype are cast to the model's."""
+    path, model = Path(path), _unwrap(model)
     files = _weight_files_or_none(path)
     if files is None:
         raise ValueError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")

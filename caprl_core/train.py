@@ -33,9 +33,26 @@ import numpy as np
 import torch
 
 from caprl_core import grpo, ops
-from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from caprl_core.config import TrainConfig, parse_config
 from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.distributed import (
+    TokenLogprobs,
+    World,
+    WorldSizeError,
+    all_gather_objects,
+    barrier,
+    close_world,
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    init_world,
+    load_optimizer_state,
+    local_images,
+    rank_device,
+    reduce_floats,
+    shard_policy,
+)
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
 from caprl_core.precision import MasterWeightOptimizer
@@ -44,6 +61,8 @@ from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.shared_prefix import Group, shared_prefix_inputs
 from caprl_core.world.grammar import caption_fact_counts
+
+ONE_PROCESS = World()  # the default of functions that also run under torchrun: no process group
 
 # Metrics that depend on the machine's speed, not on the run: excluded when comparing runs.
 TIMING_KEYS = (
@@ -78,10 +97,14 @@ def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, _default_dtype(DTYPES[config.model.dtype], device)
 
 
-def _load_data(config: TrainConfig, output_dir: Path) -> list[Example]:
+def _load_data(config: TrainConfig, output_dir: Path, world: World = ONE_PROCESS) -> list[Example]:
+    """The dataset; the synthetic one is written once, by rank 0, into the (shared) run directory."""
     path = config.data.data
     if path is None:
-        path = make_synthetic_dataset(output_dir / "data", config.data.synthetic_images, seed=config.seed)
+        path = output_dir / "data" / "data.jsonl"
+        if world.is_main:
+            path = make_synthetic_dataset(output_dir / "data", config.data.synthetic_images, seed=config.seed)
+        barrier(world)
     return load_jsonl(path, on_error=config.data.on_error).examples
 
 
@@ -114,13 +137,16 @@ def _batch(examples: list[Example], step: int, size: int, seed: int) -> list[Exa
 
 
 def rollout(engine: Engine, prompter: PolicyPrompter, tokenizer, examples: list[Example], config: TrainConfig,
-            step: int) -> Rollout:  # fmt: skip
+            step: int, first_image: int = 0) -> Rollout:  # fmt: skip
+    """G captions for each of `examples`, which are images first_image, first_image + 1, ... of the step's global
+    batch: each image's samples are seeded by (seed, step, its index in the global batch), whatever rank draws them."""
     r = config.rollout
     prompts = [prompter(load_image(ex.image)) for ex in examples]
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_new_tokens=r.max_new_tokens, stop_token_ids=stop, seed=config.seed * 1_000_003 + step,
-                            banned_token_ids=_vision_token_ids(tokenizer))  # fmt: skip
+    params = [SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                             max_new_tokens=r.max_new_tokens, stop_token_ids=stop, seed=config.seed * 1_000_003 + step,
+                             banned_token_ids=_vision_token_ids(tokenizer), seed_index=first_image + i)
+              for i in range(len(prompts))]  # fmt: skip
     outs = engine.generate(prompts, params)
     engine.free_kv_cache()  # the update needs the memory; the next rollout allocates it again
     completions = [c for group in outs for c in group]
@@ -141,19 +167,48 @@ def _vision_token_ids(tokenizer) -> tuple[int, ...]:
 
 
 def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Example], config: TrainConfig,
-                           step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """(rewards [B*G, R] per component, advantages [B*G], metrics). Component 0 is the reader's accuracy."""
+                           step: int, world: World = ONE_PROCESS, first_image: int = 0,
+                           ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """(rewards [n, R] per component, advantages [n], metrics) of this rank's n = len(examples) * G captions, which
+    start at image `first_image` of the step's global batch. Component 0 is the reader's accuracy. Question draws
+    are keyed by the caption's (or, with shared_draws, the image's) global index; advantages and metrics are
+    computed on every rank's captions together, as one process computes them on the whole batch."""
     g, G = config.reward, config.rollout.group_size
     questions = [list(ex.questions) for ex in examples for _ in range(G)]
-    keys = [i // G for i in range(len(questions))] if g.shared_draws else None
+    first = first_image * G
+    keys = [first_image + i // G if g.shared_draws else first + i for i in range(len(questions))]
     # `score` keeps only the reader's few-shot header cached between calls, always computed alone (Engine.prefill's
     # shared_prefix), so the numbers depend on this step's captions only (bit-exact resume). The whole cache is
     # released right after scoring anyway: the policy's backward pass needs that memory more than the header's few
     # hundred tokens need caching (update-phase peak 713 MB released vs 1308 MB kept, bench_train, 3B-shaped reader).
     accuracy, details = reward.score(ro.captions, questions, step=step, draw_keys=keys)
     reward.engine.free_kv_cache()
-    columns, weights = [accuracy.float().cpu()], [1.0]
-    lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
+    local = {
+        "accuracy": accuracy.float().cpu().tolist(), "length": [len(c.token_ids) for c in ro.completions],
+        "truncated": ro.truncated.tolist(), "captions": ro.captions,
+        "references": [ex.caption for ex in examples for _ in range(G)],
+        # p/q of each sampled token: the share of the policy's mass that bans, top-k and top-p kept (1 = unfiltered)
+        "kept": [math.exp(p - q) for c in ro.completions for p, q in zip(c.policy_logprobs, c.logprobs, strict=True)],
+        "computed": details.computed_tokens, "prompt_tokens": details.prompt_tokens,
+    }  # fmt: skip
+    every = _concat(all_gather_objects(local, world))  # the whole step's captions, in global order
+    rewards, advantages, metrics = _advantages_and_metrics(every, config, step)
+    mine = slice(first, first + len(ro.completions))
+    return rewards[mine], advantages[mine], metrics
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Ranks' per-caption lists joined in rank order (= global order); counts summed."""
+    return {k: sum(p[k] for p in parts) if isinstance(parts[0][k], int) else [x for p in parts for x in p[k]]
+            for k in parts[0]}  # fmt: skip
+
+
+def _advantages_and_metrics(every: dict, config: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Rewards [N, R], advantages [N] and the step's reward metrics from the whole batch's per-caption results."""
+    g, G = config.reward, config.rollout.group_size
+    accuracy = torch.tensor(every["accuracy"], dtype=torch.float32)
+    columns, weights = [accuracy], [1.0]
+    lengths = torch.tensor(every["length"], dtype=torch.float32)
     if g.length_weight > 0:
         columns.append(grpo.caption_length_reward(lengths, g.length_l1, g.length_l2))
         weights.append(g.length_weight)
@@ -167,16 +222,16 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     )  # fmt: skip
     total = (rewards * torch.tensor(weights)).sum(1)
     flat_groups = (total.view(-1, G).max(1).values == total.view(-1, G).min(1).values).float().mean()
-    # p/q of each sampled token: the share of the policy's mass that bans, top-k and top-p kept (1 = unfiltered).
-    kept = [math.exp(p - q) for c in ro.completions for p, q in zip(c.policy_logprobs, c.logprobs, strict=True)]
+    kept = every["kept"]
     metrics = {
         "sampled_mass": sum(kept) / max(1, len(kept)),
         "reward_mean": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
         "accuracy": float(accuracy.mean()), "zero_adv_groups": float(flat_groups),
-        "caption_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
-        "reader_tokens_computed": details.computed_tokens, "reader_tokens": details.prompt_tokens,
+        "caption_length": float(lengths.mean()),
+        "truncation_rate": float(torch.tensor(every["truncated"], dtype=torch.float32).mean()),
+        "reader_tokens_computed": every["computed"], "reader_tokens": every["prompt_tokens"],
     }  # fmt: skip
-    metrics.update(_fact_metrics(ro.captions, [ex.caption for ex in examples for _ in range(G)]))
+    metrics.update(_fact_metrics(every["captions"], every["references"]))
     return rewards, advantages, metrics
 
 
@@ -277,8 +332,13 @@ def policy_logprobs(policy, batch: TrainingBatch, temperature: float) -> tuple[t
 
 
 def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: Rollout, advantages: torch.Tensor,
-           config: TrainConfig, device: torch.device) -> dict:  # fmt: skip
+           config: TrainConfig, device: torch.device, *, world: World = ONE_PROCESS,
+           root: TokenLogprobs | None = None) -> dict:  # fmt: skip
     """num_iterations passes of micro-batched clipped-GRPO updates; one optimizer step per pass.
+
+    `ro` and `advantages` are this rank's share of the step's batch; `root` (the FSDP root around `policy`, None: a
+    plain one) runs the forward. Every micro-batch's loss share is taken against the whole batch's counts over all
+    ranks, and FSDP sums the gradients, so N ranks step the one-process gradient.
 
     The policy computes in its own dtype (the sampler's), and the optimizer steps fp32 masters (caprl_core.precision).
     The ratio's old log-probs: with rollout_correction "none", the sampler's (of the same unfiltered distribution);
@@ -291,8 +351,9 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     n = len(ro.completions)
     lengths = torch.tensor([len(c.token_ids) for c in ro.completions], dtype=torch.float32)
     keep = ~ro.truncated if o.mask_truncated else torch.ones(n, dtype=torch.bool)
-    total_tokens = float((lengths * keep).sum().clamp_min(1))
-    total_seqs = float(keep.sum().clamp_min(1))
+    totals = reduce_floats({"tokens": float((lengths * keep).sum()), "seqs": float(keep.sum()), "n": n}, world)
+    total_tokens, total_seqs = max(1.0, totals["tokens"]), max(1.0, totals["seqs"])
+    root = root if root is not None else TokenLogprobs(policy, policy_logprobs)
     sums: dict[str, float] = {}
     first_pass: dict[int, torch.Tensor] = {}  # micro-batch start -> the trainer's log-probs [M, T] at rollout time
     counts = {"update_tokens": 0, "update_images": 0}  # what the policy's forwards ran, over all passes
@@ -305,7 +366,7 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
             counts["update_tokens"] += batch.num_tokens
             counts["update_images"] += batch.num_images
             sampler_logp, mask = batch.sampler_logp, batch.mask
-            logp, entropy = policy_logprobs(policy, batch, config.rollout.temperature)
+            logp, entropy = root(batch, config.rollout.temperature)
             ref = None
             if ref_policy is not None:
                 with torch.no_grad():
@@ -326,7 +387,7 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
                                         truncated=ro.truncated[rows].to(device), entropy=entropy,
                                         weights=weights)  # fmt: skip
             m.update(lm, loss=loss.detach())
-            share = _share(o.aggregation, rows, lengths, keep, total_tokens, total_seqs, n)
+            share = _share(o.aggregation, rows, lengths, keep, total_tokens, total_seqs, int(totals["n"]))
             (loss * share).backward()
             for key, value in m.items():
                 if key == "sampler_max_abs_diff":
@@ -336,12 +397,21 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
         grad_norm = optimizer.step(o.max_grad_norm)
     scheduler.step()
     policy.eval()
+    sums = {
+        **reduce_floats({k: v for k, v in sums.items() if k != "sampler_max_abs_diff"}, world),
+        **reduce_floats({k: v for k, v in sums.items() if k == "sampler_max_abs_diff"}, world, op="max"),
+    }
     per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
     out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
-    out["grad_norm"] = float(grad_norm)
-    out.update(counts)
+    out["grad_norm"] = float(_full(grad_norm))
+    out.update({k: int(v) for k, v in reduce_floats(counts, world).items()})
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (the grad norm over sharded parameters); a plain tensor unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _share(aggregation: str, rows: list[int], lengths: torch.Tensor, keep: torch.Tensor, total_tokens: float,
@@ -426,7 +496,8 @@ def _seed_everything(seed: int) -> None:
 
 @dataclass
 class Run:
-    """Everything a training step uses (see `setup`)."""
+    """Everything a training step uses (see `setup`). Under torchrun `root` is the FSDP-sharded wrapper of
+    `policy` (whose parameters are then shards outside `gathered(root)`)."""
 
     config: TrainConfig
     output_dir: Path
@@ -441,30 +512,35 @@ class Run:
     scheduler: object
     examples: list[Example]
     processors: list  # saved beside each checkpoint's weights: tokenizer, image processor, chat-template files
+    world: World = ONE_PROCESS
+    root: TokenLogprobs | None = None
 
     def step(self, step: int) -> dict:
-        """One rollout -> reward -> update step; returns its metrics (peak memory per phase included)."""
-        config, device = self.config, self.device
+        """One rollout -> reward -> update step over this rank's share of the step's images; returns the whole
+        step's metrics (the same on every rank; peak memory per phase: the largest rank's)."""
+        config, device, world = self.config, self.device, self.world
         _reset_peak_memory(device)
         t0 = time.perf_counter()
-        batch = _batch(self.examples, step, config.rollout.images_per_step, config.seed)
+        mine = local_images(config.rollout.images_per_step, world)
+        batch = _batch(self.examples, step, config.rollout.images_per_step, config.seed)[mine.start : mine.stop]
         self.policy.eval()
-        ro = rollout(self.engine, self.prompter, self.tokenizer, batch, config, step)
+        with gathered(self.root):  # one all-gather for the whole rollout; resharded before the update
+            ro = rollout(self.engine, self.prompter, self.tokenizer, batch, config, step, first_image=mine.start)
         t1, peak_rollout = time.perf_counter(), _peak_memory_mb(device)
         _reset_peak_memory(device)
-        rewards, advantages, metrics = rewards_and_advantages(self.reward, ro, batch, config, step)
+        rewards, advantages, metrics = rewards_and_advantages(self.reward, ro, batch, config, step, world, mine.start)
         t2, peak_reward = time.perf_counter(), _peak_memory_mb(device)
         _reset_peak_memory(device)
         metrics.update(update(self.policy, self.ref_policy, self.optimizer, self.scheduler, ro, advantages, config,
-                              device))  # fmt: skip
+                              device, world=world, root=self.root))  # fmt: skip
         t3, peak_update = time.perf_counter(), _peak_memory_mb(device)
-        generated = sum(len(c.token_ids) for c in ro.completions)
+        generated = reduce_floats({"tokens": sum(len(c.token_ids) for c in ro.completions)}, world)["tokens"]
+        peaks = reduce_floats({"rollout": peak_rollout, "reward": peak_reward, "update": peak_update}, world, "max")
         metrics.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2, "time_step": t3 - t0,
-                        "tokens_per_s": generated / max(t1 - t0, 1e-9),
-                        "peak_memory_mb": max(peak_rollout, peak_reward, peak_update),
-                        "peak_memory_rollout_mb": peak_rollout, "peak_memory_reward_mb": peak_reward,
-                        "peak_memory_update_mb": peak_update})  # fmt: skip
-        if step % config.log.sample_every == 0:
+                        "tokens_per_s": generated / max(t1 - t0, 1e-9), "peak_memory_mb": max(peaks.values()),
+                        "peak_memory_rollout_mb": peaks["rollout"], "peak_memory_reward_mb": peaks["reward"],
+                        "peak_memory_update_mb": peaks["update"]})  # fmt: skip
+        if step % config.log.sample_every == 0 and world.is_main:  # rank 0's first images: the batch's first
             self._write_samples(step, batch, ro, rewards)
         return {"step": step, **metrics}
 
@@ -487,64 +563,134 @@ def reward_config(config: TrainConfig, reader_template: PromptTemplate | None) -
     return RewardConfig(**values, template=reader_template or DEFAULT_TEMPLATE)
 
 
-def setup(config: TrainConfig) -> Run:
-    """Models, data, sampler, reward, optimizer and schedule of a run (nothing trained yet)."""
+def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | None = None) -> Run:
+    """Models, data, sampler, reward, optimizer and schedule of a run (nothing trained yet). Under torchrun
+    (`world.distributed`) the policy is loaded in fp32, given the weights of checkpoint `weights_from` (a resume),
+    then sharded; the sampler and the reader are this rank's own."""
     _seed_everything(config.seed)
     device, dtype = _device_dtype(config)
+    device = rank_device(device, world)
     # Models first: a directory that does not load must not leave a half-made run directory behind.
-    models = load_models(config.model.policy, config.model.reader, dtype=dtype, device=device, seed=config.seed)
+    models = load_models(config.model.policy, config.model.reader, dtype=torch.float32 if world.distributed else dtype,
+                         device=device, seed=config.seed)  # fmt: skip
     policy, tokenizer, image_processor = models.policy, models.tokenizer, models.image_processor
     reader, reader_tokenizer = models.reader, models.reader_tokenizer
+    if world.distributed:
+        reader.to(dtype)  # the reader replica computes in the run's dtype; only the policy keeps fp32 masters
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if world.is_main:
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     reader.requires_grad_(False)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    examples = _load_data(config, output_dir)
+    examples = _load_data(config, output_dir, world)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
-    engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
+    # The KL reference is the initial policy, frozen and replicated per rank; with beta == 0 (the recipe) none.
+    ref_policy = copy.deepcopy(policy).to(dtype).requires_grad_(False) if config.optim.beta > 0 else None
+    root = TokenLogprobs(policy, policy_logprobs)
+    if world.distributed:
+        if weights_from is not None:
+            load_weights(weights_from, policy)  # into the full fp32 model, before it is split into shards
+        shard_policy(root, world, dtype)
+    with gathered(root):  # the engine reads the compute dtype off the gathered weights
+        engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
     reward = CapRLReward(reader, reader_tokenizer, reward_config(config, models.reader_template))
-    # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision).
+    # AdamW over fp32 masters of the policy's weights, whatever dtype the policy computes in (caprl_core.precision);
+    # sharded, the fp32 shards are the masters and no copy is made.
     optimizer = MasterWeightOptimizer(
-        policy, lambda params: torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        root, lambda params: torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _schedule(config))
-    # The KL reference is the initial policy, frozen; with beta == 0 (the recipe) none is made.
-    ref_policy = copy.deepcopy(policy).requires_grad_(False) if config.optim.beta > 0 else None
     return Run(config, output_dir, device, policy, ref_policy, tokenizer, prompter, engine, reward, optimizer,
-               scheduler, examples, models.processors)  # fmt: skip
+               scheduler, examples, models.processors, world, root if world.distributed else None)  # fmt: skip
+
+
+class _FullOptimizerState:
+    """What `save_checkpoint` stores as the optimizer: the state gathered from every rank (rank 0's copy)."""
+
+    def __init__(self, state: dict | None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+class _ShardedOptimizerLoader:
+    """What `load_checkpoint` restores the optimizer into: a full saved state split into this rank's shards."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer_state(self.run.root, self.run.optimizer.optimizer, state)
+
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint `step`. Sharded: every rank takes part in gathering the full weights and optimizer state, rank 0
+    writes them (the fp32 masters are the weights there), the others wait until the checkpoint is complete."""
+    config, world = run.config, run.world
+    state = {"step": step, "config": config.to_dict()}
+    if not world.distributed:
+        save_checkpoint(run.output_dir, step, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
+                        trainer_state=state, processors=run.processors, keep_last=config.log.keep_last)  # fmt: skip
+        return
+    weights = full_model_state(run.root, world)
+    optimizer = _FullOptimizerState(full_optimizer_state(run.root, run.optimizer.optimizer, world))
+    if world.is_main:
+        save_checkpoint(run.output_dir, step, model=run.policy, optimizer=optimizer, scheduler=run.scheduler,
+                        trainer_state=state, processors=run.processors, keep_last=config.log.keep_last,
+                        state_dict=weights)  # fmt: skip
+    barrier(world)
+
+
+def _resume(run: Run, ckpt: Path) -> int:
+    """Restore the optimizer, schedule and RNG of `ckpt` (and one process: the weights); returns the next step."""
+    if run.world.distributed:  # the weights went into the full model before sharding (setup)
+        state = load_checkpoint(ckpt, model=None, optimizer=_ShardedOptimizerLoader(run), scheduler=run.scheduler)
+    else:
+        state = load_checkpoint(ckpt, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler)
+    return int(state["step"]) + 1
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run training; returns the output directory."""
-    run = setup(config)
-    output_dir, policy, optimizer, scheduler = run.output_dir, run.policy, run.optimizer, run.scheduler
+    """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs."""
+    device, _ = _device_dtype(config)
+    world = init_world(device.type)
+    try:
+        local_images(config.rollout.images_per_step, world)  # before any model loads: a batch that cannot split
+        return _train(config, resume, world)
+    finally:
+        close_world(world)
+
+
+def _train(config: TrainConfig, resume: bool, world: World) -> Path:
+    ckpt = latest_checkpoint(config.log.output_dir) if resume and config.log.output_dir else None
+    run = setup(config, world, weights_from=ckpt)
+    output_dir, main_rank = run.output_dir, world.is_main
     start = 0
     metrics_path = output_dir / "metrics.jsonl"
-    if resume:
-        ckpt = latest_checkpoint(output_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model=policy, optimizer=optimizer, scheduler=scheduler)
-            start = int(state["step"]) + 1
+    if ckpt is not None:
+        start = _resume(run, ckpt)
+        if main_rank:
             _trim_metrics(metrics_path, start - 1)
             print(f"[caprl_core.train] resumed from {ckpt} at step {start}", file=sys.stderr)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and main_rank:
         metrics_path.unlink()  # a fresh run in an existing directory starts a fresh log
 
-    progress = Progress(config.steps, start, config.log.progress)
+    progress = Progress(config.steps, start, config.log.progress and main_rank)
     for step in range(start, config.steps):
         metrics = run.step(step)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if main_rank:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
         progress.update(step, metrics)
         last = step == config.steps - 1
         if (step + 1) % config.log.checkpoint_every == 0 or last:
-            save_checkpoint(output_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
-                            trainer_state={"step": step, "config": config.to_dict()},
-                            processors=run.processors, keep_last=config.log.keep_last)  # fmt: skip
+            _save(run, step)
     progress.close()
-    plot_metrics(metrics_path, output_dir / "plot.png")
+    if main_rank:
+        plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
 
 
@@ -559,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = train(config, resume=resume)
-    except ModelLoadError as e:  # a --policy / --reader that does not load: the user's input, not a crash
+    except (ModelLoadError, WorldSizeError) as e:  # the user's input (a directory, a batch size), not a crash
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)

@@ -366,6 +366,7 @@ class Engine:
     def _generator(self, params: SamplingParams, request: int, sample_index: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:
             return None
+        request = request if params.seed_index is None else params.seed_index
         key = hashlib.blake2b(f"{params.seed}/{request}/{sample_index}".encode(), digest_size=8).digest()
         return torch.Generator(device=self.adapter.device).manual_seed(int.from_bytes(key, "little") >> 1)
 

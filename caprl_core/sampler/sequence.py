@@ -26,6 +26,8 @@ class SamplingParams:
     image placeholder tokens, which would otherwise count as images when the caption is scored.
     seed: with a seed, sample i of prompt j draws from its own generator seeded from (seed, j, i), so the output does
     not depend on what else is in the batch. Without one, the device's global generator is used.
+    seed_index: the j of that key instead of the prompt's position in the call (None: its position), so that a rank
+    sampling its share of a global batch draws what one process sampling the whole batch draws for that prompt.
     """
 
     n: int = 1
@@ -36,6 +38,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     banned_token_ids: tuple[int, ...] = ()
+    seed_index: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -52,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if self.seed_index is not None and not isinstance(self.seed_index, int):
+            raise ValueError(f"SamplingParams.seed_index must be an int or None, got {self.seed_index!r}")
 
     @property
     def greedy(self) -> bool:

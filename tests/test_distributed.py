@@ -1,0 +1,158 @@
+"""torchrun + FSDP2 on CPU (gloo): two ranks compute the one-process run's steps, write one log and one checkpoint
+that transformers loads, resume exactly after a rank is SIGKILLed, and checkpoints move between world sizes.
+
+Each run is a real `torchrun --standalone --nproc_per_node=2` (localhost only) of `python -m caprl_core.train` on the
+tiny built-in models; the runs are shared between tests through module fixtures to keep the file under a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caprl_core.distributed import World, local_images
+from caprl_core.train import TIMING_KEYS
+
+SMALL = ["--steps", "3", "--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2",
+         "--synthetic-images", "8", "--checkpoint-every", "2", "--sample-every", "1",
+         "--progress", "false"]  # fmt: skip
+# What differs between world sizes by construction: each rank's reader computes the few-shot header once.
+PER_RANK_KEYS = ("reader_tokens_computed",)
+# Compared with a tolerance across world sizes (reduction order); the rest must be equal.
+FLOAT_KEYS = ("sampled_mass", "sampler_kl", "sampler_max_abs_diff", "is_weight_mean", "entropy", "loss", "grad_norm",
+              "clip_fraction", "ratio_mean", "ratio_max", "ratio_min", "is_weight_max", "is_weight_min")  # fmt: skip
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
+def _train(out: Path, *extra: str, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, "-m", "caprl_core.train", *SMALL, "--output-dir", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=900)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS and k not in PER_RANK_KEYS}
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def _assert_same_steps(a: list[dict], b: list[dict]) -> None:
+    """Equal step by step: the same captions, rewards and advantages; loss-side floats up to reduction order."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        x, y = _stable(x), _stable(y)
+        assert set(x) == set(y)
+        for key in x:
+            if key in FLOAT_KEYS:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+            else:
+                assert y[key] == x[key], (x["step"], key)
+
+
+def _assert_close_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
+    assert sorted(a) == sorted(b)
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    done = _train(out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "run"
+    done = _train(out, ranks=2)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_two_ranks_compute_the_one_process_steps(one_process, two_ranks):
+    one, two = _metrics(one_process), _metrics(two_ranks)
+    assert [r["step"] for r in two] == [0, 1, 2]  # one log, one line per step (rank 0 writes it)
+    assert [r["reward_mean"] for r in two] == [r["reward_mean"] for r in one]
+    _assert_same_steps(one, two)
+    _assert_close_weights(_weights(one_process, 2), _weights(two_ranks, 2))
+    start = _weights(one_process, 1)  # and they moved: this is no comparison of two untrained models
+    assert any(not torch.equal(start[k], w) for k, w in _weights(two_ranks, 2).items())
+    # rank 0 wrote the samples of its share's first images: the same lines one process writes for those images
+    lines = (two_ranks / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and set(lines) <= set((one_process / "samples.jsonl").read_text().splitlines())
+
+
+def test_two_rank_checkpoint_loads_in_transformers(two_ranks):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    ckpt = two_ranks / "checkpoints" / "step-000002"
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    saved = _weights(two_ranks, 2)
+    loaded = model.state_dict()
+    assert any(torch.equal(loaded[k], v) for k, v in saved.items() if k in loaded)
+    ids = tokenizer("A red circle", return_tensors="pt")["input_ids"]
+    assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
+def test_sigkilled_rank_then_resume_gives_the_uninterrupted_run(two_ranks, tmp_path):
+    out = tmp_path / "crashed"
+    killed = _train(out, ranks=2, env={"CAPRL_TEST_KILL_IN_CHECKPOINT": "2"})  # rank 0 dies writing step 2's
+    assert killed.returncode != 0
+    assert f"exitcode  : -{int(signal.SIGKILL)}" in killed.stderr, killed.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    resumed = _train(out, "--resume", ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-000001" in resumed.stderr
+    assert [_stable(r) for r in _metrics(out)] == [_stable(r) for r in _metrics(two_ranks)]
+    assert all(torch.equal(v, _weights(two_ranks, 2)[k]) for k, v in _weights(out, 2).items())
+
+
+def _restart_from_step_1(run: Path, into: Path) -> Path:
+    """A copy of `run` as if it had stopped after its step-1 checkpoint."""
+    shutil.copytree(run, into)
+    shutil.rmtree(into / "checkpoints" / "step-000002")
+    (into / "checkpoints" / "latest").write_text("step-000001\n")
+    return into
+
+
+def test_checkpoints_move_between_world_sizes(one_process, two_ranks, tmp_path):
+    one = _restart_from_step_1(two_ranks, tmp_path / "two-then-one")
+    done = _train(one, "--resume")
+    assert done.returncode == 0, done.stderr
+    _assert_same_steps(_metrics(one_process), _metrics(one))
+    _assert_close_weights(_weights(one_process, 2), _weights(one, 2))
+
+    two = _restart_from_step_1(one_process, tmp_path / "one-then-two")
+    done = _train(two, "--resume", ranks=2)
+    assert done.returncode == 0, done.stderr
+    _assert_same_steps(_metrics(one_process), _metrics(two))
+    _assert_close_weights(_weights(one_process, 2), _weights(two, 2))
+
+
+def test_a_global_batch_that_does_not_divide_is_an_error_naming_the_option():
+    assert list(local_images(4, World(rank=1, world_size=2))) == [2, 3]
+    with pytest.raises(ValueError, match="--images-per-step.*3 images.*world size \\(2"):
+        local_images(3, World(rank=0, world_size=2))
