@@ -89,11 +89,8 @@ def fact_scores(claims: Claims, scene: Scene) -> tuple[int, int, int, int]:
     true and again as unsupported; unparsable phrases are unsupported claims. Precision = true / claims, recall =
     stated / facts (micro-average them over many captions: a caption with no claims has no precision)."""
     truth = cell_contents(scene)
-    seen: set[str] = set()
-    for cell, content in claims.statements:
-        if truth[cell] == content and cell not in seen:
-            seen.add(cell)
-    return len(seen), claims.num_claims, len(seen), len(POSITIONS)
+    stated = {cell for cell, content in claims.statements if truth[cell] == content}  # cells stated truly, once each
+    return len(stated), claims.num_claims, len(stated), len(POSITIONS)
 
 
 def reference_scene(reference: str | None) -> Scene | None:

@@ -37,7 +37,7 @@ from caprl_core.data import (
 )
 from caprl_core.data import statement as render_statement
 from caprl_core.reward import CapRLReward, PromptTemplate, RewardConfig
-from caprl_core.world.grammar import implied_answer, implied_text, parse_caption
+from caprl_core.world.grammar import implied_answer, parse_caption
 
 # The world reader's prompt: CapRLReward's layout with a one-line instruction instead of the few-shot header (310
 # tokens a fresh model must learn to ignore), and option lines " A. red circle": the letter is then the same token as
@@ -117,8 +117,8 @@ class ReaderBatches:
             claims = parse_caption(caption)
             implied = implied_answer(claims, mcq)
             label = len(mcq.options) if implied is None else draws.orders[p].index(implied)
-            out.append(self._targets(draws.prompts[p], label, draws.num_options[p], implied_text(claims, mcq.question)
-                                     if implied is not None else None))  # fmt: skip
+            answer = None if implied is None else mcq.options[implied]  # the words the caption answers with
+            out.append(self._targets(draws.prompts[p], label, draws.num_options[p], answer))
         return out
 
     def _targets(self, prompt: list[int], label: int, num_options: int, answer: str | None) -> dict:
