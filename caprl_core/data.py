@@ -293,6 +293,11 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top", "left", "right", "bottom")
 GRID_CELLS = {"top": (0, 1), "left": (1, 0), "right": (1, 2), "bottom": (2, 1)}  # (row, column) in the 3x3 grid
 EMPTY = "none"  # what the grammar says of an empty cell
+# Each cell's background, a grey of its own: the policy's vision tower (Qwen2.5-VL) has no absolute position embedding,
+# only rotary attention, so without it an image token knows what its cell holds but not which cell it is, and the
+# language model would have to find "the token at row 0, column 1" through M-RoPE offsets that shift with the caption.
+# With it, the caption's "top" can look up its token by content, as a reader looks up a statement.
+CELL_SHADES = {"top": (238, 238, 238), "left": (212, 212, 212), "right": (186, 186, 186), "bottom": (160, 160, 160)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,12 +381,14 @@ def _question_candidates(scene: Scene) -> list[tuple[str, str, list[str]]]:
 
 
 def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
-    """The scene as an RGB image [image_size, image_size] on white; each shape fills its cell of the 3x3 grid less a
-    margin."""
+    """The scene as an RGB image [image_size, image_size] on white; each of the four cells of the 3x3 grid is shaded
+    its CELL_SHADES grey, and each shape fills its cell less a margin."""
     image = Image.new("RGB", (image_size, image_size), "white")
     draw = ImageDraw.Draw(image)
     cell = image_size // 3
     margin = max(2, cell // 8)
+    for position, (row, col) in GRID_CELLS.items():
+        draw.rectangle((col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1), fill=CELL_SHADES[position])
     for s in scene.shapes:
         row, col = GRID_CELLS[s.position]
         x0, y0 = col * cell + margin, row * cell + margin

@@ -47,15 +47,16 @@ def _parse_caption(caption: str) -> dict[str, tuple[str, str]]:
 
 
 def _scene_in_image(image: Image.Image) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{cell: (rgb, kind)} read from the pixels: kind from the fill fraction of the shape's bounding box; every
-    pixel outside the four cells is white."""
+    """{cell: (rgb, kind)} read from the pixels: kind from the fill fraction of the shape's bounding box; the rest of
+    each cell is its shade, and every pixel outside the four cells is white."""
     pixels = np.asarray(image)  # [S, S, 3]
     third = pixels.shape[0] // 3
     scene = {}
     ink_anywhere = (pixels != 255).any(axis=-1)  # [S, S]
     for cell, (row, col) in CELLS.items():
         window = pixels[row * third : (row + 1) * third, col * third : (col + 1) * third]  # [S/3, S/3, 3]
-        ink = (window != 255).any(axis=-1)
+        assert (window[0, 0] == data.CELL_SHADES[cell]).all(), f"{cell}: corner is not the cell's shade"
+        ink = (window != data.CELL_SHADES[cell]).any(axis=-1)
         ink_anywhere[row * third : (row + 1) * third, col * third : (col + 1) * third] = False
         if not ink.any():
             continue
