@@ -1,4 +1,4 @@
-"""The miniature CapRL world (issue 10, in progress): scenes, questions, a caption grammar with fact precision and
+"""The miniature CapRL world: scenes, questions, a caption grammar with fact precision and
 recall, and the recipe that trains a reader and a starting policy in it.
 
 A scene is 1 to 4 coloured shapes in four cells, the middles of the edges of a 3x3 grid (`caprl_core.data`: 6
@@ -12,9 +12,10 @@ complete captions of the grammar (the synthetic shapes data are).
 
 `python -m caprl_core.world build --out DIR` trains a reader (`world.reader`: a small Qwen2 that answers through
 CapRLReward's own prompts) and a start policy (`world.policy`: a small Qwen2.5-VL fine-tuned to terse captions) and
-writes them as Hugging Face directories with a card of measured figures. Where it stands (see README, "The miniature
-world"): the recipe does not yet reach the bars of issue 10 within its CPU budget, so nothing is shipped and the
-default run still uses the tiny random models.
+writes them as Hugging Face directories with a card of measured figures. The package ships the build of the default
+BuildConfig in `SHIPPED` (caprl_core/world/shipped: reader/, policy/, card.json); `python -m caprl_core.train` and
+`python -m caprl_core.eval` use them, and this world's data, when given no models and no data (README, "The miniature
+world", has the figures).
 
 Data splits are fixed by seed (`SPLIT_SEEDS`): the trainer's images, the held-out images of evaluations, and the
 scene streams the reader and the policy are trained on never overlap by seed.
@@ -32,6 +33,8 @@ from pathlib import Path
 SPLIT_SEEDS = {"train": 1_000, "heldout": 2_000, "reader": 3_000, "policy": 4_000, "reader_eval": 5_000,
                "policy_eval": 6_000}  # fmt: skip
 DEFAULT_SIZES = {"train": 256, "heldout": 64}
+# The shipped models: reader/, policy/ and card.json (`python -m caprl_core.world build --out` this rebuilds them).
+SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 
 def make_world_data(out_dir: str | Path, split: str, num_images: int | None = None) -> Path:

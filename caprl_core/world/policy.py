@@ -82,8 +82,9 @@ def sft_batch(prompter: PolicyPrompter, scenes: list[Scene], captions: list[str]
 
 def sft_loss(model, batch: dict, probe: torch.nn.Module | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the caption tokens; with `probe`, plus the cell probe's loss: one image token
-    per grid cell (IMAGE_SIZE), and one linear map shared by the nine must read each cell's content off its token, so
-    the vision tower learns a code that is the same in every cell (what the language model can then look up)."""
+    per grid cell (IMAGE_SIZE), and one linear map shared by the nine must read each cell's content and which cell it
+    is (its CELL_SHADES grey) off its token, so the vision tower learns a code that is the same in every cell and
+    keeps the cell's identity (what the language model then looks up)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "cells")}
     out = model(**inputs, use_cache=False, output_hidden_states=probe is not None)
@@ -91,7 +92,11 @@ def sft_loss(model, batch: dict, probe: torch.nn.Module | None = None) -> torch.
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     if probe is not None:
         image = out.hidden_states[0][inputs["input_ids"] == model.config.image_token_id]  # [B * 9, H], row-major
-        loss = loss + torch.nn.functional.cross_entropy(probe(image), batch["cells"].reshape(-1))
+        logits = probe(image)  # [B * 9, contents + 9]
+        contents = logits.shape[1] - 9
+        where = torch.arange(9).repeat(len(batch["cells"]))
+        loss = loss + torch.nn.functional.cross_entropy(logits[:, :contents], batch["cells"].reshape(-1))
+        loss = loss + torch.nn.functional.cross_entropy(logits[:, contents:], where)
     return loss
 
 
@@ -111,7 +116,7 @@ def train_policy(model, prompter: PolicyPrompter, *, steps: int, batch_size: int
     steps train on reference captions (every shape of every image: the most supervision for seeing), the rest on
     `start_caption` targets (the terse habit)."""
     rng = random.Random(seed)
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(COLOURS) * len(SHAPES))
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(COLOURS) * len(SHAPES) + 9)
     opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

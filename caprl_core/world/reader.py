@@ -40,10 +40,13 @@ from caprl_core.reward import CapRLReward, PromptTemplate, RewardConfig
 from caprl_core.world.grammar import implied_answer, parse_caption
 
 # The world reader's prompt: CapRLReward's layout with a one-line instruction instead of the few-shot header (310
-# tokens a fresh model must learn to ignore), and option lines " A. red circle": the letter is then the same token as
-# the one after the answer cue, so answering is copying it. The reader directory carries it (reward.PROMPT_FILE), so
+# tokens a fresh model must learn to ignore), the caption on the cue's line (so its first cell word is " top", the
+# token the question uses, not "top"), and option lines " A. red circle": the letter is then the same token as the one
+# after the answer cue, so answering is copying it. The reader directory carries it (reward.PROMPT_FILE), so
 # train and eval prompt the reader the way it was trained.
-WORLD_TEMPLATE = PromptTemplate(header="Answer from the caption only.\n", option=" {letter}. {text}")
+WORLD_TEMPLATE = PromptTemplate(
+    header="Answer from the caption only.\n", caption="Caption: {caption}\n\n", option=" {letter}. {text}"
+)
 CONTENTS = [EMPTY, *(f"{c} {k}" for c in COLOURS for k in SHAPES)]
 
 
@@ -73,8 +76,11 @@ def training_caption(scene: Scene, rng: random.Random) -> str:
     return " ".join(phrases)
 
 
-def make_reader(tokenizer, *, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4, seed: int = 0):
-    """A randomly initialised Qwen2 reader for `tokenizer` (vocabulary padded to a multiple of 64, tied lm_head)."""
+def make_reader(
+    tokenizer, *, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4, seed: int = 0, init_std: float = 0.02
+):
+    """A randomly initialised Qwen2 reader for `tokenizer` (vocabulary padded to a multiple of 64, tied lm_head);
+    init_std is the weights' initializer_range (BuildConfig.reader_init_std says why the build uses 0.1)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -82,7 +88,7 @@ def make_reader(tokenizer, *, hidden_size: int = 64, num_layers: int = 4, num_he
                          intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_heads, max_position_embeddings=1024,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)  # fmt: skip
+                         tie_word_embeddings=True, initializer_range=init_std)  # fmt: skip
     return Qwen2ForCausalLM(config)
 
 
@@ -134,7 +140,7 @@ class ReaderBatches:
                 key_targets.append(cell)
         words = [self.cannot] if answer is None else [self.word[w] for w in answer.split()]
         return {"prompt": prompt, "label": label, "num_options": num_options,
-                "look": ([question_end, question_end + 1], [words[0], words[-1]]),
+                "look": ([question_end - 1, question_end, question_end + 1], [words[0], words[0], words[-1]]),
                 "option": (line_ends, [int(i != label) for i in range(len(line_ends))]),
                 "letter": (line_ends, list(range(len(line_ends)))),  # the index of its letter
                 "key": (key_positions, key_targets)}  # fmt: skip
