@@ -179,3 +179,24 @@ def test_a_reader_directory_carries_its_prompt(tmp_path):
         (tmp_path / PROMPT_FILE).write_text(text)
         with pytest.raises(ValueError, match=match):
             load_prompt_template(tmp_path)
+
+
+# --- the shipped models -----------------------------------------------------------------------------------------
+
+
+def test_the_shipped_models_are_small_read_and_see():
+    """The package's reader answers held-out reference captions (>= 95%) and says "cannot be answered" for empty
+    ones; its start policy states what it sees correctly but only part of each scene (the room GRPO has to teach)."""
+    from caprl_core.policy import PolicyPrompter, load_policy, load_reader
+    from caprl_core.world import SHIPPED
+    from caprl_core.world.build import check_policy, check_reader
+
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"shipped files: {size / 2**20:.1f} MB"
+    reader, tokenizer = load_reader(SHIPPED / "reader")
+    card = check_reader(reader, tokenizer, 200)
+    assert card["reference"]["accuracy"] >= 0.95, card
+    assert card["empty"]["agrees_with_caption"] == 1.0, card  # every empty caption: "cannot be answered"
+    policy, tokenizer, image_processor = load_policy(SHIPPED / "policy")
+    captions = check_policy(policy, PolicyPrompter(tokenizer, image_processor), 16)
+    assert captions["fact_precision"] >= 0.9 and captions["fact_recall"] <= 0.6, captions
