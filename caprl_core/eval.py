@@ -1,7 +1,8 @@
 """Prism-style caption evaluation: how many questions about an image a vision-free reader answers from a caption.
 
     python -m caprl_core.eval --policy DIR --reader DIR --data FILE [--k 4] [--num-draws 8] [--out DIR] ...
-    python -m caprl_core.eval            # tiny random models on the built-in synthetic dataset (a smoke test)
+    python -m caprl_core.eval            # the shipped miniature-world models on its 64 held-out images
+    python -m caprl_core.eval --policy runs/X/checkpoints/step-N   # a trained policy, the shipped reader
 
 For every image the policy samples k captions (one `Engine.generate` call per batch of images, n=k). The reader then
 answers *every* question of the image once from each caption, through `CapRLReward` with one question per reward
@@ -39,12 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl
 from caprl_core.plot import plot_eval
-from caprl_core.policy import DTYPES, ModelLoadError, Models, PolicyPrompter, load_models
+from caprl_core.policy import DTYPES, TINY_RANDOM, ModelLoadError, Models, PolicyPrompter, load_models
 from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
+from caprl_core.world import make_world_data
 from caprl_core.world.grammar import caption_fact_counts
 
 # On CPU the engine's default cache is 10% of MemAvailable: gigabytes of address space for a tiny model. 32k
@@ -243,10 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m caprl_core.eval", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--policy", type=Path, metavar="DIR", help="local Hugging Face directory of the VL policy, e.g. a training "
-        "checkpoint (default: the built-in tiny random model; needs --reader)")  # fmt: skip
+        f"checkpoint (default: the shipped miniature-world start policy; {TINY_RANDOM} with --reader {TINY_RANDOM}: "
+        "the random pair)")  # fmt: skip
     add("--reader", type=Path, metavar="DIR", help="local Hugging Face directory of the reader LLM (default: the "
-        "built-in tiny random model; needs --policy)")  # fmt: skip
-    add("--data", type=Path, metavar="FILE", help="dataset JSONL (default: 32 synthetic shapes images, in a temp dir)")
+        "shipped miniature-world reader)")  # fmt: skip
+    add("--data", type=Path, metavar="FILE", help="dataset JSONL (default: the miniature world's 64 held-out images, "
+        "written to a temp dir)")  # fmt: skip
     add("--k", type=int, default=d.k, metavar="INT", help=f"captions per image (default: {d.k})")
     add(
         "--num-draws",
@@ -299,10 +303,10 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalCo
 
 
 def _models(parser, args) -> Models:
-    """The policy and reader by the rule `train` uses too (`load_models`): both directories, or the tiny pair."""
+    """The policy and reader by the rule `train` uses too (`load_models`): a directory, or the shipped one."""
     for flag in ("policy", "reader", "data"):
         path = getattr(args, flag)
-        if path is not None and not path.exists():
+        if path is not None and str(path) != TINY_RANDOM and not path.exists():
             parser.error(f"--{flag}: {path} does not exist")
     try:
         return load_models(args.policy, args.reader, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = sum(p.numel() for m in (models.policy, models.reader) for p in m.parameters())
     threads = TINY_MODEL_THREADS if size < SMALL_MODEL_PARAMETERS else None
     with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
-        data = args.data or make_synthetic_dataset(tmp, seed=args.seed)
+        data = args.data or make_world_data(tmp, "heldout")
         examples, skipped = _examples(parser, data, config.limit)
         # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
@@ -355,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
         k=config.k, num_draws=config.num_draws, skipped_lines=skipped,
         reader_prompt_tokens=evaluator.reader_prompt_tokens, reader_computed_tokens=evaluator.reader_computed_tokens,
         seconds=round(time.perf_counter() - started, 2), config=asdict(config), device=str(args.device),
-        policy=str(args.policy or "tiny-random"), reader=str(args.reader or "tiny-random"),
-        data=str(args.data or "synthetic"), out=str(out),
+        policy=str(args.policy or "shipped"), reader=str(args.reader or "shipped"),
+        data=str(args.data or "world-heldout"), out=str(out),
     )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: summary[k] for k in ("mean_accuracy", "best_of_k", "mean_caption_tokens", "train_reward",

@@ -31,6 +31,7 @@ __all__ = [
     "load_reader",
     "tiny_image_processor",
     "tiny_policy_and_reader",
+    "TINY_RANDOM",
 ]
 
 DEFAULT_INSTRUCTION = (
@@ -266,7 +267,7 @@ class ChatTemplateFiles:
 class Models:
     """The models of a run or an evaluation. `processors`: what a checkpoint of the policy saves beside its weights
     (tokenizer, image processor, the start directory's chat-template files), so that the checkpoint is itself a
-    policy directory. `builtin`: the tiny random pair (no directories given)."""
+    policy directory. `builtin`: the tiny random pair (TINY_RANDOM)."""
 
     policy: torch.nn.Module
     tokenizer: object
@@ -282,25 +283,31 @@ class Models:
         return [self.tokenizer, self.image_processor, self.chat_template_files]
 
 
+TINY_RANDOM = "tiny-random"  # the --policy / --reader value of the tiny random pair (plumbing checks, never learning)
+
+
 def load_models(
     policy: str | Path | None, reader: str | Path | None, *, dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu", seed: int = 0,
 ) -> Models:  # fmt: skip
-    """The one rule of `train` and `eval` for which models to use: both directories given, both are loaded; neither
-    given, the built-in tiny pair (`tiny_policy_and_reader(seed)`); one without the other is an error naming the
-    missing flag (a random tiny reader gives a real policy a meaningless reward, and a random tiny policy gives a
-    real reader nothing to read). dtype None: bf16 on CUDA, fp32 elsewhere, for the tiny models too. A reader
-    directory with a caprl_prompt.json gives its prompt (`Models.reader_template`).
+    """The one rule of `train` and `eval` for which models to use. A directory is loaded; None is the package's
+    shipped miniature-world model in that role (`caprl_core.world.SHIPPED`: a trained reader, a terse start policy),
+    so either flag may be given alone; TINY_RANDOM for both is the built-in tiny pair with random weights
+    (`tiny_policy_and_reader(seed)`), and for one only an error (its tokenizer is the pair's). dtype None: bf16 on
+    CUDA, fp32 elsewhere. A reader directory with a caprl_prompt.json gives its prompt (`Models.reader_template`).
     Raises ModelLoadError (a ValueError) with a one-line message naming the flag and the path."""
-    if (policy is None) != (reader is None):
-        given, missing = ("--policy", "--reader") if reader is None else ("--reader", "--policy")
-        raise ModelLoadError(f"{missing}: needed with {given} (give both model directories, or neither for the "
-                             f"built-in tiny models)")  # fmt: skip
     dtype = _default_dtype(dtype, device)
-    if policy is None:
+    tiny = [str(x) == TINY_RANDOM for x in (policy, reader)]
+    if any(tiny):
+        if not all(tiny):
+            flag = "--reader" if tiny[0] else "--policy"
+            raise ModelLoadError(f"{flag}: must be {TINY_RANDOM} too with the other {TINY_RANDOM} (the random pair "
+                                 f"shares one tokenizer)")  # fmt: skip
         tiny_policy, tiny_reader, tokenizer, image_processor = tiny_policy_and_reader(seed)
         return Models(tiny_policy.to(device, dtype), tokenizer, image_processor, tiny_reader.to(device, dtype),
                       tokenizer, builtin=True)  # fmt: skip
+    policy = _shipped("policy") if policy is None else policy
+    reader = _shipped("reader") if reader is None else reader
     policy_model, tokenizer, image_processor = load_policy(policy, dtype=dtype, device=device, what="--policy")
     reader_model, reader_tokenizer = load_reader(reader, dtype=dtype, device=device, what="--reader")
     from caprl_core.reward import load_prompt_template
@@ -311,6 +318,16 @@ def load_models(
         raise ModelLoadError(f"--reader {e}") from e
     return Models(policy_model, tokenizer, image_processor, reader_model, reader_tokenizer, builtin=False,
                   chat_template_files=ChatTemplateFiles(policy), reader_template=template)  # fmt: skip
+
+
+def _shipped(role: str) -> Path:
+    """The shipped world model directory of `role` ("policy" or "reader")."""
+    from caprl_core.world import SHIPPED
+
+    if not (SHIPPED / role / "config.json").is_file():
+        raise ModelLoadError(f"--{role}: not given and the shipped world {role} is missing from {SHIPPED} (rebuild it: "
+                             f"python -m caprl_core.world build --out {SHIPPED})")  # fmt: skip
+    return SHIPPED / role
 
 
 def tiny_policy_and_reader(seed: int = 0):

@@ -1,6 +1,6 @@
 """`python -m caprl_core.train`: CapRL with GRPO on one node.
 
-    python -m caprl_core.train                                   # tiny built-in models, synthetic data, CPU-sized
+    python -m caprl_core.train                                   # the shipped miniature world, a few CPU minutes
     python -m caprl_core.train --policy Qwen2.5-VL-3B-Instruct --reader Qwen2.5-3B-Instruct --data train.jsonl
     python -m caprl_core.train --output-dir runs/x --resume      # continue from the last complete checkpoint
 
@@ -35,7 +35,7 @@ import torch
 from caprl_core import grpo, ops
 from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from caprl_core.config import TrainConfig, parse_config
-from caprl_core.data import Example, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.data import Example, load_image, load_jsonl
 from caprl_core.distributed import (
     TokenLogprobs,
     World,
@@ -60,6 +60,7 @@ from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, PromptTemplate, Rew
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.shared_prefix import Group, shared_prefix_inputs
+from caprl_core.world import make_world_data
 from caprl_core.world.grammar import caption_fact_counts
 
 ONE_PROCESS = World()  # the default of functions that also run under torchrun: no process group
@@ -98,12 +99,13 @@ def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def _load_data(config: TrainConfig, output_dir: Path, world: World = ONE_PROCESS) -> list[Example]:
-    """The dataset; the synthetic one is written once, by rank 0, into the (shared) run directory."""
+    """The dataset; without --data the miniature world's train split (`world.make_world_data`), written once, by
+    rank 0, into the (shared) run directory."""
     path = config.data.data
     if path is None:
         path = output_dir / "data" / "data.jsonl"
         if world.is_main:
-            path = make_synthetic_dataset(output_dir / "data", config.data.synthetic_images, seed=config.seed)
+            path = make_world_data(output_dir / "data", "train", config.data.synthetic_images)
         barrier(world)
     return load_jsonl(path, on_error=config.data.on_error).examples
 

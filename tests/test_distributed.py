@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 from caprl_core.distributed import World, local_images
 from caprl_core.train import TIMING_KEYS
 
-SMALL = ["--steps", "3", "--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2",
+# The tiny random pair (this file checks the machinery, not learning) at the learning rate of its old default run.
+SMALL = ["--policy", "tiny-random", "--reader", "tiny-random", "--lr", "2e-4", "--warmup-steps", "2",
+         "--steps", "3", "--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2",
          "--synthetic-images", "8", "--checkpoint-every", "2", "--sample-every", "1",
          "--progress", "false"]  # fmt: skip
 # What differs between world sizes by construction: each rank's reader computes the few-shot header once.

@@ -107,17 +107,19 @@ def test_identical_captions_score_alike(data, tmp_path):
     assert summary["best_of_k"] == summary["mean_accuracy"] and summary["train_reward"] is None
 
 
-def test_models_from_directories_match_the_builtin_defaults(run, data, tmp_path, one_thread):
-    policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
-    for name, model in (("policy", policy), ("reader", reader)):
-        model.save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-    image_processor.save_pretrained(tmp_path / "policy")
+def test_models_from_directories_match_the_shipped_defaults(run, data, tmp_path, one_thread):
+    """No flags is the shipped pair: the same directories given explicitly (copied elsewhere) give the same run."""
+    import shutil
+
+    from caprl_core.world import SHIPPED
+
+    for name in ("policy", "reader"):
+        shutil.copytree(SHIPPED / name, tmp_path / name)
     out = tmp_path / "out"
     summary = main(_args(data, out, "--policy", str(tmp_path / "policy"), "--reader", str(tmp_path / "reader")))
     rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
     assert rows == run[1]  # same weights, same seeds: the same captions and answers
-    assert summary["policy"] == str(tmp_path / "policy")
+    assert summary["policy"] == str(tmp_path / "policy") and run[0]["policy"] == "shipped"
 
 
 def test_a_reader_directory_gives_its_prompt(data, tmp_path, one_thread):
@@ -150,14 +152,12 @@ def test_missing_path_is_an_argparse_error(flag, tmp_path, capsys):
     assert f"{flag}: {missing} does not exist" in capsys.readouterr().err
 
 
-def test_reader_without_policy_is_an_argparse_error(tmp_path, capsys):
-    """The rule train uses too: both model directories or neither."""
-    reader = tmp_path / "reader"
-    reader.mkdir()
+def test_one_tiny_random_model_is_an_argparse_error(tmp_path, capsys):
+    """The rule train uses too (`load_models`): tiny-random for both models, or for neither."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["--reader", str(reader), "--out", str(tmp_path / "out")])
+        main(["--reader", "tiny-random", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "--policy: needed with --reader" in capsys.readouterr().err
+    assert "--policy: must be tiny-random too" in capsys.readouterr().err
 
 
 def test_help_runs_as_a_module():

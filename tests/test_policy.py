@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from caprl_core.models import TINY_CHAT_TEMPLATE, tiny_tokenizer
 from caprl_core.policy import (
     DEFAULT_INSTRUCTION,
+    TINY_RANDOM,
     ModelLoadError,
     PolicyPrompter,
     load_models,
@@ -143,12 +144,20 @@ def test_load_errors_name_the_path(tiny, tmp_path):
 
 
 def test_load_models_one_rule_for_both_tools(tmp_path):
-    for policy, reader, missing in ((tmp_path, None, "--reader"), (None, tmp_path, "--policy")):
-        with pytest.raises(ModelLoadError, match=f"{missing}: needed with"):
+    """None is the shipped world model of that role; tiny-random for both is the random pair, for one an error."""
+    from caprl_core.world import SHIPPED
+
+    for policy, reader, flag in ((TINY_RANDOM, None, "--reader"), (SHIPPED / "policy", TINY_RANDOM, "--policy")):
+        with pytest.raises(ModelLoadError, match=f"{flag}: must be {TINY_RANDOM} too"):
             load_models(policy, reader)
-    models = load_models(None, None, dtype=torch.bfloat16, seed=3)
+    models = load_models(TINY_RANDOM, TINY_RANDOM, dtype=torch.bfloat16, seed=3)
     assert models.builtin and models.policy.dtype == models.reader.dtype == torch.bfloat16
     assert models.processors[:2] == [models.tokenizer, models.image_processor]
+    shipped = load_models(None, None)
+    assert not shipped.builtin and shipped.reader_template is not None  # the world reader's own prompt
+    for role in ("policy", "reader"):
+        alone = load_models(**{role: SHIPPED / role}, **{"reader" if role == "policy" else "policy": None})
+        assert getattr(alone, role).state_dict().keys() == getattr(shipped, role).state_dict().keys()
 
 
 def test_policy_chat_template_files_are_carried(tiny, tmp_path):

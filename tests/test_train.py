@@ -39,7 +39,8 @@ def _stable(row: dict) -> dict:
 
 def test_config_defaults_flags_and_files(tmp_path):
     config, resume = parse_config([])
-    assert not resume and config.rollout.group_size == 4 and config.steps == 30  # tiny defaults
+    assert not resume and config.reward.num_draws == 4 and config.steps == 40  # the miniature world's defaults
+    assert config.reward.mode == "soft" and config.model.policy is None
     assert TrainConfig().rollout.group_size == 8 and TrainConfig().optim.lr == 1e-6  # the recipe's, for real models
     config, _ = parse_config(["--group-size", "6", "--lr", "3e-4", "--aggregation", "constant", "--resume",
                               "--output-dir", str(tmp_path / "run")])  # fmt: skip
@@ -127,13 +128,13 @@ def test_short_run_resume_after_sigkill_in_a_checkpoint_write(tmp_path):
     assert (clean / "samples.jsonl").exists()
     for r in rows:  # the synthetic data's facts are known, so the captions' precision and recall are logged
         assert 0 <= r["fact_recall"] <= 1 and (math.isnan(r["fact_precision"]) or 0 <= r["fact_precision"] <= 1)
-    # The weights moved: the final checkpoint differs from the tiny policy the run started from.
+    # The weights moved: the final checkpoint differs from the shipped policy the run started from.
     from safetensors.torch import load_file
 
-    from caprl_core.policy import tiny_policy_and_reader
+    from caprl_core.world import SHIPPED
 
     final = load_file(str(sorted((clean / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
-    start = tiny_policy_and_reader(0)[0].state_dict()
+    start = load_file(str(SHIPPED / "policy" / "model.safetensors"))
     assert any(not torch.equal(final[k], start[k]) for k in final if k in start)
 
     crashed = tmp_path / "crashed"
@@ -158,7 +159,7 @@ def test_checkpoint_loads_in_transformers_and_generates(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     ids = tokenizer("A red circle", return_tensors="pt")["input_ids"]
-    generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    generated = model.generate(input_ids=ids, min_new_tokens=4, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 4)
 
 
@@ -174,7 +175,9 @@ def test_kl_to_the_initial_policy_and_length_reward_are_wired(tmp_path):
     assert all(abs(r["reward_mean"] - r["accuracy"] - 0.5) < 1e-6 for r in rows)
 
 
-def test_reader_without_policy_is_an_error_naming_the_flags_and_makes_no_run_dir(tmp_path, capsys):
+def test_a_bad_reader_is_an_error_naming_the_flag_and_makes_no_run_dir(tmp_path, capsys):
+    """--reader alone is allowed (the policy is the shipped one); a directory that does not load is a one-line error
+    naming the flag, before any run directory exists."""
     from caprl_core.train import main
 
     reader = tmp_path / "reader"
@@ -182,7 +185,7 @@ def test_reader_without_policy_is_an_error_naming_the_flags_and_makes_no_run_dir
     out = tmp_path / "run"
     assert main(["--reader", str(reader), "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--policy: needed with --reader" in err and len(err.splitlines()) == 1
+    assert f"--reader {reader}: not a Hugging Face model directory" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 
@@ -243,13 +246,13 @@ def test_help_describes_every_option_and_print_config_resolves(capsys):
     text = build_parser().format_help()
     for name in FIELDS:
         assert HELP[name].split()[0] in text, name
-    assert "(default: 8; without --policy 4)" in " ".join(text.split())  # group_size: the default that applies
+    assert "(default: 8; without --policy 4)" in " ".join(text.split())  # num_draws: the default that applies
     assert "{grpo,rloo}" in text and "{token,sequence}" in text
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--print-config", "--lr", "3e-4"])
     assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 3e-4 and printed["rollout"]["group_size"] == 4 and printed["steps"] == 30
+    assert printed["optim"]["lr"] == 3e-4 and printed["reward"]["num_draws"] == 4 and printed["steps"] == 40
 
 
 def test_shared_prefix_run_reproduces_the_unshared_run(tmp_path):
