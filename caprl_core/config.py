@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
-from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES
+from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES, TINY_RANDOM
 from caprl_core.reward import (
     RECIPE_LENGTH_L1,
     RECIPE_LENGTH_L2,
@@ -131,8 +131,7 @@ SECTIONS = ("model", "data", "rollout", "reward", "optim", "log")
 # (README, "The miniature world": the soft reward kept precision within 0.02 of the start on all three seeds, the hard
 # one on one of three; lr 1e-4 as fast as 2e-4 with less drift, 5e-4 lost precision; 40 steps reach the plateau).
 WORLD_DEFAULTS = {
-    "images_per_step": 8, "max_new_tokens": 32, "num_draws": 4, "mode": "soft", "lr": 1e-4,
-    "warmup_steps": 2,
+    "images_per_step": 8, "max_new_tokens": 32, "num_draws": 4, "mode": "soft", "lr": 1e-4, "warmup_steps": 2,
     "micro_batch_size": 64, "synthetic_images": 256, "steps": 40, "sample_every": 5, "checkpoint_every": 10,
 }  # fmt: skip
 
@@ -341,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m caprl_core.train",
         description="CapRL: GRPO training of an image captioner with a reader-LLM reward. With no arguments: the "
         "shipped miniature world (a trained reader, a terse start policy, its train images; a few minutes on a "
-        "CPU). Options are also read from "
-        "--config (TOML or JSON, the same names, flat or by section); flags override the file.",
+        "CPU). Options are also read from --config (TOML or JSON, the same names, flat or by section); flags "
+        "override the file.",
     )
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML or JSON file of options")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in "
@@ -393,7 +392,7 @@ def validate(config: TrainConfig) -> None:
 
     for name in ("policy", "reader", "data"):
         value = _get(config, name)
-        tiny = name != "data" and value == "tiny-random"  # policy.TINY_RANDOM: the random pair, no directory
+        tiny = name != "data" and value == TINY_RANDOM  # the random pair: no directory
         need(value is None or tiny or Path(value).exists(), name, "path does not exist")
     r, o, g, lg = config.rollout, config.optim, config.reward, config.log
     need(r.group_size >= 2, "group_size", "must be >= 2 (advantages compare captions of one image)")

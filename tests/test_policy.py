@@ -155,9 +155,10 @@ def test_load_models_one_rule_for_both_tools(tmp_path):
     assert models.processors[:2] == [models.tokenizer, models.image_processor]
     shipped = load_models(None, None)
     assert not shipped.builtin and shipped.reader_template is not None  # the world reader's own prompt
-    for role in ("policy", "reader"):
-        alone = load_models(**{role: SHIPPED / role}, **{"reader" if role == "policy" else "policy": None})
-        assert getattr(alone, role).state_dict().keys() == getattr(shipped, role).state_dict().keys()
+    for policy, reader in ((SHIPPED / "policy", None), (None, SHIPPED / "reader")):  # either flag alone
+        alone = load_models(policy, reader)
+        for role in ("policy", "reader"):
+            assert getattr(alone, role).state_dict().keys() == getattr(shipped, role).state_dict().keys()
 
 
 def test_policy_chat_template_files_are_carried(tiny, tmp_path):

@@ -24,6 +24,7 @@ P_REFERENCE = 0.1  # share of full reference captions in the start policy's trai
 P_ONE_CELL = 0.75  # of the terse ones, the share that states the first cell only (the others: the first two)
 # The world's images: 84 px, so that each cell of the 3x3 grid is one 28-px merged patch group, one image token.
 IMAGE_SIZE = 84
+NUM_CELLS = 9  # image tokens of a world image: one per cell of the 3x3 grid, row-major
 REFERENCE_SHARE = 0.7  # share of train_policy's steps on reference captions before the terse ones
 
 
@@ -93,8 +94,8 @@ def sft_loss(model, batch: dict, probe: torch.nn.Module | None = None) -> torch.
     if probe is not None:
         image = out.hidden_states[0][inputs["input_ids"] == model.config.image_token_id]  # [B * 9, H], row-major
         logits = probe(image)  # [B * 9, contents + 9]
-        contents = logits.shape[1] - 9
-        where = torch.arange(9).repeat(len(batch["cells"]))
+        contents = logits.shape[1] - NUM_CELLS
+        where = torch.arange(NUM_CELLS).repeat(len(batch["cells"]))
         loss = loss + torch.nn.functional.cross_entropy(logits[:, :contents], batch["cells"].reshape(-1))
         loss = loss + torch.nn.functional.cross_entropy(logits[:, contents:], where)
     return loss
@@ -103,7 +104,7 @@ def sft_loss(model, batch: dict, probe: torch.nn.Module | None = None) -> torch.
 def cell_classes(scene: Scene) -> list[int]:
     """The content of each of the 3x3 grid's cells, row-major (the order of the image tokens): 0 empty, else
     1 + colour * kinds + kind."""
-    out = [0] * 9
+    out = [0] * NUM_CELLS
     for s in scene.shapes:
         row, col = GRID_CELLS[s.position]
         out[3 * row + col] = 1 + list(COLOURS).index(s.colour) * len(SHAPES) + SHAPES.index(s.kind)
@@ -116,7 +117,7 @@ def train_policy(model, prompter: PolicyPrompter, *, steps: int, batch_size: int
     steps train on reference captions (every shape of every image: the most supervision for seeing), the rest on
     `start_caption` targets (the terse habit)."""
     rng = random.Random(seed)
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(COLOURS) * len(SHAPES) + 9)
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, 1 + len(COLOURS) * len(SHAPES) + NUM_CELLS)
     opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
