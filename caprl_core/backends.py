@@ -38,6 +38,9 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+# The Triton ops, one module each: caprl_core.kernels.<op> (kernels/<op>.py in the repository). kernels/ has no
+# __init__.py on purpose (see pyproject.toml), so the backend module is assembled here from the op files.
+TRITON_OPS = ("token_logprobs", "linear_token_logprobs", "group_advantages", "mcq_rewards")
 ENV_VAR = "CAPRL_BACKEND"
 OPS = ("token_logprobs", "linear_token_logprobs", "group_advantages", "mcq_rewards")
 _warned: set[tuple[str, str, str]] = set()
@@ -121,9 +124,20 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
 def load(name: str) -> ModuleType:
     """The kernel module of backend `name` ("triton", "cpu" or "cuda"); builds the C++ extensions on first use."""
     if name == "triton":
-        return importlib.import_module("caprl_core.kernels")
+        return _load_triton()
     if name in ("cpu", "cuda"):
         from caprl_core import _build
 
         return _build.load_extension(name)
     raise ValueError(f"backend: no kernel module for {name!r}")
+
+
+def _load_triton() -> ModuleType:
+    """The triton backend: the entry points (`op`, or `op_fwd` and `op_bwd`) of every kernels/<op>.py in one module."""
+    backend = ModuleType("caprl_core.kernels", "the Triton backend: one kernels/<op>.py per op")
+    for op in TRITON_OPS:
+        module = importlib.import_module(f"caprl_core.kernels.{op}")
+        for name in (op, op + "_fwd", op + "_bwd"):
+            if hasattr(module, name):
+                setattr(backend, name, getattr(module, name))
+    return backend

@@ -1,0 +1,50 @@
+"""How the package installs: nothing in the repository shadows an installed package when Python runs from the root.
+
+`python -m pytest` and `python -m caprl_core.train` (what `make` runs) put the repository root first on sys.path. Our
+top-level kernels/ (one Triton op per file, packaged as caprl_core.kernels) must then never be what `import kernels`
+finds: transformers >= 5.25 imports Hugging Face's `kernels` package from transformers.modeling_utils (issue 21).
+
+Run: pytest tests/test_install.py
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_from_root(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter from the repository root, with the root first on sys.path (as -m does)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_import_kernels_from_the_root_is_never_our_folder():
+    code = (
+        "import json, transformers.modeling_utils, kernels\n"
+        "print(json.dumps({'file': getattr(kernels, '__file__', None)}))"
+    )
+    result = run_from_root(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        installed = importlib.metadata.distribution("kernels")  # Hugging Face's (transformers >= 5.25 requires it)
+    except importlib.metadata.PackageNotFoundError:
+        # Without it `import kernels` may find our folder, but only as a namespace portion: no module of ours runs.
+        assert found["file"] is None, found
+        return
+    assert found["file"] is not None, found
+    # The installed distribution's own file (the venv may live inside the checkout, so "outside the repository" is
+    # checked as "not our kernels/ folder, and the file the distribution installed").
+    assert Path(found["file"]).resolve().parent != ROOT / "kernels", found
+    assert Path(found["file"]).resolve() == Path(installed.locate_file("kernels/__init__.py")).resolve(), found
+
+
+def test_the_triton_kernels_import_as_caprl_core_kernels():
+    result = run_from_root("import caprl_core.kernels.token_logprobs as m; print(m.__file__)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Path(result.stdout.strip()).name == "token_logprobs.py"
