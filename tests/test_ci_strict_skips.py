@@ -1,5 +1,6 @@
-"""scripts/ci_strict_skips.py (the pytest plugin .ci/run loads): a skip for an unavailable backend or a failed import
-fails the run, other skips do not; a run that collects no test fails (pytest's exit code 5).
+"""scripts/ci_strict_skips.py (the pytest plugin .ci/run loads): a skip not on its allow-list fails the run, whatever
+its reason (an unavailable backend, an import that failed, module-level or not); a skip by design passes; a run that
+collects no test fails (pytest's exit code 5).
 
 Run: pytest tests/test_ci_strict_skips.py
 """
@@ -31,8 +32,11 @@ def run_pytest(tmp_path: Path, body: str, *args: str) -> subprocess.CompletedPro
     [
         'def test_cpu():\n    pytest.skip("cpu backend unavailable for token_logprobs: the extension did not build")',
         'def test_triton():\n    pytest.importorskip("caprl_core_no_such_module")',
+        'def test_trl():\n    pytest.importorskip("caprl_core_no_such_module", reason="x")',
+        'no_such = pytest.importorskip("caprl_core_no_such_module", reason="x")\n\n\ndef test_a():\n    pass',
+        'def test_other():\n    pytest.skip("needs a GPU with 80 GB")',
     ],
-    ids=["backend-unavailable", "importorskip"],
+    ids=["backend-unavailable", "importorskip", "importorskip-with-reason", "module-level-importorskip", "other"],
 )
 def test_skip_for_a_broken_build_fails(tmp_path, body):
     result = run_pytest(tmp_path, body)
@@ -40,8 +44,9 @@ def test_skip_for_a_broken_build_fails(tmp_path, body):
     assert "ci_strict_skips" in result.stdout
 
 
-def test_other_skips_and_passes_succeed(tmp_path):
-    body = 'def test_a():\n    pass\n\n\ndef test_b():\n    pytest.skip("needs a GPU with 80 GB")'
+def test_skips_by_design_and_passes_succeed(tmp_path):
+    reason = "the cuda backend has no kernel for token_logprobs (by design)"
+    body = f'def test_a():\n    pass\n\n\ndef test_b():\n    pytest.skip("{reason}")'
     result = run_pytest(tmp_path, body)
     assert result.returncode == 0, result.stdout + result.stderr
 
