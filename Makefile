@@ -3,10 +3,14 @@
 # TORCH_SPEC is what pip installs for torch when the venv has none. Users keep the default (their platform's normal
 # torch: a CUDA build on Linux, torch 2.14.1 today). CPU-only machines may pass a CPU wheel instead, e.g.
 #     make test TORCH_SPEC=torch==2.13.0      (.ci/run's first pass: that wheel is on the CI machine's disk)
-# VENV names the virtual environment, so that two torch versions can live side by side, e.g.
-#     make test VENV=.venv-torch214 TORCH_SPEC=torch==2.14.1      (.ci/run's second pass)
+# VENV names the virtual environment, so that two sets of versions can live side by side.
+# DEPS picks the versions of everything but torch: `lock` (default) installs the tested set in constraints.txt, so a
+# release upstream cannot break `make test` or `make train`; `newest` installs what pip resolves today, torch included
+# when TORCH_SPEC leaves it free (.ci/run's second pass), e.g.
+#     make test DEPS=newest VENV=.venv-newest
 # PYTEST_ARGS goes to pytest (.ci/run: -p scripts.ci_strict_skips).
 PYTHON ?= python3
+DEPS ?= lock
 VENV ?= .venv
 TORCH_SPEC ?= torch
 REQUIRE_NVCC ?= 0
@@ -15,15 +19,36 @@ CUDA_ARCH ?= sm_90
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint build nvcc-check bench train selfcheck gpu-check clean
+.PHONY: setup test lint build nvcc-check bench train selfcheck gpu-check wheel-check lock clean
 
-setup: $(VENV)/.installed
+ifeq ($(DEPS),lock)
+# The lock as constraints, less what the installed torch pins itself (scripts/lock_constraints.py says why).
+INSTALL = $(PY) scripts/lock_constraints.py constraints.txt > $(VENV)/constraints.txt && \
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+else ifeq ($(DEPS),newest)
+# TORCH_SPEC as a requirement, so that a pinned torch stays and a free one is upgraded with everything else.
+INSTALL = $(PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH_SPEC)"
+else
+$(error DEPS must be lock or newest, got '$(DEPS)')
+endif
 
-$(VENV)/.installed: pyproject.toml
+setup: $(VENV)/.installed-$(DEPS)
+
+# One marker per DEPS: switching between lock and newest reinstalls.
+$(VENV)/.installed-$(DEPS): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	@rm -f $(VENV)/.installed $(VENV)/.installed-*
+	$(INSTALL)
 	@touch $@
+
+# Moves the lock forward to this venv's versions: run after `make test DEPS=newest VENV=...` passed with that VENV.
+lock:
+	$(PY) scripts/lock_constraints.py --write constraints.txt
+
+# Builds the wheel and runs it from a clean venv outside the repository (scripts/wheel_check.sh; .ci/run's last pass).
+wheel-check: setup
+	PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" scripts/wheel_check.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -63,4 +88,4 @@ train: setup build
 	$(PY) -m caprl_core.train $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache bench/results

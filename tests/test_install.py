@@ -48,3 +48,22 @@ def test_the_triton_kernels_import_as_caprl_core_kernels():
     result = run_from_root("import caprl_core.kernels.token_logprobs as m; print(m.__file__)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert Path(result.stdout.strip()).name == "token_logprobs.py"
+
+
+def test_the_lock_leaves_to_torch_what_torch_pins_itself():
+    from scripts import lock_constraints
+
+    lock = "# header\ntransformers==5.25.0\ntriton==3.9.0  # a comment\n\nKernels==0.19.1\n"
+    assert lock_constraints.constraints(lock, {"triton"}) == "transformers==5.25.0\nKernels==0.19.1\n"
+    assert lock_constraints.constraints(lock, set()).count("triton==3.9.0") == 1
+
+
+def test_the_lock_pins_every_dependency_but_torch():
+    from scripts import lock_constraints
+
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
+    assert all("==" in line for line in lines), lines
+    pinned = {lock_constraints.canonical(line.split("==")[0]) for line in lines}
+    assert "torch" not in pinned
+    for name in ("transformers", "kernels", "triton", "trl", "numpy", "safetensors", "pytest", "ruff"):
+        assert name in pinned, name
