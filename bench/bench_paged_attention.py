@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from conftest import machine, synced
 
-from caprl_core.sampler import attention
+from caprl_core.sampler import attention, attention_torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -107,7 +107,7 @@ def _call(contender: str, pb: Problem):
         )
     if contender == "torch":
         slots = attention.build_gather_slots(pb.args[3], pb.args[5], PAGE_SIZE)
-        return lambda: attention.paged_attention_torch(*pb.args, scale, pb.max_seqlen_q, gather_slots=slots)
+        return lambda: attention_torch.paged_attention_torch(*pb.args, scale, pb.max_seqlen_q, gather_slots=slots)
     num_seqs, group = pb.dense_q.shape[0], NUM_HEADS // NUM_KV_HEADS
 
     def sdpa() -> torch.Tensor:
@@ -129,7 +129,7 @@ def test_paged_attention(benchmark, shape: str, contender: str) -> None:
             pytest.skip(f"triton backend unavailable: {why}")
     pb = _problem(shape)
     run = synced(_call(contender, pb), DEVICE)
-    expected = attention.paged_attention_reference(*pb.args, HEAD_DIM**-0.5)
+    expected = attention_torch.paged_attention_reference(*pb.args, HEAD_DIM**-0.5)
     torch.testing.assert_close(run().float(), expected.float(), **TOL)
     num_seqs = pb.args[5].shape[0]
     benchmark.extra_info.update(

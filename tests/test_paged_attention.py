@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 from caprl_core import backends
-from caprl_core.sampler import attention
+from caprl_core.sampler import attention, attention_torch
 
 # fp32: the kernels sum exp2 / dot products in another order than the reference: a few ulp of O(1) outputs.
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -114,7 +114,7 @@ def run(backend: str, batch: Batch, scale: float = 0.25, **kwargs) -> torch.Tens
 
 
 def reference(batch: Batch, scale: float = 0.25) -> torch.Tensor:
-    return attention.paged_attention_reference(*batch.args(), scale)
+    return attention_torch.paged_attention_reference(*batch.args(), scale)
 
 
 # ------------------------------------------------------------------------------------- the reference, anchored
@@ -359,6 +359,6 @@ def test_torch_path_groups_uneven_prefills(device):
     """One long prefill among many short ones: the CPU path splits the batch into padding groups (else it pads every
     sequence to the longest query); the answer must not change, and the grouping must really happen."""
     seqs = [(300, 340)] + [(3 + i % 5, 300 + i) for i in range(24)] + [(1, 50), (1, 400)]
-    assert len(attention._padding_groups([q for q, _ in seqs], [c for _, c in seqs])) > 1
+    assert len(attention_torch._padding_groups([q for q, _ in seqs], [c for _, c in seqs])) > 1
     batch = make_batch(seqs, page_size=4, device=device)
     torch.testing.assert_close(run("torch", batch), reference(batch), **FP32)

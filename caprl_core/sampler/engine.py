@@ -7,9 +7,10 @@
     hidden = engine.prefill(reader_prompts)  # [P, H], last position, prefix cache shared across prompts
 
 One step = one forward pass over a packed batch chosen by the `Scheduler`; the `BlockManager` maps every sequence's
-tokens to cache slots; `ModelAdapter` runs the Hugging Face model with the paged attention function. The KV cache
-is allocated on first use and can be released between rollouts with `free_kv_cache()` (the trainer then gets the
-memory back for its backward pass).
+tokens to cache slots; `step_inputs` packs the batch into model inputs; `ModelAdapter` runs the Hugging Face model
+with the paged attention function; `requests` checks what the caller passes. The KV cache is allocated on first use
+(sized by `cache_size`) and can be released between rollouts with `free_kv_cache()` (the trainer then gets the memory
+back for its backward pass).
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ import hashlib
 import sys
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from caprl_core.sampler.attention import build_gather_slots, select_backend
+from caprl_core.sampler import cache_size, requests
+from caprl_core.sampler.attention import select_backend
 from caprl_core.sampler.block_manager import BlockManager
-from caprl_core.sampler.model import ModelAdapter, StepContext
+from caprl_core.sampler.model import ModelAdapter
 from caprl_core.sampler.sampling import sample_with_policy
-from caprl_core.sampler.scheduler import Batch, Scheduler
-from caprl_core.sampler.sequence import Completion, MultimodalPrompt, SamplingParams, Sequence
+from caprl_core.sampler.scheduler import Scheduler
+from caprl_core.sampler.sequence import Completion, SamplingParams, Sequence
+from caprl_core.sampler.step_inputs import step_inputs
 
 DEFAULT_MEMORY_FRACTION = {"cuda": 0.3, "cpu": 0.1}
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 @dataclass
@@ -93,7 +93,9 @@ class Engine:
         self.block_size = block_size
         a = self.adapter
         self.attn_backend = select_backend(a.device, a.dtype, block_size, a.head_dim, attn_backend)
-        self.fixed_kv_blocks = self._fixed_blocks(num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction)
+        self.fixed_kv_blocks = cache_size.fixed_blocks(
+            num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction, block_size
+        )
         if kv_cache_memory_fraction is None:
             kv_cache_memory_fraction = DEFAULT_MEMORY_FRACTION["cuda" if a.device.type == "cuda" else "cpu"]
         self.kv_cache_memory_fraction = kv_cache_memory_fraction
@@ -114,37 +116,12 @@ class Engine:
         a = self.adapter
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * a.dtype.itemsize
 
-    def _fixed_blocks(self, num_kv_blocks, kv_cache_tokens, fraction) -> int | None:
-        """The fixed cache size in blocks, or None when it follows need (the arguments checked)."""
-        given = [n for n, v in (("num_kv_blocks", num_kv_blocks), ("kv_cache_tokens", kv_cache_tokens),
-                                ("kv_cache_memory_fraction", fraction)) if v is not None]  # fmt: skip
-        if len(given) > 1:
-            raise ValueError(
-                f"give at most one of num_kv_blocks, kv_cache_tokens, kv_cache_memory_fraction, got {given}"
-            )
-        if num_kv_blocks is not None:
-            if not (isinstance(num_kv_blocks, int) and num_kv_blocks >= 1):
-                raise ValueError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
-            return num_kv_blocks
-        if kv_cache_tokens is not None:
-            if not (isinstance(kv_cache_tokens, int) and kv_cache_tokens >= 1):
-                raise ValueError(f"kv_cache_tokens must be an integer >= 1, got {kv_cache_tokens!r}")
-            return -(-kv_cache_tokens // self.block_size)
-        if fraction is not None and not (0 < fraction <= 1):
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
-        return None
-
     def max_kv_blocks(self) -> int:
         """The most blocks the cache may have now: the fixed size, else the memory fraction of what is free (the
         current cache counted as free, since growing it replaces it)."""
         if self.fixed_kv_blocks is not None:
             return self.fixed_kv_blocks
-        device = self.adapter.device
-        if device.type == "cuda":  # memory the caching allocator holds unused is as good as free
-            free = torch.cuda.mem_get_info(device)[0]
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        else:
-            free = _mem_available_bytes()
+        free = cache_size.free_bytes(self.adapter.device)
         if self.kv_cache is not None:
             free += self.kv_cache.numel() * self.kv_cache.element_size()
         blocks = int(free * self.kv_cache_memory_fraction) // self.block_bytes
@@ -154,23 +131,14 @@ class Engine:
             )
         return blocks
 
-    def _blocks_needed(self, seqs: list[Sequence]) -> int:
-        """Blocks for every sequence at its maximum length with nothing shared: enough never to preempt."""
-        bs, max_len, total = self.block_size, self.adapter.max_length, 0
-        for seq in seqs:
-            if seq.prefill_only:
-                total += -(-len(seq) // bs)
-            else:
-                total += seq.params.n * -(-min(len(seq) + seq.params.max_new_tokens, max_len) // bs)
-        return total
-
     def _ensure_cache(self, seqs: list[Sequence]) -> torch.Tensor:
         """Allocate the cache if there is none, or grow it when `seqs` need more and the cap allows (nothing is
         running between calls, so only the prefix cache is lost)."""
         if self.fixed_kv_blocks is not None:
             blocks = self.fixed_kv_blocks
         else:
-            need = 1 << max(self._blocks_needed(seqs) - 1, 0).bit_length()  # the next power of two
+            needed = cache_size.blocks_needed(seqs, self.block_size, self.adapter.max_length)
+            need = 1 << max(needed - 1, 0).bit_length()  # the next power of two
             if self.kv_cache is not None and need <= self.num_kv_blocks:
                 return self.kv_cache
             blocks = min(need, self.max_kv_blocks())
@@ -211,10 +179,10 @@ class Engine:
         Qwen2.5-VL, `pixel_values`, `image_grid_thw` (and optionally `mm_token_type_ids`). `params` is one
         SamplingParams for all prompts or one per prompt. progress=True shows a tqdm bar on stderr.
         """
-        plist = self._params_list(prompts, params)
+        plist = requests.params_list(prompts, params)
         seqs, most = [], self.max_kv_blocks()
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
-            ids, mm = self._normalize(i, prompt)
+            ids, mm = requests.prompt_ids(self.adapter, i, prompt)
             self._check_fits(i, len(ids), p, most)
             seq = Sequence(self._new_id(), ids, p, request_index=i, mm=mm)
             seq.generator = self._generator(p, i, 0)
@@ -245,22 +213,15 @@ class Engine:
             raise ValueError("prompts must be a non-empty list of prompts")
         seqs, most = [], self.max_kv_blocks()
         for i, prompt in enumerate(prompts):
-            ids, mm = self._normalize(i, prompt)
+            ids, mm = requests.prompt_ids(self.adapter, i, prompt)
             self._check_fits(i, len(ids), None, most)
             seqs.append(Sequence(self._new_id(), ids, SamplingParams(), request_index=i, mm=mm, prefill_only=True))
         if shared_prefix is not None and self.block_manager.prefix_caching:
-            self._keep_only_prefix(self._check_prefix(shared_prefix), seqs)
+            self._keep_only_prefix(requests.check_prefix(shared_prefix, self.adapter.vocab_size), seqs)
         self._run(seqs, progress=progress, total=len(seqs))
         self._done = []
         hidden = torch.stack([self._hidden.pop(i) for i in range(len(prompts))])
         return hidden
-
-    def _check_prefix(self, prefix) -> list[int]:
-        if not isinstance(prefix, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in prefix):
-            raise ValueError("shared_prefix must be a list of token ids (ints)")
-        if any(not 0 <= t < self.adapter.vocab_size for t in prefix):
-            raise ValueError(f"shared_prefix: token ids must be in [0, {self.adapter.vocab_size})")
-        return [int(t) for t in prefix]
 
     def _keep_only_prefix(self, prefix: list[int], seqs: list[Sequence]) -> None:
         """The prefix cache afterwards holds `prefix`'s full blocks and nothing else, computed by a prefill of the
@@ -279,85 +240,10 @@ class Engine:
             blocks = bm.cached_prefix_blocks(prefix)
         bm.forget_cached(keep=blocks)
 
-    # --- input checks -------------------------------------------------------------------------------------------
-
-    def _params_list(self, prompts, params) -> list[SamplingParams]:
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty list of prompts")
-        if isinstance(prompts[0], int):
-            raise ValueError("prompts must be a list of prompts (each a list of token ids or a dict); wrap one in [ ]")
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
-            return [params] * len(prompts)
-        params = list(params)
-        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
-            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)}, got {len(params)} items")
-        return params
-
-    def _normalize(self, index: int, prompt) -> tuple[list[int], MultimodalPrompt | None]:
-        """Token ids of prompts[index] (and its multimodal inputs), checked."""
-        name = f"prompts[{index}]"
-        mm = None
-        if isinstance(prompt, dict):
-            if "input_ids" not in prompt:
-                raise ValueError(f"{name}: a dict prompt needs input_ids")
-            ids_t = torch.as_tensor(prompt["input_ids"])
-            if ids_t.dim() == 2 and ids_t.shape[0] == 1:
-                ids_t = ids_t[0]
-            mask = prompt.get("attention_mask")
-            if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-                raise ValueError(f"{name}: attention_mask has padding; pass each prompt unpadded")
-        elif isinstance(prompt, torch.Tensor):
-            ids_t = prompt
-        elif isinstance(prompt, (list, tuple)):
-            # torch.tensor infers the dtype in C: a per-token isinstance check cost ~50 ms per training step on the
-            # reader's ~25k prompt tokens (profiled on the 2-core CPU).
-            try:
-                ids_t = torch.tensor(prompt) if prompt else torch.zeros(0, dtype=torch.long)
-            except (TypeError, ValueError, RuntimeError, OverflowError):
-                ids_t = None
-            if ids_t is None or ids_t.dtype not in _INT_DTYPES:
-                raise ValueError(f"{name}: a list prompt must hold token ids (ints)")
-        else:
-            raise ValueError(
-                f"{name}: expected a list of token ids, a 1-D tensor or a dict; got {type(prompt).__name__}"
-            )
-        if ids_t.dim() != 1:
-            raise ValueError(f"{name}: input_ids must be 1-D (or [1, L]), got shape {tuple(ids_t.shape)}")
-        if ids_t.numel() == 0:
-            raise ValueError(f"{name} is empty")
-        if ids_t.is_floating_point():
-            raise ValueError(f"{name}: token ids must be integers, got {ids_t.dtype}")
-        ids_t = ids_t.long().cpu()
-        lo, hi = int(ids_t.min()), int(ids_t.max())
-        if lo < 0 or hi >= self.adapter.vocab_size:
-            raise ValueError(f"{name}: token ids must be in [0, {self.adapter.vocab_size}), got [{lo}, {hi}]")
-        if isinstance(prompt, dict) and prompt.get("pixel_values") is not None:
-            mm = self.adapter.multimodal_prompt(index, ids_t, prompt)
-        return ids_t.tolist(), mm
+    # --- ids and generators ---------------------------------------------------------------------------------------
 
     def _check_fits(self, index: int, length: int, params: SamplingParams | None, most: int) -> None:
-        """ValueError unless prompts[index] could run alone in a cache of `most` blocks."""
-        name, bs = f"prompts[{index}]", self.block_size
-        max_len = self.adapter.max_length
-        if params is None:
-            if length > max_len:
-                raise ValueError(f"{name} has {length} tokens, more than the model's maximum length {max_len}")
-            need = -(-length // bs)
-        else:
-            if length >= max_len:
-                raise ValueError(f"{name} has {length} tokens: no room to generate within the model's maximum "
-                                 f"length {max_len}")  # fmt: skip
-            total = min(length + params.max_new_tokens, max_len)
-            reserve = params.n - 1 if length % bs else 0
-            need = max(-(-total // bs), -(-length // bs) + reserve)
-        if need > most:
-            raise ValueError(
-                f"{name} needs {need} KV blocks of {bs} tokens (prompt {length} tokens"
-                + (f" + max_new_tokens {params.max_new_tokens}, n={params.n}" if params else "")
-                + f"), more than the whole KV cache can hold ({most} blocks); give a larger kv cache"
-            )
+        requests.check_fits(index, length, params, most, self.block_size, self.adapter.max_length)
 
     def _new_id(self) -> int:
         self._next_seq_id += 1
@@ -403,11 +289,16 @@ class Engine:
         if not batch.seqs:
             raise RuntimeError("scheduler returned an empty batch with work left (a bug: please report)")
         self._note_usage()
-        ctx, positions, ids, embeds, deepstack, last_rows = self._prepare(batch)
+        inputs = step_inputs(batch, self.adapter, self.kv_cache, self.block_size, self.attn_backend, self._on_image)
+        self._count_tokens(batch.is_prefill, inputs.spans)
         hidden = self.adapter.forward(
-            ctx, positions, input_ids=ids, inputs_embeds=embeds, deepstack=deepstack
+            inputs.ctx,
+            inputs.positions,
+            input_ids=inputs.input_ids,
+            inputs_embeds=inputs.inputs_embeds,
+            deepstack=inputs.deepstack,
         )  # [T, H]
-        last = hidden[last_rows]  # [B, H]
+        last = hidden[inputs.last_rows]  # [B, H]
         self.stats.steps += 1
         rows, targets = [], []
         for b, seq in enumerate(batch.seqs):
@@ -421,6 +312,18 @@ class Engine:
         if targets:
             self._note_usage()  # after the forks
             self._sample(last[torch.tensor(rows, device=last.device)], targets)
+
+    def _count_tokens(self, is_prefill: bool, spans: list[tuple[int, int]]) -> None:
+        if is_prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += sum(e - s for s, e in spans)
+            self.stats.cached_tokens += sum(s for s, _ in spans)
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(spans)
+
+    def _on_image(self) -> None:
+        self.stats.vision_calls += 1
 
     def _note_usage(self) -> None:
         used = self.num_kv_blocks - self.block_manager.num_free
@@ -471,96 +374,3 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self._done.append(seq)
-
-    # --- batch inputs -------------------------------------------------------------------------------------------
-
-    def _prepare(self, batch: Batch):
-        """StepContext, positions ([T] or [3, T]), input_ids [T] or inputs_embeds [T, H], Qwen3-VL's DeepStack inputs
-        of the step (or None), last row of each seq [B]."""
-        bs, device, vl = self.block_size, self.adapter.device, self.adapter.vision is not None
-        spans = []  # per sequence: the token range [start, end) this step computes
-        for seq in batch.seqs:
-            start = seq.num_cached_tokens if batch.is_prefill else len(seq) - 1
-            spans.append((start, len(seq)))
-        if batch.is_prefill:
-            self.stats.prefill_steps += 1
-            self.stats.prefill_tokens += sum(e - s for s, e in spans)
-            self.stats.cached_tokens += sum(s for s, _ in spans)
-        else:
-            self.stats.decode_steps += 1
-            self.stats.decode_tokens += len(spans)
-        lengths = np.array([e - s for s, e in spans], dtype=np.int64)
-        cu = np.zeros(len(spans) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=cu[1:])
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = np.full((len(spans), width), -1, dtype=np.int64)
-        slots, ids, pos = [], [], []
-        for b, (seq, (s, e)) in enumerate(zip(batch.seqs, spans, strict=True)):
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            tables[b, : len(table)] = table
-            p = np.arange(s, e)
-            slots.append(table[p // bs] * bs + p % bs)
-            ids.extend(seq.token_ids[s:e])
-            pos.append(self._positions(seq, s, e) if vl else p)
-        ctx = StepContext(
-            kv_cache=self.kv_cache,
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
-            block_tables=torch.from_numpy(tables).to(device=device, dtype=torch.int32),
-            cu_seqlens_q=torch.from_numpy(cu).to(device=device, dtype=torch.int32),
-            context_lens=torch.tensor([e for _, e in spans], dtype=torch.int32, device=device),
-            max_seqlen_q=int(lengths.max()),
-            backend=self.attn_backend,
-        )
-        if self.attn_backend == "torch":
-            ctx.gather_slots = build_gather_slots(ctx.block_tables, ctx.context_lens, bs, max(e for _, e in spans))
-        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-        positions = torch.from_numpy(np.concatenate(pos, axis=-1)).to(device)
-        last_rows = torch.from_numpy(cu[1:] - 1).to(device)
-        if not vl:
-            return ctx, positions, ids_t, None, None, last_rows
-        embeds, deepstack = self._embed(batch.seqs, spans, ids_t, cu)
-        return ctx, positions, None, embeds, deepstack, last_rows
-
-    def _positions(self, seq: Sequence, start: int, end: int) -> np.ndarray:
-        """M-RoPE positions [3, end - start] of tokens start..end-1 (text: the same 1-D position on all rows)."""
-        p = np.arange(start, end)
-        if seq.mm is None:
-            return np.broadcast_to(p, (3, len(p)))
-        out = np.empty((3, len(p)), dtype=np.int64)
-        n_prompt = min(end, seq.num_prompt_tokens) - start
-        if n_prompt > 0:
-            out[:, :n_prompt] = seq.mm.positions[:, start : start + n_prompt].numpy()
-        out[:, max(n_prompt, 0) :] = p[max(n_prompt, 0) :] + seq.mm.rope_delta
-        return out
-
-    def _embed(self, seqs: list[Sequence], spans, ids: torch.Tensor, cu: np.ndarray):
-        """Token embeddings [T, H] with each image's placeholder rows replaced by its vision-tower output, and for
-        Qwen3-VL the DeepStack inputs: (image token mask [T], per DeepStack layer [image tokens of the step, H] in
-        packed order), or None when the step computes no image token."""
-        embeds = self.adapter.embed(ids)
-        mask = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-        stacked = []  # [num_deepstack, rows, H] pieces in packed order
-        for seq, (s, e), offset in zip(seqs, spans, cu[:-1].tolist(), strict=True):
-            if seq.mm is None:
-                continue
-            for image, span in enumerate(seq.mm.spans):
-                lo, hi = max(span.start, s), min(span.end, e)
-                if lo >= hi:
-                    continue
-                if image not in seq.mm.image_embeds:
-                    self.stats.vision_calls += 1
-                image_rows = self.adapter.image_embeds(seq.mm, image)
-                embeds[offset + lo - s : offset + hi - s] = image_rows[lo - span.start : hi - span.start]
-                if self.adapter.num_deepstack:
-                    mask[offset + lo - s : offset + hi - s] = True
-                    stacked.append(seq.mm.deepstack_embeds[image][:, lo - span.start : hi - span.start])
-        if not stacked:
-            return embeds, None
-        return embeds, (mask, list(torch.cat(stacked, dim=1).unbind(0)))
-
-
-def _mem_available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; give kv_cache_tokens or num_kv_blocks")
