@@ -3,7 +3,11 @@
 Why JIT rather than at install time: `pip install` of a torch extension needs torch inside pip's isolated build
 environment, and an unpinned torch there pulls a multi-GB CUDA build even on CPU machines; a JIT build uses the
 torch already installed, compiles once (about a minute) into the torch extensions cache (TORCH_EXTENSIONS_DIR),
-and is reused afterwards. The cache key includes the compile flags, so a change of CPU features rebuilds.
+and is reused afterwards. The cache key includes the compile flags, so a change of CPU features rebuilds. It does not
+include where the checkout lives: the sources are first copied into the build directory (`<key>/src`) and compiled
+from there, so every clone and worktree of the same sources shares one build (torch's build.ninja names sources by
+absolute path, so compiling them in place made each checkout rebuild, ~2 min on 2 cores). A build announces itself
+on stderr; a cached one loads silently.
 
 One extension, one binding file (csrc/bindings.cpp) with two submodules: `cpu` (OpenMP kernels, always) and
 `cuda` (CUDA kernels, only where torch has CUDA and nvcc is found). If the CUDA build fails, the CPU-only build is
@@ -29,8 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from functools import cache
@@ -48,9 +54,8 @@ def cxx_standard() -> str:
     """The C++ standard torch's extension builder compiles with ("c++20" for torch 2.13 and 2.14, "c++17" for
     older releases): the newest `-std=c++NN` that torch.utils.cpp_extension itself passes. Read from its source
     because torch exposes no function for it; "c++17" (the oldest torch 2.x used) if none is found."""
-    from torch.utils import cpp_extension
 
-    found = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(cpp_extension))
+    found = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(quiet_cpp_extension()))
     return f"c++{max(int(v) for v in found)}" if found else "c++17"
 
 
@@ -61,9 +66,7 @@ def nvcc_flags(with_torch_defaults: bool = False) -> list[str]:
     ours = (CSRC / "cuda" / "nvcc.flags").read_text().split()
     if not with_torch_defaults:
         return ours
-    from torch.utils import cpp_extension
-
-    return [*cpp_extension.COMMON_NVCC_FLAGS, *ours]
+    return [*quiet_cpp_extension().COMMON_NVCC_FLAGS, *ours]
 
 
 def _cpu_flags() -> list[str]:
@@ -79,46 +82,90 @@ def _cpu_flags() -> list[str]:
     return flags
 
 
-def _sources(with_cuda: bool) -> list[str]:
-    sources = [CSRC / "bindings.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh", ".flags")
+
+
+def _sources(with_cuda: bool, root: Path = CSRC) -> list[Path]:
+    """The files compiled (under `root`): the binding file, the CPU kernels, and with CUDA the CUDA ones."""
+    sources = [root / "bindings.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
-        sources += sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp"))
-    return [str(s) for s in sources]
+        sources += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
+    return sources
 
 
-def _name(sources: list[str], flags: list[str]) -> str:
-    """Extension name keyed on the source contents and location, flags, torch and Python versions, so an edit,
-    another CPU or another torch never loads a stale build from the shared cache."""
+def _name(with_cuda: bool, flags: list[str], root: Path = CSRC) -> str:
+    """Extension name keyed on the sources' contents and their paths inside csrc/ (headers included), the flags,
+    torch and Python versions, so an edit, another CPU or another torch never loads a stale build from the shared
+    cache; and not on where csrc/ lives, so that every checkout of the same sources shares one build."""
     digest = hashlib.sha1()
-    headers = sorted(str(h) for h in CSRC.rglob("*.h"))  # included, not compiled: part of the key all the same
-    for s in [*sources, *headers]:
-        digest.update(Path(s).read_bytes())
+    headers = sorted(root.rglob("*.h"))  # included, not compiled: part of the key all the same
+    for path in [*_sources(with_cuda, root), *headers]:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
-    # And where the sources are: torch's build.ninja names them by absolute path, so two checkouts of the same
-    # sources sharing the cache would otherwise recompile on every switch between them (measured: ~105 s a switch
-    # on the 2-core machine, with two worktrees at the same commit).
-    digest.update(str(CSRC).encode())
     return "caprl_ext_" + digest.hexdigest()[:12]
 
 
-def _build(with_cuda: bool) -> ModuleType:
-    from torch.utils.cpp_extension import load
+def _staged(build_dir: Path) -> Path:
+    """csrc/ copied to `build_dir`/src (once: the name keys the contents), compiled from there so that the absolute
+    paths in torch's build.ninja are the same for every checkout. The copy is made beside it and renamed into place,
+    so a concurrent build never compiles a half-copied tree."""
+    stage = build_dir / "src"
+    if not stage.is_dir():
+        tmp = build_dir / f"src.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(CSRC, tmp, ignore=lambda d, names: [n for n in names if not _is_source(Path(d) / n)])
+        try:
+            os.replace(tmp, stage)
+        except OSError:  # another process staged the same sources first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return stage
 
+
+def _is_source(path: Path) -> bool:
+    return path.is_dir() or path.suffix in SOURCE_SUFFIXES
+
+
+def _build(with_cuda: bool) -> ModuleType:
+    cpp_extension = quiet_cpp_extension()
     cflags = _cpu_flags() + (["-DCAPRL_WITH_CUDA"] if with_cuda else [])
     cuda_flags = nvcc_flags() if with_cuda else []
-    sources = _sources(with_cuda)
+    name = _name(with_cuda, cflags + cuda_flags)
     verbose = os.environ.get("CAPRL_BUILD_VERBOSE", "0") != "0"
-    return load(
-        name=_name(sources, cflags + cuda_flags),
-        sources=sources,
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose))  # torch's: TORCH_EXTENSIONS_DIR/<name>
+    stage = _staged(build_dir)
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"caprl_core: building the C++ kernels{' with CUDA' if with_cuda else ''}, once for these sources "
+              f"(about a minute or two on 2 cores) into {build_dir}", file=sys.stderr, flush=True)  # fmt: skip
+    return cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in _sources(with_cuda, stage)],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags or None,  # no -std: torch adds its own
         extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(CSRC)],
+        extra_include_paths=[str(stage)],
+        build_directory=str(build_dir),
         with_cuda=with_cuda,
         verbose=verbose,
     )
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." warning: on a CPU machine with a CUDA toolkit
+    (nvcc for the compile check) it said nothing useful, on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its CUDA-runtime notice (see _NoCudaRuntimeNotice)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+    from torch.utils import cpp_extension
+
+    return cpp_extension
 
 
 def cuda_expected() -> bool:

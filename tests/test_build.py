@@ -70,3 +70,45 @@ def test_nvcc_flags_are_the_builds_and_torchs():
     printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert printed == [*COMMON_NVCC_FLAGS, *ours]
     assert '"$PY" -m caprl_core._build --nvcc-flags' in (ROOT / "scripts" / "nvcc_check.sh").read_text()
+
+
+def test_the_build_key_follows_the_sources_not_where_they_live(tmp_path):
+    """Every clone and worktree of the same sources shares one build (issue 23: each clone rebuilt, ~2 min)."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "csrc"
+    shutil.copytree(_build.CSRC, copy)
+    flags = ["-O3"]
+    assert _build._name(False, flags, copy) == _build._name(False, flags, _build.CSRC)
+    assert _build._name(True, flags, copy) == _build._name(True, flags, _build.CSRC)
+    (copy / "cpu" / "token_logprobs.cpp").write_text((copy / "cpu" / "token_logprobs.cpp").read_text() + "\n// edit\n")
+    assert _build._name(False, flags, copy) != _build._name(False, flags, _build.CSRC)
+    assert _build._name(False, ["-O2"], _build.CSRC) != _build._name(False, flags, _build.CSRC)
+
+
+def test_a_build_announces_itself_and_a_cached_one_is_silent(tmp_path, monkeypatch, capsys):
+    """The first build says what takes time; loading a cached build prints nothing. torch's load is replaced by a
+    stand-in that records what it was asked to compile: the sources come from the staged copy in the build dir."""
+    cpp_extension = _build.quiet_cpp_extension()
+    calls = []
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    (tmp_path / _build._name(False, _build._cpu_flags())).mkdir()
+    assert _build._build(with_cuda=False) == "module"
+    assert "building the C++ kernels" in capsys.readouterr().err
+    stage = Path(calls[0]["build_directory"]) / "src"
+    assert all(Path(s).is_relative_to(stage) and Path(s).is_file() for s in calls[0]["sources"])
+    assert calls[0]["extra_include_paths"] == [str(stage)]
+    (Path(calls[0]["build_directory"]) / f"{calls[0]['name']}.so").write_bytes(b"")
+    _build._build(with_cuda=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_no_cuda_runtime_notice_from_torch(caplog):
+    """torch logs "No CUDA runtime is found" on a CPU machine with a CUDA toolkit, on every run: dropped."""
+    import logging
+
+    _build.quiet_cpp_extension()
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/x")
+    assert "No CUDA runtime" not in caplog.text
