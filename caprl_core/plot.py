@@ -1,21 +1,28 @@
 """Training and evaluation figures, drawn with matplotlib (Agg backend: no display needed).
 
+    python -m caprl_core.plot RUN_DIR          # (re)draws RUN_DIR/plot.png from RUN_DIR/metrics.jsonl, any time
+
     from caprl_core.plot import plot_metrics, plot_eval
     plot_metrics("runs/x/metrics.jsonl", "runs/x/plot.png")     # what `python -m caprl_core.train` writes
     plot_eval("runs/eval/details.jsonl", "runs/eval/plot.png")   # what `python -m caprl_core.eval` writes
 
-`plot_metrics` draws one titled panel per metric in a grid: the per-step values as light points and their running
-mean (exponential, bias-corrected: per-step rewards are noisy) as a line, "step" on x and the metric's unit on y.
-Missing, None or non-finite values are gaps; lines cut short by a crash are skipped. `plot_eval` draws the
-distribution of per-image accuracy and accuracy against caption length.
+`plot_metrics` draws the panels of PANELS that say something: a panel is left out when none of its metrics has a
+finite value, when all of them are constant zero (the clip share under one iteration, the KL without a reference),
+or when it would repeat another panel (reader accuracy is the reward itself unless a length term is added). Each
+metric is drawn as light per-step points and a centred moving average (WINDOW_FRACTION of the run, odd, at least 3
+points: a centred mean does not lag the points as a running mean does). Missing, None or non-finite values are gaps;
+lines cut short by a crash are skipped. `plot_eval` draws the distribution of per-image accuracy and accuracy against
+caption length.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-from collections.abc import Sequence
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,93 +30,131 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEFAULT_KEYS = ("reward_mean", "accuracy", "fact_precision", "fact_recall", "caption_length", "kl", "clip_fraction",
-                "grad_norm")  # fmt: skip
-SMOOTHING = 0.9  # weight of the past in the running mean
-RAW_COLOUR, MEAN_COLOUR = "#9ecae1", "#1f77b4"
-# Panel title and y label per metric; others get their key as title and no unit.
-LABELS = {
-    "reward_mean": ("Reward (mean over captions)", "reward"),
-    "accuracy": ("Reader accuracy", "fraction right"),
-    "fact_precision": ("Fact precision of captions", "true / claimed"),
-    "fact_recall": ("Fact recall of captions", "stated / facts"),
-    "caption_length": ("Caption length", "tokens"),
-    "kl": ("KL to the initial policy (k3)", "nats / token"),
-    "clip_fraction": ("Clipped ratio share", "fraction of tokens"),
-    "grad_norm": ("Gradient norm (before clipping)", "L2 norm"),
-    "entropy": ("Policy entropy", "nats / token"),
-    "loss": ("GRPO loss", "loss"),
-    "lr": ("Learning rate", "lr"),
-}
+WINDOW_FRACTION = 0.1  # the centred mean's window, as a share of the run's points
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")  # one per metric of a panel; its points are the same, lighter
 
 
-def plot_metrics(
-    metrics_path: str | Path, out_png: str | Path, keys: Sequence[str] = DEFAULT_KEYS, *,
-    size: tuple[int, int] = (1200, 800),
-) -> Path:  # fmt: skip
-    """Draw one panel per key of `keys` that has at least one finite value in `metrics_path` (JSON lines with "step"
-    and numeric fields; unparsable lines are skipped) into `out_png` (`size` in pixels). Returns `out_png`."""
-    fig = metrics_figure(_read_records(Path(metrics_path)), keys, size=size)
-    fig.suptitle(f"Training: {Path(metrics_path).parent.name or Path(metrics_path).name}")
+@dataclass(frozen=True)
+class Panel:
+    """One panel: its title, the y axis's unit, and the metrics it draws as (key, legend label)."""
+
+    title: str
+    unit: str
+    metrics: tuple[tuple[str, str], ...]
+    drop_if_same_as: str | None = None  # a key of another panel: this one is left out when its first metric equals it
+
+
+PANELS = (
+    Panel("Reward (mean over captions)", "reward", (("reward_mean", "reward"),)),
+    Panel("Reader accuracy", "fraction right", (("accuracy", "training captions"),), drop_if_same_as="reward_mean"),
+    Panel("Held-out accuracy", "fraction right", (("eval_accuracy", "held-out"),)),
+    Panel("Fact precision and recall", "fraction",
+          (("fact_precision", "precision (train)"), ("fact_recall", "recall (train)"),
+           ("eval_fact_precision", "precision (held-out)"), ("eval_fact_recall", "recall (held-out)"))),
+    Panel("Caption length", "tokens", (("caption_length", "mean"),)),
+    Panel("Truncated captions", "fraction of captions", (("truncation_rate", "hit max_new_tokens"),)),
+    Panel("Policy entropy", "nats / token", (("entropy", "entropy"),)),
+    Panel("KL", "nats / token", (("kl", "to the reference (k3)"), ("approx_kl", "to the rollout policy"))),
+    Panel("Clipped ratio share", "fraction of tokens", (("clip_fraction", "clipped"),)),
+    Panel("Gradient norm (before clipping)", "L2 norm", (("grad_norm", "grad norm"),)),
+    Panel("Time per phase", "seconds",
+          (("time_rollout", "rollout"), ("time_reward", "reward"), ("time_update", "update"), ("time_eval", "eval"))),
+)  # fmt: skip
+PANEL_COLUMNS = 3
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, *, size: tuple[int, int] | None = None) -> Path:
+    """Draw the informative panels of PANELS from `metrics_path` (JSON lines with "step" and numeric fields;
+    unparsable lines are skipped) into `out_png`; `size` in pixels (default: 400 x 300 per panel). Returns
+    `out_png`."""
+    fig = metrics_figure(_read_records(Path(metrics_path)), size=size)
+    fig.suptitle(f"Training: {Path(metrics_path).resolve().parent.name}")
     return _save(fig, Path(out_png))
 
 
-def metrics_figure(records: list[dict], keys: Sequence[str] = DEFAULT_KEYS, *, size: tuple[int, int] = (1200, 800)):
+def metrics_figure(records: list[dict], panels: tuple[Panel, ...] = PANELS, *, size: tuple[int, int] | None = None):
     """The figure of `plot_metrics` from parsed metric records (tests look inside it)."""
-    series = {key: _series(records, key) for key in keys}
-    series = {key: pts for key, pts in series.items() if any(math.isfinite(y) for _, y in pts)}
-    cols = min(3, len(series)) or 1
-    rows = math.ceil(len(series) / cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] / 100, size[1] / 100), dpi=100, squeeze=False)
-    for ax in axes.flat[len(series) :]:
+    shown = [(panel, series) for panel in panels if (series := _panel_series(records, panel))]
+    shown = [(p, s) for p, s in shown if not _repeats(p, s, records)]
+    cols = min(PANEL_COLUMNS, len(shown)) or 1
+    rows = math.ceil(len(shown) / cols) or 1
+    width, height = size or (400 * cols, 300 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(width / 100, height / 100), dpi=100, squeeze=False)
+    for ax in axes.flat[len(shown) :]:
         ax.set_axis_off()
-    if not series:
-        axes[0, 0].text(0.5, 0.5, f"no finite values of {', '.join(keys)}", ha="center", va="center",
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no metric with a finite value yet", ha="center", va="center",
                         transform=axes[0, 0].transAxes)  # fmt: skip
-    for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
-        _panel(ax, key, points)
+    for ax, (panel, series) in zip(axes.flat, shown, strict=False):
+        _draw(ax, panel, series)
     return fig
 
 
-def plot_eval(details_path: str | Path, out_png: str | Path) -> Path:
+def plot_eval(details_path: str | Path, out_png: str | Path, *, title: str | None = None) -> Path:
     """The distribution of per-image mean accuracy, and each caption's accuracy against its length, from an
-    evaluation's details.jsonl. Returns `out_png`."""
+    evaluation's details.jsonl; `title` names what was evaluated (default: the number of images). Returns
+    `out_png`."""
     rows = _read_records(Path(details_path))
     accuracy = [sum(r["accuracy"]) / len(r["accuracy"]) for r in rows if r.get("accuracy")]
     pairs = [(t, a) for r in rows for t, a in zip(r.get("caption_tokens", []), r.get("accuracy", []), strict=False)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    left.hist(accuracy, bins=20, range=(0, 1), color=MEAN_COLOUR)
+    left.hist(accuracy, bins=20, range=(0, 1), color=COLOURS[0])
     left.set(title="Per-image accuracy (mean over captions)", xlabel="fraction of questions right", ylabel="images")
     if pairs:
-        right.scatter(*zip(*pairs, strict=True), s=8, alpha=0.5, color=MEAN_COLOUR)
+        right.scatter(*zip(*pairs, strict=True), s=8, alpha=0.5, color=COLOURS[0])
     right.set(title="Caption accuracy against length", xlabel="caption tokens", ylabel="fraction right")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Evaluation: {len(accuracy)} images")
+    fig.suptitle(title or f"Evaluation: {len(accuracy)} images")
     return _save(fig, Path(out_png))
 
 
-def _panel(ax, key: str, points: list[tuple[float, float]]) -> None:
-    title, unit = LABELS.get(key, (key, ""))
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    ax.plot(xs, ys, "o", markersize=2.5, color=RAW_COLOUR, label="per step")
-    if sum(math.isfinite(y) for y in ys) > 2:
-        ax.plot(xs, _smooth(ys), color=MEAN_COLOUR, linewidth=1.8, label="running mean")
+def _panel_series(records: list[dict], panel: Panel) -> dict[str, list[tuple[float, float]]]:
+    """The panel's metrics that have a finite value that is not 0 everywhere (a metric stuck at 0 says nothing)."""
+    series = {}
+    for key, _ in panel.metrics:
+        points = _series(records, key)
+        finite = [y for _, y in points if math.isfinite(y)]
+        if finite and any(y != 0 for y in finite):
+            series[key] = points
+    return series
+
+
+def _repeats(panel: Panel, series: dict, records: list[dict]) -> bool:
+    """Whether the panel's first metric equals the one it may repeat (at every step where both are finite)."""
+    if panel.drop_if_same_as is None or panel.metrics[0][0] not in series:
+        return False
+    ours, theirs = dict(series[panel.metrics[0][0]]), dict(_series(records, panel.drop_if_same_as))
+    common = [s for s in ours if s in theirs and math.isfinite(ours[s]) and math.isfinite(theirs[s])]
+    return bool(common) and all(math.isclose(ours[s], theirs[s], rel_tol=1e-9, abs_tol=1e-12) for s in common)
+
+
+def _draw(ax, panel: Panel, series: dict[str, list[tuple[float, float]]]) -> None:
+    labels = dict(panel.metrics)
+    for colour, (key, points) in zip(COLOURS, series.items(), strict=False):
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        ax.plot(xs, ys, "o", markersize=2.5, color=colour, alpha=0.35)
+        if sum(math.isfinite(y) for y in ys) > 2:
+            ax.plot(xs, centred_mean(ys), color=colour, linewidth=1.8, label=labels[key])
+        else:
+            ax.lines[-1].set_label(labels[key])
+    if len(series) > 1 or any(sum(math.isfinite(y) for _, y in pts) > 2 for pts in series.values()):
         ax.legend(fontsize="x-small", loc="best")
-    ax.set(title=title, xlabel="step", ylabel=unit)
+    ax.set(title=panel.title, xlabel="step", ylabel=panel.unit)
     ax.grid(alpha=0.3)
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Bias-corrected exponential running mean; NaN where the value is NaN (a gap), restarted after a gap."""
-    out, mean, n = [], 0.0, 0
-    for y in values:
-        if not math.isfinite(y):
-            out.append(math.nan)
-            mean, n = 0.0, 0
-            continue
-        mean, n = SMOOTHING * mean + (1 - SMOOTHING) * y, n + 1
-        out.append(mean / (1 - SMOOTHING**n))
+def centred_mean(values: list[float], window: int | None = None) -> list[float]:
+    """Mean of the finite values in a window centred on each point (narrower at the ends); NaN where the value is
+    NaN (a gap). `window` is odd; by default WINDOW_FRACTION of the points, at least 3."""
+    n = len(values)
+    if window is None:
+        window = max(3, int(n * WINDOW_FRACTION) // 2 * 2 + 1)
+    half = window // 2
+    out = []
+    for i, y in enumerate(values):
+        near = [v for v in values[max(0, i - half) : i + half + 1] if math.isfinite(v)]
+        out.append(sum(near) / len(near) if math.isfinite(y) and near else math.nan)
     return out
 
 
@@ -149,3 +194,22 @@ def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
 def _number(value) -> float:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return float(value) if is_number else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m caprl_core.plot RUN_DIR [--out PNG]`: redraw a training run's plot from its metrics.jsonl."""
+    parser = argparse.ArgumentParser(prog="python -m caprl_core.plot", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run's output directory")
+    parser.add_argument("--out", type=Path, metavar="PNG", help="where to write (default: RUN_DIR/plot.png)")
+    args = parser.parse_args(argv)
+    metrics = args.run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"error: RUN_DIR: {metrics} does not exist (is {args.run_dir} a training run's directory?)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(plot_metrics(metrics, args.out or args.run_dir / "plot.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
