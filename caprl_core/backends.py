@@ -30,8 +30,8 @@ Every kernel backend is a module exposing the same functions on 2-D, validated, 
         # with token_options == k minus the logsumexp over all V columns (-inf for a slot with no tokens), in one
         # pass over V; K <= 16. Lives in the same kernel files as mcq_rewards.
 
-A backend module may leave an op out (the CUDA backend has no token_logprobs nor mcq_rewards_vocab): `has_op` tells,
-and dispatch then falls back along the order with one warning.
+A backend module may leave an op out (the CUDA backend has no token_logprobs): `has_op` tells, and dispatch then
+falls back along the order with one warning.
 """
 
 from __future__ import annotations

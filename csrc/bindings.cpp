@@ -17,5 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto cuda = m.def_submodule("cuda", "CUDA kernels for CUDA tensors");
   cuda.def("group_advantages", &caprl::cuda::group_advantages);
   cuda.def("mcq_rewards", &caprl::cuda::mcq_rewards);
+  cuda.def("mcq_rewards_vocab", &caprl::cuda::mcq_rewards_vocab);
 #endif
 }
