@@ -306,3 +306,25 @@ def test_vocab_bad_input(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         ops.mcq_rewards(hidden, weight, **kwargs)
+
+
+@pytest.mark.gpu  # deselected (and counted as such) without CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vocab_reader_scoring_shape_gpu(backend, device, dtype):
+    """normalize="vocab" at a reward step's shape: 1,024 prompts of 128 captions, H = 2,048, Qwen2.5's vocabulary,
+    5 slots of 8 tokens each. Soft mode only (see test_reader_scoring_shape_gpu)."""
+    hidden, weight, bias, _, num_options, answers, caption_index = problem(
+        device, dtype, prompts=1024, hidden_size=2048, vocab=151_936, slots=5, captions=128, seed=16
+    )
+    gen = torch.Generator().manual_seed(17)
+    options = torch.full((151_936,), -1, dtype=torch.long)
+    options[torch.randperm(151_936, generator=gen)[:40]] = torch.arange(40) % 5
+    options = options.to(device)
+    kwargs = dict(num_options=num_options, bias=bias, temperature=1.0, mode="soft")
+    out = vscore(backend, hidden, weight, options, answers, caption_index, 128, **kwargs)
+    acc = reference.acc_dtype(dtype)
+    upcast = dict(kwargs, bias=bias.to(acc), normalize="vocab")
+    expected = reference.mcq_rewards(hidden.to(acc), weight.to(acc), options, answers, caption_index, 128, **upcast)
+    # 2,048 products per logit (~1e-5 each in fp32, as in test_reader_scoring_shape_gpu), then two log-sum-exps over
+    # V: 1e-4 leaves room for the summation order of 151,936 terms.
+    assert_vocab_close(out, expected, dict(rtol=1e-4, atol=1e-4))
