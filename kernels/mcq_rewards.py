@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from caprl_core import backends
 from caprl_core.kernels.linear_token_logprobs import _config, _dtypes, _logits_tile, _num_splits
 
 
@@ -222,6 +223,18 @@ def _merge_splits(split_max: torch.Tensor, split_sum: torch.Tensor) -> torch.Ten
     return shift + torch.log((split_sum * torch.exp(split_max - shift)).sum(0))
 
 
+def _vocab_config(dtype: torch.dtype, vocab: int, hidden_size: int, block_k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): linear_token_logprobs' forward config, except for fp16/bf16
+    on a GPU, where the K running (max, sum) pairs per row ([BLOCK_N, BLOCK_K] each) and the per-slot masked copies
+    of the tile compete for registers. ptxas for sm_90 (Triton 3.9, 8 warps, 3 stages): its 128 x 128 tile spills
+    0.5 KB per thread at K = 5 and 10 KB at K = 16; 64 x 128 spills nothing up to K = 8, 64 x 64 nothing at K = 16.
+    Not timed on a GPU yet. (fp32 64 x 64 spills 20 bytes at K = 16; fp64 32 x 32 spills at K >= 8: kept, rare.)"""
+    config = _config("fwd", dtype, vocab, hidden_size)
+    if backends.triton_interpreter() or dtype not in (torch.float16, torch.bfloat16):
+        return config
+    return 64, 128 if block_k <= 8 else 64, config[2], 8, 3
+
+
 def mcq_rewards_vocab(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -241,11 +254,11 @@ def mcq_rewards_vocab(
     vocab = weight.shape[0]
     num_captions = caption_offsets.shape[0] - 1
     torch_acc, tl_acc, dot_dtype, dot_precision = _dtypes(hidden.dtype)
-    block_n, block_v, block_h, num_warps, num_stages = _config("fwd", hidden.dtype, vocab, hidden_size)
+    block_k = triton.next_power_of_2(num_slots)
+    block_n, block_v, block_h, num_warps, num_stages = _vocab_config(hidden.dtype, vocab, hidden_size, block_k)
     num_splits, tiles_per_split = _num_splits(
         triton.cdiv(num_prompts, block_n), triton.cdiv(vocab, block_v), hidden.device
     )
-    block_k = triton.next_power_of_2(num_slots)
     all_stats = torch.empty((2, num_splits, num_prompts), dtype=torch_acc, device=hidden.device)  # max, sum
     slot_stats = torch.empty((2, num_splits, num_prompts, num_slots), dtype=torch_acc, device=hidden.device)
     _mcq_vocab_partials_kernel[(triton.cdiv(num_prompts, block_n), num_splits)](
