@@ -12,6 +12,14 @@ Target (reported, not asserted): the kernel >= 20x faster than full_vocab; each 
 `speedup_vs_full_vocab` in extra_info. Also in extra_info: the machine, peak extra memory of one call (measured
 once, outside the timing loop), and achieved GB/s (kernels: hidden + option rows read) or TFLOP/s (full_vocab).
 Every benchmarked output is checked against the fp64 reference.
+
+normalize="vocab" (test_mcq_rewards_vocab): the mass of each option's tokens over the whole vocabulary, which must
+read all V rows of the weight. Shapes: "gpu-recipe" (P = 1024, H = 2048, V = 151,936; CUDA only, as the gpu-*
+shapes of bench_engine.py) and "cpu" (P = 64, H = 256, V = 32,768; runs anywhere). Contenders: "vocab-<kernel>"
+(the fused op: one pass over V, no [P, V] buffer), "options-<kernel>" (normalize="options" on the same batch: the
+K-row lower bound, a different quantity) and "full_vocab_softmax" (torch: hidden @ weight.T, log_softmax, then a
+logsumexp over each slot's token columns). The vocab kernels' outputs are checked against full_vocab_softmax
+computed in fp64 (cpu shape) or fp32 on upcast inputs (gpu shape).
 """
 
 from __future__ import annotations
@@ -147,3 +155,92 @@ def _record_rates(benchmark, contender: str, dtype: torch.dtype) -> None:
         speedup = _full_vocab_median(dtype) / median
         benchmark.extra_info["speedup_vs_full_vocab"] = speedup
         print(f"\nmcq_rewards {contender} {dtype}: {median * 1e3:.3f} ms, {speedup:.0f}x faster than full_vocab")
+
+
+# ---- normalize="vocab" ----------------------------------------------------------------------------------------------
+
+VOCAB_SHAPES = {"gpu-recipe": (1024, 2048, 151_936, 128), "cpu": (64, 256, 32_768, 8)}  # P, H, V, C
+TOKENS_PER_SLOT = 8  # "C", " C", "C)", "Cat", ...: a handful of vocabulary ids decide each letter
+VOCAB_CONTENDERS = ("full_vocab_softmax", *(f"vocab-{k}" for k in KERNELS), *(f"options-{k}" for k in KERNELS))
+
+
+@dataclass(frozen=True)
+class VocabProblem:
+    hidden: torch.Tensor  # [P, H]
+    weight: torch.Tensor  # [V, H]
+    token_options: torch.Tensor  # [V], slot in [0, K) or -1
+    letter_ids: torch.Tensor  # [K], the first token of each slot (for the options-mode contender)
+    answers: torch.Tensor  # [P]
+    caption_index: torch.Tensor  # [P]
+    num_captions: int
+
+
+@cache
+def _vocab_problem(shape: str, dtype: torch.dtype) -> VocabProblem:
+    p, h, v, c = VOCAB_SHAPES[shape]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(p, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * 0.02 * (2048 / h) ** 0.5  # logits of order 1 at every H
+    tokens = torch.randperm(v, generator=gen)[: K * TOKENS_PER_SLOT].view(K, TOKENS_PER_SLOT)
+    token_options = torch.full((v,), -1, dtype=torch.long)
+    for k in range(K):
+        token_options[tokens[k]] = k
+    to = dict(device=DEVICE)
+    return VocabProblem(
+        hidden.to(dtype=dtype, **to), weight.to(dtype=dtype, **to), token_options.to(**to), tokens[:, 0].to(**to),
+        torch.randint(0, K, (p,), generator=gen).to(**to), (torch.arange(p) % c).to(**to), c,
+    )  # fmt: skip
+
+
+def full_vocab_softmax(pb: VocabProblem, upcast: torch.dtype | None = None) -> torch.Tensor:
+    """[P, K] slot log-masses the dense way: [P, V] logits (matmul in the input dtype, or in `upcast` for the
+    checks), fp32 log_softmax, logsumexp over each slot's columns."""
+    hidden, weight = (pb.hidden, pb.weight) if upcast is None else (pb.hidden.to(upcast), pb.weight.to(upcast))
+    logits = (hidden @ weight.T).to(upcast or torch.float32)  # [P, V]
+    logp = torch.log_softmax(logits / TEMPERATURE, dim=-1)
+    columns = [(pb.token_options == k).nonzero().squeeze(1) for k in range(K)]
+    return torch.stack([torch.logsumexp(logp[:, cols], dim=-1) for cols in columns], dim=1)
+
+
+def _vocab_call(contender: str, pb: VocabProblem):
+    if contender == "full_vocab_softmax":
+        return lambda: full_vocab_softmax(pb)
+    normalize, backend = contender.split("-")
+    ids = pb.token_options if normalize == "vocab" else pb.letter_ids
+    return lambda: ops.mcq_rewards(
+        pb.hidden, pb.weight, ids, pb.answers, pb.caption_index, pb.num_captions, num_options=K,
+        temperature=TEMPERATURE, mode=MODE, normalize=normalize, backend=backend,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("contender", VOCAB_CONTENDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(VOCAB_SHAPES))
+def test_mcq_rewards_vocab(benchmark, shape: str, contender: str, dtype: torch.dtype) -> None:
+    if shape.startswith("gpu") and DEVICE.type != "cuda":
+        pytest.skip(f"{shape} runs on a GPU only")
+    if contender != "full_vocab_softmax":
+        op = "mcq_rewards_vocab" if contender.startswith("vocab") else "mcq_rewards"
+        why = backends._why_unavailable(contender.split("-")[1], op, DEVICE)
+        if why is not None:
+            pytest.skip(f"{contender} unavailable: {why}")
+    pb = _vocab_problem(shape, dtype)
+    run = synced(_vocab_call(contender, pb), DEVICE)
+    outputs = []
+    peak = peak_extra_bytes(lambda: outputs.append(run()), DEVICE)
+    if contender.startswith("vocab"):
+        # fp64 dense on the cpu shape; fp32 on upcast inputs at the gpu shape (an fp64 [V, H] copy is 2.5 GB).
+        expected = full_vocab_softmax(pb, torch.float64 if shape == "cpu" else torch.float32)
+        # H products per logit in fp32 and two log-sum-exps: ~1e-5 absolute on log-masses of order 1 to 10.
+        torch.testing.assert_close(outputs.pop()[1].double(), expected.double(), rtol=1e-4, atol=1e-4)
+    p, h, v, _ = VOCAB_SHAPES[shape]
+    benchmark.extra_info.update(
+        machine=machine(), device=str(DEVICE), contender=contender, dtype=str(dtype), P=p, H=h, K=K, V=v,
+        peak_extra_bytes=peak,
+    )  # fmt: skip
+    if shape.startswith("gpu") or contender.startswith("options"):
+        benchmark(run)
+    else:  # 10-100 ms per call on the 2-core CPU: a fixed number of rounds keeps the run short
+        benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None and not contender.startswith("options"):
+        benchmark.extra_info["tflops"] = 2 * p * v * h / benchmark.stats.stats.median / 1e12  # the [P, V] projection

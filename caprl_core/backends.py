@@ -23,8 +23,15 @@ Every kernel backend is a module exposing the same functions on 2-D, validated, 
                 num_options[P] i64, prompt_order[P] i64, caption_offsets[C + 1] i64, temperature, mode)
         -> (rewards[C], option_logprobs[P, K])
         # prompt_order lists the prompts of caption c at prompt_order[caption_offsets[c]:caption_offsets[c + 1]]
+    mcq_rewards_vocab(hidden[P, H], weight[V, H], bias[V] | None, token_options[V] i64 in [-1, K), answers[P] i64
+                      in [0, K), prompt_order[P] i64, caption_offsets[C + 1] i64, num_slots K, temperature, mode)
+        -> (rewards[C], option_logprobs[P, K])
+        # normalize="vocab" of ops.mcq_rewards: option_logprobs[p, k] = logsumexp of logits / T over the columns
+        # with token_options == k minus the logsumexp over all V columns (-inf for a slot with no tokens), in one
+        # pass over V; K <= 16. Lives in the same kernel files as mcq_rewards.
 
-A backend module may leave an op out (the CUDA backend has no token_logprobs): `has_op` tells.
+A backend module may leave an op out (the CUDA backend has no token_logprobs): `has_op` tells, and dispatch then
+falls back along the order with one warning.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # __init__.py on purpose (see pyproject.toml), so the backend module is assembled here from the op files.
 TRITON_OPS = ("token_logprobs", "linear_token_logprobs", "group_advantages", "mcq_rewards")
 ENV_VAR = "CAPRL_BACKEND"
-OPS = ("token_logprobs", "linear_token_logprobs", "group_advantages", "mcq_rewards")
+OPS = ("token_logprobs", "linear_token_logprobs", "group_advantages", "mcq_rewards", "mcq_rewards_vocab")
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -133,11 +140,12 @@ def load(name: str) -> ModuleType:
 
 
 def _load_triton() -> ModuleType:
-    """The triton backend: the entry points (`op`, or `op_fwd` and `op_bwd`) of every kernels/<op>.py in one module."""
+    """The triton backend: the entry points (`op`, or `op_fwd` and `op_bwd`, for every op in OPS) of every
+    kernels/<op>.py in one module. A file may hold variants of its op (kernels/mcq_rewards.py: mcq_rewards_vocab)."""
     backend = ModuleType("caprl_core.kernels", "the Triton backend: one kernels/<op>.py per op")
-    for op in TRITON_OPS:
-        module = importlib.import_module(f"caprl_core.kernels.{op}")
-        for name in (op, op + "_fwd", op + "_bwd"):
+    for op_file in TRITON_OPS:
+        module = importlib.import_module(f"caprl_core.kernels.{op_file}")
+        for name in (f"{op}{suffix}" for op in OPS for suffix in ("", "_fwd", "_bwd")):
             if hasattr(module, name):
                 setattr(backend, name, getattr(module, name))
     return backend

@@ -233,6 +233,11 @@ def _mcq_option_args(option_token_ids, num_options, p: int, vocab: int, device) 
     ids = option_token_ids.long().expand(p, k).contiguous()
     if num_options is None:
         return ids, torch.full((p,), k, dtype=torch.long, device=device)
+    return ids, _mcq_option_counts(num_options, p, k, f"K={k}", device)
+
+
+def _mcq_option_counts(num_options, p: int, max_slots: int, limit: str, device) -> torch.Tensor:
+    """Checked per-prompt option counts [P] (int64) in [1, max_slots] from an int or a [P] tensor."""
     if isinstance(num_options, torch.Tensor):
         check.integer("num_options", num_options)
         check.shape("num_options", num_options, (p,), "[P]")
@@ -242,10 +247,34 @@ def _mcq_option_args(option_token_ids, num_options, p: int, vocab: int, device) 
         counts = torch.full((p,), num_options, dtype=torch.long, device=device)
     else:
         raise ValueError(f"num_options: expected None, an int or a [P] tensor, got {type(num_options).__name__}")
-    if bool(((counts < 1) | (counts > k)).any()):
-        bad = int(((counts < 1) | (counts > k)).nonzero()[0])
-        raise ValueError(f"num_options: expected values in [1, K={k}], got {int(counts[bad])} at index {bad}")
-    return ids, counts.contiguous()
+    if bool(((counts < 1) | (counts > max_slots)).any()):
+        bad = int(((counts < 1) | (counts > max_slots)).nonzero()[0])
+        raise ValueError(f"num_options: expected values in [1, {limit}], got {int(counts[bad])} at index {bad}")
+    return counts.contiguous()
+
+
+# Vocab mode keeps one running log-sum-exp per slot in registers (the Triton kernel unrolls over K), so K is bounded.
+# 16 is well above the 9 letters A-I that CapRL's answer parser reads.
+MCQ_MAX_VOCAB_SLOTS = 16
+
+
+def _mcq_vocab_args(token_options, num_options, p: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Vocab mode: checked token_options [V] (int64, values in [-1, K)), option counts [P] (int64) and K."""
+    check.integer("option_token_ids", token_options)
+    check.shape("option_token_ids", token_options, (vocab,), "token_options [V] with V = weight.shape[0] in vocab mode")
+    check.same_device([("hidden", torch.empty(0, device=device)), ("option_token_ids", token_options)])
+    if num_options is None:
+        raise ValueError("num_options: required with normalize='vocab' (an int, or [P] option counts)")
+    counts = _mcq_option_counts(num_options, p, MCQ_MAX_VOCAB_SLOTS, f"{MCQ_MAX_VOCAB_SLOTS} (vocab mode)", device)
+    k = int(counts.max())
+    bad = (token_options < -1) | (token_options >= k)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ValueError(
+            f"option_token_ids: expected token_options values in [-1, K={k}) (K = max(num_options)), "
+            f"got {int(token_options[first])} at index {first}"
+        )
+    return token_options.long().contiguous(), counts, k
 
 
 def mcq_rewards(
@@ -260,17 +289,25 @@ def mcq_rewards(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     mode: str = "hard",
+    normalize: str = "options",
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score reader prompts on their option letters only (K x H work instead of V x H) and reduce per caption.
+    """Score reader prompts on their options and reduce per caption.
 
     hidden: [P, H] the reader's last-position hidden states; weight: [V, H] its lm_head (same dtype as hidden);
-    option_token_ids: [K] or [P, K] token id of each option letter; answers: [P] index of the right option;
-    caption_index: [P] caption of each prompt, in [0, num_captions); num_options: None (all K), an int, or [P]
-    (a question with fewer options uses the first slots). mode "hard": 1 when the answer's logit is strictly
-    above every other valid option's, else 0; "soft": probability of the answer under softmax(logits / T).
-    Returns (rewards [C], mean score over each caption's prompts; option_logprobs [P, K], -inf on unused slots).
-    Every caption must have at least one prompt. Not differentiable (the reader is frozen).
+    answers: [P] index of the right option slot; caption_index: [P] caption of each prompt, in [0, num_captions).
+    normalize "options" (K x H work instead of V x H): option_token_ids [K] or [P, K] token id of each option letter;
+    num_options None (all K), an int, or [P] (a question with fewer options uses the first slots); log-softmax over
+    the valid options. mode "hard": 1 when the answer's logit is strictly above every other valid option's, else 0;
+    "soft": probability of the answer under softmax(option logits / T); -inf on unused slots.
+    normalize "vocab" (one pass over all V columns, never holding [P, V]): option_token_ids is token_options [V],
+    the slot in [0, K) that each token decides (several tokens per slot: "C", " C", ...) or -1; num_options is
+    required (an int, or [P] with K = max; at most 16); option_logprobs[p, k] = log of the mass of slot k's tokens
+    under softmax(logits / T) over the whole vocabulary (-inf for a slot with no tokens), for all K slots. "soft":
+    the answer slot's mass (other slots and undecided tokens count 0); "hard": 1 when the answer slot's mass is
+    strictly above every other slot's (all K), else 0.
+    Returns (rewards [C], mean score over each caption's prompts; option_logprobs [P, K]). Every caption must have
+    at least one prompt. Not differentiable (the reader is frozen).
     """
     hidden, weight = check.floating("hidden", hidden), check.floating("weight", weight)
     check.ndim("hidden", hidden, 2)
@@ -286,7 +323,11 @@ def mcq_rewards(
         check.floating("bias", bias)
         check.shape("bias", bias, (vocab,), "[V]")
         check.same_dtype("bias", bias, "hidden", hidden)
-    ids, counts = _mcq_option_args(option_token_ids, num_options, p, vocab, hidden.device)
+    check.choice("normalize", normalize, reference.MCQ_NORMALIZE)
+    if normalize == "vocab":
+        ids, counts, num_slots = _mcq_vocab_args(option_token_ids, num_options, p, vocab, hidden.device)
+    else:
+        ids, counts = _mcq_option_args(option_token_ids, num_options, p, vocab, hidden.device)
     num_captions = check.positive_int("num_captions", num_captions)
     answers, caption_index = check.integer("answers", answers), check.integer("caption_index", caption_index)
     check.shape("answers", answers, (p,), "[P]")
@@ -300,18 +341,21 @@ def mcq_rewards(
         raise ValueError(f"caption_index: caption {missing} of num_captions={num_captions} has no prompts")
     temperature = check.temperature(temperature)
     check.choice("mode", mode, reference.MCQ_MODES)
-    kernels = _kernels("mcq_rewards", hidden.device, backend)
+    op = "mcq_rewards_vocab" if normalize == "vocab" else "mcq_rewards"
+    kernels = _kernels(op, hidden.device, backend)
     if kernels is None:
         return reference.mcq_rewards(
             hidden, weight, ids, answers, caption_index, num_captions, num_options=counts, bias=bias,
-            temperature=temperature, mode=mode,
+            temperature=temperature, mode=mode, normalize=normalize,
         )  # fmt: skip
     order = torch.argsort(caption_index.long(), stable=True)
     offsets = torch.zeros(num_captions + 1, dtype=torch.long, device=hidden.device)
     offsets[1:] = torch.cumsum(per_caption, 0)
+    hidden, weight = _rows(hidden, h), weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias, answers = None if bias is None else bias.contiguous(), answers.long().contiguous()
     with torch.no_grad():
-        return kernels.mcq_rewards(
-            _rows(hidden, h), weight if weight.stride(-1) == 1 else weight.contiguous(),
-            None if bias is None else bias.contiguous(), ids, answers.long().contiguous(), counts, order, offsets,
-            temperature, mode,
-        )  # fmt: skip
+        if normalize == "vocab":
+            return kernels.mcq_rewards_vocab(
+                hidden, weight, bias, ids, answers, order, offsets, num_slots, temperature, mode
+            )
+        return kernels.mcq_rewards(hidden, weight, bias, ids, answers, counts, order, offsets, temperature, mode)

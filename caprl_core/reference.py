@@ -12,6 +12,7 @@ import torch
 ADVANTAGE_METHODS = ("grpo", "rloo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 MCQ_MODES = ("hard", "soft")
+MCQ_NORMALIZE = ("options", "vocab")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,17 +138,26 @@ def mcq_rewards(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     mode: str = "hard",
+    normalize: str = "options",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score P reader prompts on their option letters and reduce to one reward per caption.
+    """Score P reader prompts on their options and reduce to one reward per caption.
 
-    hidden: [P, H] last-position hidden states; weight: [V, H] reader lm_head; option_token_ids: [K] or [P, K];
-    answers: [P] index of the right option; caption_index: [P] in [0, C); num_options: None (all K), an int, or
-    [P]. Option logits are `hidden @ weight[ids].T + bias[ids]`; option_logprobs [P, K] is the log-softmax of
-    logits / T over the first num_options[p] slots (-inf beyond). Hard: a prompt scores 1 when its answer's logit
-    is strictly above every other valid option's (ties score 0; temperature does not change the order). Soft:
-    the probability of the answer. rewards [C]: mean score over each caption's prompts.
+    hidden: [P, H] last-position hidden states; weight: [V, H] reader lm_head; answers: [P] index of the right
+    option slot; caption_index: [P] in [0, C); num_options: None (all K), an int, or [P].
+    normalize "options": option_token_ids [K] or [P, K], one token per option; option logits are
+    `hidden @ weight[ids].T + bias[ids]`; option_logprobs [P, K] is the log-softmax of logits / T over the first
+    num_options[p] slots (-inf beyond). Hard: a prompt scores 1 when its answer's logit is strictly above every other
+    valid option's (ties score 0; temperature does not change the order). Soft: the probability of the answer.
+    normalize "vocab": option_token_ids is token_options [V], the slot in [0, K) each token decides or -1, K =
+    max(num_options); see `mcq_vocab_logprobs`. Soft: the vocabulary mass of the answer's tokens; hard: 1 when that
+    mass is strictly above every other slot's (all K slots). rewards [C]: mean score over each caption's prompts.
     """
     acc = acc_dtype(hidden.dtype)
+    if normalize == "vocab":
+        k = int(torch.as_tensor(num_options).max())
+        option_logprobs = mcq_vocab_logprobs(hidden, weight, option_token_ids, k, bias=bias, temperature=temperature)
+        score = mcq_scores(option_logprobs, answers, mode)
+        return caption_means(score, caption_index, num_captions), option_logprobs
     p, k = hidden.shape[0], option_token_ids.shape[-1]
     ids = option_token_ids.long().expand(p, k)  # [P, K]
     logits = torch.einsum("ph,pkh->pk", hidden.to(acc), weight.to(acc)[ids])  # [P, K]
@@ -159,13 +169,46 @@ def mcq_rewards(
     valid = torch.arange(k, device=hidden.device)[None, :] < n_opt[:, None]  # [P, K]
     logits = logits.masked_fill(~valid, -torch.inf)
     option_logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    # hard mode compares the raw logits: dividing by T could merge two close logits
+    score = mcq_scores(logits if mode == "hard" else option_logprobs, answers, mode)
+    return caption_means(score, caption_index, num_captions), option_logprobs
+
+
+def mcq_vocab_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_options: torch.Tensor,
+    num_slots: int,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """[P, K] log of the mass, under softmax((hidden @ weight.T + bias) / T) over the whole vocabulary, of the tokens
+    whose token_options [V] entry is k (-inf for a slot no token decides). Materialises the [P, V] logits."""
+    acc = acc_dtype(hidden.dtype)
+    logits = hidden.to(acc) @ weight.to(acc).T  # [P, V]
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [P, V]
+    slots = token_options.long().to(hidden.device)
+    per_slot = [torch.logsumexp(logp.masked_fill(slots != k, -torch.inf), dim=-1) for k in range(num_slots)]
+    return torch.stack(per_slot, dim=1)  # [P, K]
+
+
+def mcq_scores(values: torch.Tensor, answers: torch.Tensor, mode: str) -> torch.Tensor:
+    """[P] scores from per-slot values [P, K] (logits or log-probs, -inf on slots that cannot win): hard, 1 when
+    the answer's value is strictly above every other slot's (a tie, or an answer at -inf, scores 0); soft,
+    exp(value) of the answer (the values must be log-probs)."""
     answers = answers.long()[:, None]
-    if mode == "hard":
-        others = logits.scatter(1, answers, -torch.inf).amax(dim=1)
-        score = (logits.gather(1, answers).squeeze(1) > others).to(acc)
-    else:
-        score = option_logprobs.gather(1, answers).squeeze(1).exp()
+    answer_value = values.gather(1, answers).squeeze(1)
+    if mode == "soft":
+        return answer_value.exp()
+    others = values.scatter(1, answers, -torch.inf).amax(dim=1)
+    return (answer_value > others).to(values.dtype)
+
+
+def caption_means(score: torch.Tensor, caption_index: torch.Tensor, num_captions: int) -> torch.Tensor:
+    """rewards [C]: the mean of score [P] over each caption's prompts (every caption has at least one)."""
     caption_index = caption_index.long()
-    total = torch.zeros(num_captions, dtype=acc, device=hidden.device).index_add_(0, caption_index, score)
-    count = torch.bincount(caption_index, minlength=num_captions).to(acc)
-    return total / count, option_logprobs
+    total = torch.zeros(num_captions, dtype=score.dtype, device=score.device).index_add_(0, caption_index, score)
+    return total / torch.bincount(caption_index, minlength=num_captions).to(score.dtype)

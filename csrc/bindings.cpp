@@ -12,9 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   cpu.def("linear_token_logprobs_bwd", &caprl::cpu::linear_token_logprobs_bwd);
   cpu.def("group_advantages", &caprl::cpu::group_advantages);
   cpu.def("mcq_rewards", &caprl::cpu::mcq_rewards);
+  cpu.def("mcq_rewards_vocab", &caprl::cpu::mcq_rewards_vocab);
 #ifdef CAPRL_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels for CUDA tensors");
   cuda.def("group_advantages", &caprl::cuda::group_advantages);
   cuda.def("mcq_rewards", &caprl::cuda::mcq_rewards);
+  cuda.def("mcq_rewards_vocab", &caprl::cuda::mcq_rewards_vocab);
 #endif
 }

@@ -38,6 +38,11 @@ std::tuple<at::Tensor, at::Tensor> mcq_rewards(const at::Tensor& hidden, const a
                                                      const at::Tensor& prompt_order,
                                                      const at::Tensor& caption_offsets, double temperature,
                                                      const std::string& mode);
+std::tuple<at::Tensor, at::Tensor> mcq_rewards_vocab(const at::Tensor& hidden, const at::Tensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& token_options,
+                                                     const at::Tensor& answers, const at::Tensor& prompt_order,
+                                                     const at::Tensor& caption_offsets, int64_t num_slots,
+                                                     double temperature, const std::string& mode);
 
 }  // namespace caprl::cpu
 
@@ -54,6 +59,11 @@ std::tuple<at::Tensor, at::Tensor> mcq_rewards(const at::Tensor& hidden, const a
                                                      const at::Tensor& prompt_order,
                                                      const at::Tensor& caption_offsets, double temperature,
                                                      const std::string& mode);
+std::tuple<at::Tensor, at::Tensor> mcq_rewards_vocab(const at::Tensor& hidden, const at::Tensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& token_options,
+                                                     const at::Tensor& answers, const at::Tensor& prompt_order,
+                                                     const at::Tensor& caption_offsets, int64_t num_slots,
+                                                     double temperature, const std::string& mode);
 
 }  // namespace caprl::cuda
 #endif

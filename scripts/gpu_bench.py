@@ -67,12 +67,14 @@ def _logprob_inputs(n: int, v: int, h: int | None, dtype: torch.dtype, seed: int
 
 def kernel_backends(backend: str) -> dict[str, Callable[[], None]]:
     """Each kernel of `backend` once at small shapes, checked against the reference: compute-sanitizer's workload.
-    The CUDA backend has group_advantages (both storage paths) and mcq_rewards; Triton has every op and the paged
-    attention kernels (store, prefill, decode, through the engine). "cpu" stands in for both in the dry run."""
+    The CUDA backend has group_advantages (both storage paths) and mcq_rewards (both modes); Triton has every op and
+    the paged attention kernels (store, prefill, decode, through the engine). "cpu" stands in for both in the dry
+    run."""
     runs = {"group_advantages": lambda: _check_group_advantages(backend, num_groups=50)}
     if backend != "triton":  # the CUDA kernel's global-memory path starts above ~5,800 groups (227 KiB shared)
         runs["group_advantages_global"] = lambda: _check_group_advantages(backend, num_groups=6000)
     runs["mcq_rewards"] = lambda: _check_mcq(backend)
+    runs["mcq_rewards_vocab"] = lambda: _check_mcq_vocab(backend)
     if backend != "cuda":
         runs["token_logprobs"] = lambda: _check_token_logprobs(backend)
         runs["linear_token_logprobs"] = lambda: _check_linear(backend)
@@ -100,6 +102,18 @@ def _check_mcq(backend: str) -> None:
     got = ops.mcq_rewards(*args, 3, backend=backend, **kwargs)[0]
     expected = reference.mcq_rewards(*[a.double() if a.is_floating_point() else a for a in args], 3, **kwargs)[0]
     assert_close(f"mcq_rewards[{backend}]", got, expected, 1e-4)
+
+
+def _check_mcq_vocab(backend: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(12, 40, generator=gen), torch.randn(301, 40, generator=gen)
+    token_options = torch.randint(-1, 5, (301,), generator=gen)
+    answers, caption = torch.randint(0, 4, (12,), generator=gen), torch.arange(12) % 3
+    args = [t.to(DEVICE) for t in (hidden, weight, token_options, answers, caption)]
+    kwargs = dict(num_options=5, mode="soft", normalize="vocab")
+    got = ops.mcq_rewards(*args, 3, backend=backend, **kwargs)[0]
+    expected = reference.mcq_rewards(*[a.double() if a.is_floating_point() else a for a in args], 3, **kwargs)[0]
+    assert_close(f"mcq_rewards_vocab[{backend}]", got, expected, 1e-4)
 
 
 def _check_token_logprobs(backend: str) -> None:
@@ -242,6 +256,18 @@ def bench_mcq_rewards(args: argparse.Namespace) -> dict:
         result[backend] = {"ms": median_seconds(lambda b=backend: call(b), args.repeats) * 1e3, "max_error": err}
     full = lambda: torch.log_softmax((hidden @ weight.T).float(), -1)[:, ids]  # [P, K] through [P, V]
     result["full_vocab_projection_ms"] = median_seconds(full, args.repeats) * 1e3
+    # normalize="vocab": 8 tokens decide each slot; one pass over all V rows (2 P V H flops), checked likewise
+    token_options = torch.full((VOCAB,), -1, dtype=torch.long, device=DEVICE)
+    token_options[torch.randperm(VOCAB, generator=gen, device=DEVICE)[: 8 * k]] = torch.arange(8 * k, device=DEVICE) % k
+    vocab_args = (hidden, weight, token_options, answers, caption, p // 8)
+    vocab = lambda backend: ops.mcq_rewards(*vocab_args, num_options=k, normalize="vocab", backend=backend)
+    upcast = (hidden.float(), weight.float(), *vocab_args[2:])
+    expected = reference.mcq_rewards(*upcast, num_options=k, normalize="vocab")[1]  # [P, K] log-masses
+    for backend in ("cpu",) if args.tiny else ("triton", "cuda"):
+        require("mcq_rewards_vocab", backend)
+        err = assert_close(f"mcq_rewards_vocab[{backend}]", vocab(backend)[1], expected, 1e-3)
+        ms = median_seconds(lambda b=backend: vocab(b), args.repeats) * 1e3
+        result[f"{backend}_vocab"] = {"ms": ms, "max_error": err, "tflops": 2 * p * VOCAB * h / ms / 1e9}
     return result
 
 

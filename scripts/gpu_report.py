@@ -33,7 +33,9 @@ def _linear(r: dict) -> str:
 
 def _mcq(r: dict) -> str:
     backends = [f"{b} {_fmt(r[b]['ms'], ' ms', 3)}" for b in ("triton", "cuda", "cpu") if b in r]
-    return ", ".join(backends) + f"; full-vocab projection {_fmt(r['full_vocab_projection_ms'], ' ms', 3)}"
+    vocab = [f"{b} {_fmt(r[b + '_vocab']['ms'], ' ms', 3)}" for b in ("triton", "cuda", "cpu") if b + "_vocab" in r]
+    full = f"; full-vocab projection {_fmt(r['full_vocab_projection_ms'], ' ms', 3)}"
+    return ", ".join(backends) + full + (f"; vocab mode {', '.join(vocab)}" if vocab else "")
 
 
 def _decode(r: dict) -> str:

@@ -188,3 +188,143 @@ def test_reader_scoring_shape_gpu(backend, device, dtype):
     expected = reference.mcq_rewards(hidden.to(acc), weight.to(acc), ids, answers, caption_index, 128, **upcast)
     # 2,048 products per logit: the summation-order error grows ~sqrt(H) (2e-5 at H = 700 above), so 5e-5.
     assert_close_to_reference(out, expected, num_options, dict(rtol=5e-5, atol=5e-5))
+
+
+# ---- normalize="vocab": token_options [V] map every token to the slot it decides (or -1) ---------------------------
+
+
+def vscore(backend: str, hidden: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.mcq_rewards(..., normalize="vocab") run by exactly `backend` (no fallback, as `score`)."""
+    require_backend(backend, "mcq_rewards_vocab", hidden.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"caprl_core\.mcq_rewards_vocab: backend", category=UserWarning)
+        assert backends.select("mcq_rewards_vocab", hidden.device, backend) == backend
+        return ops.mcq_rewards(hidden, *args, backend=backend, normalize="vocab", **kwargs)
+
+
+def token_options(vocab: int, slots: int, *, empty_slot: int | None = None, seed: int = 0) -> torch.Tensor:
+    """[V] slot of each token: about a third of the tokens decide one of `slots` slots (several tokens per slot, as
+    "C", " C", "Cat"), the rest -1; `empty_slot` is decided by no token."""
+    gen = torch.Generator().manual_seed(seed)
+    options = torch.randint(0, slots, (vocab,), generator=gen)
+    options[torch.rand(vocab, generator=gen) < 0.65] = -1
+    if empty_slot is not None:
+        options[options == empty_slot] = -1
+    return options
+
+
+def vocab_margin(expected_logprobs: torch.Tensor, answers: torch.Tensor) -> float:
+    """Smallest |answer slot's log-mass - best other slot's| (hard scores compare only above the rounding error)."""
+    lp = expected_logprobs.double()
+    others = lp.scatter(1, answers[:, None], -torch.inf).amax(1)
+    return float((lp.gather(1, answers[:, None]).squeeze(1) - others).abs().min())
+
+
+def assert_vocab_close(out, expected, tolerance):
+    """Same dtypes, -inf on exactly the same slots (those with no tokens), finite entries and rewards close."""
+    (rewards, logprobs), (ref_rewards, ref_logprobs) = out, expected
+    assert rewards.dtype == ref_rewards.dtype and logprobs.dtype == ref_logprobs.dtype
+    empty = torch.isneginf(ref_logprobs)
+    assert torch.equal(torch.isneginf(logprobs), empty), "option_logprobs must be -inf exactly on slots with no tokens"
+    torch.testing.assert_close(logprobs[~empty], ref_logprobs[~empty], **tolerance)
+    torch.testing.assert_close(rewards, ref_rewards, **tolerance)
+
+
+# V = 101 (prime: the last vocab tile is partial on every backend), H = 37. Log-masses are differences of two
+# log-sum-exps over <= 101 logits of size ~3: fp32 rounding in another summation order stays near 1e-6, so the
+# options-mode tolerances apply (bf16 is again an exact upcast to fp32).
+@pytest.mark.parametrize("mode", reference.MCQ_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)])
+def test_vocab_matches_reference(backend, device, mode, dtype, with_bias, temperature):
+    hidden, weight, bias, _, num_options, answers, caption_index = problem(device, dtype, vocab=101, seed=10)
+    options = token_options(101, 5, empty_slot=4, seed=11).to(device)  # slot 4 has no tokens: -inf, never wins
+    bias = bias if with_bias else None
+    args = (hidden, weight, options, answers, caption_index, 4)
+    kwargs = dict(num_options=num_options, bias=bias, temperature=temperature, mode=mode)  # per-prompt counts
+    out = vscore(backend, *args, **kwargs)
+    acc = reference.acc_dtype(dtype)
+    upcast = (hidden.to(acc), weight.to(acc), options, answers, caption_index, 4)
+    upcast_kwargs = {**kwargs, "bias": None if bias is None else bias.to(acc), "normalize": "vocab"}
+    expected = reference.mcq_rewards(*upcast, **upcast_kwargs)
+    if mode == "hard":
+        assert vocab_margin(expected[1], answers) > 1e-3
+    assert_vocab_close(out, expected, TOLERANCES[dtype])
+    again = vscore(backend, *args, **kwargs)
+    assert torch.equal(out[0], again[0]) and torch.equal(out[1], again[1]), "must be deterministic"
+
+
+@pytest.mark.parametrize("mode", reference.MCQ_MODES)
+def test_vocab_one_prompt_int_option_count(backend, device, mode):
+    """P = 1, V = 61 (prime), num_options as an int, H = 700 (several H chunks): one caption, one prompt."""
+    hidden, weight, bias, *_ = problem(device, torch.float32, prompts=4, hidden_size=700, vocab=61, seed=12)
+    hidden = hidden[:1]
+    options = token_options(61, 3, seed=13).to(device)
+    args = (hidden, weight, options, torch.tensor([2], device=device), torch.zeros(1, dtype=torch.long, device=device))
+    kwargs = dict(num_options=3, bias=bias, temperature=1.3, mode=mode)
+    out = vscore(backend, *args, 1, **kwargs)
+    expected = reference.mcq_rewards(*args, 1, **kwargs, normalize="vocab")
+    # H = 700 products per logit: the summation-order error grows ~sqrt(H), as in test_hidden_longer_than_one_block
+    assert_vocab_close(out, expected, dict(rtol=2e-5, atol=2e-5))
+
+
+def test_vocab_soft_score_is_dense_mass(backend, device):
+    """Soft score = sum over the answer slot's tokens of softmax(logits / T), computed densely in fp64; a slot beyond
+    num_options[p] and undecided tokens count 0; option_logprobs sum (as masses) to at most 1."""
+    hidden, weight, bias, _, _, _, _ = problem(device, torch.float32, prompts=6, vocab=89, captions=6, seed=14)
+    options = token_options(89, 6, seed=15).to(device)
+    num_options = torch.tensor([6, 2, 3, 4, 5, 6], device=device)
+    answers = torch.tensor([5, 1, 0, 2, 4, 3], device=device)
+    caption_index = torch.arange(6, device=device)  # one prompt per caption: rewards are the scores
+    rewards, logprobs = vscore(backend, hidden, weight, options, answers, caption_index, 6, num_options=num_options,
+                               bias=bias, temperature=0.8, mode="soft")  # fmt: skip
+    probs = torch.softmax((hidden.double() @ weight.double().T + bias.double()) / 0.8, dim=-1)  # [P, V]
+    dense = (probs * (options[None, :] == answers[:, None])).sum(1)  # [P]
+    torch.testing.assert_close(rewards.double(), dense, rtol=1e-5, atol=1e-6)
+    assert float(logprobs.double().exp().sum(1).max()) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(option_token_ids=torch.zeros(5, dtype=torch.long)), r"option_token_ids: expected shape \(50,\)"),
+        (dict(option_token_ids=torch.zeros(50)), "option_token_ids: expected an integer dtype"),
+        (dict(option_token_ids=torch.full((50,), 5)), r"token_options values in \[-1, K=5\)"),
+        (dict(option_token_ids=torch.full((50,), -2)), r"option_token_ids: .* got -2 at index 0"),
+        (dict(num_options=None), "num_options: required with normalize='vocab'"),
+        (dict(num_options=17), r"num_options: expected values in \[1, 16 \(vocab mode\)\]"),
+        (dict(num_options=torch.tensor([5, 1, 5])), "num_options: expected shape"),
+        (dict(answers=torch.tensor([0, 4, 1, 0])), r"answers: expected values in \[0, 2\), got 4 at index 1"),
+        (dict(normalize="letters"), "normalize: expected one of"),
+    ],
+)
+def test_vocab_bad_input(change, message):
+    hidden, weight = torch.randn(4, 8), torch.randn(50, 8)
+    kwargs = dict(option_token_ids=token_options(50, 5), answers=torch.tensor([0, 1, 1, 0]),
+                  caption_index=torch.tensor([0, 1, 0, 1]), num_captions=2,
+                  num_options=torch.tensor([5, 2, 3, 5]), normalize="vocab")  # fmt: skip
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        ops.mcq_rewards(hidden, weight, **kwargs)
+
+
+@pytest.mark.gpu  # deselected (and counted as such) without CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vocab_reader_scoring_shape_gpu(backend, device, dtype):
+    """normalize="vocab" at a reward step's shape: 1,024 prompts of 128 captions, H = 2,048, Qwen2.5's vocabulary,
+    5 slots of 8 tokens each. Soft mode only (see test_reader_scoring_shape_gpu)."""
+    hidden, weight, bias, _, num_options, answers, caption_index = problem(
+        device, dtype, prompts=1024, hidden_size=2048, vocab=151_936, slots=5, captions=128, seed=16
+    )
+    gen = torch.Generator().manual_seed(17)
+    options = torch.full((151_936,), -1, dtype=torch.long)
+    options[torch.randperm(151_936, generator=gen)[:40]] = torch.arange(40) % 5
+    options = options.to(device)
+    kwargs = dict(num_options=num_options, bias=bias, temperature=1.0, mode="soft")
+    out = vscore(backend, hidden, weight, options, answers, caption_index, 128, **kwargs)
+    acc = reference.acc_dtype(dtype)
+    upcast = dict(kwargs, bias=bias.to(acc), normalize="vocab")
+    expected = reference.mcq_rewards(hidden.to(acc), weight.to(acc), options, answers, caption_index, 128, **upcast)
+    # 2,048 products per logit (~1e-5 each in fp32, as in test_reader_scoring_shape_gpu), then two log-sum-exps over
+    # V: 1e-4 leaves room for the summation order of 151,936 terms.
+    assert_vocab_close(out, expected, dict(rtol=1e-4, atol=1e-4))

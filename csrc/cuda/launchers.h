@@ -78,4 +78,41 @@ struct McqRewardsArgs {
 template <typename T>
 cudaError_t launch_mcq_rewards(const McqRewardsArgs<T>& args, cudaStream_t stream);
 
+// ---- mcq_rewards_vocab (csrc/cuda/mcq_rewards_vocab.cu) -----------------------------------------------------------
+// The logits come in [rows, cols] tiles made by cuBLAS (torch_ops.cpp); these kernels fold each tile into running
+// log-sum-exps (in double) over all columns and per slot, then turn them into log-masses, scores and caption means.
+
+constexpr int64_t kMcqMaxVocabSlots = 16;  // caprl_core.ops.MCQ_MAX_VOCAB_SLOTS
+
+template <typename A>  // A = float or double: the tile is already in the accumulation type
+struct McqVocabFoldArgs {
+  const A* logits;               // [rows, cols] contiguous: hidden[row0:row0 + rows] @ weight[v0:v0 + cols].T + bias
+  const int64_t* token_options;  // [cols]: token_options[v0:v0 + cols], slot in [0, K) or -1
+  double* all_state;             // [2, P]: running max of z = logits / T over the columns so far, sum of exp(z - max)
+  double* slot_state;            // [2, P, K]: the same over the columns of each slot
+  int64_t row0, rows, cols, P, K;
+  double temperature;
+};
+
+// One launch per tile: one block per row (K <= kMcqMaxVocabSlots).
+template <typename A>
+cudaError_t launch_mcq_vocab_fold(const McqVocabFoldArgs<A>& args, cudaStream_t stream);
+
+template <typename A>
+struct McqVocabFinishArgs {
+  const double* all_state;         // [2, P], as folded
+  const double* slot_state;        // [2, P, K]
+  const int64_t* answers;          // [P], in [0, K)
+  const int64_t* prompt_order;     // [P]: caption c's prompts are prompt_order[caption_offsets[c]:caption_offsets[c+1]]
+  const int64_t* caption_offsets;  // [C + 1]
+  A* rewards;                      // [C] output
+  A* option_logprobs;              // [P, K] output
+  int64_t P, K, C;
+  bool soft;                       // mode "soft" (else "hard")
+};
+
+// One thread per caption: log-masses of its prompts, their scores and the mean, in caption order.
+template <typename A>
+cudaError_t launch_mcq_vocab_finish(const McqVocabFinishArgs<A>& args, cudaStream_t stream);
+
 }  // namespace caprl::cuda

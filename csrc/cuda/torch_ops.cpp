@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "launchers.h"
 #include "ops.h"
@@ -150,6 +152,111 @@ std::tuple<at::Tensor, at::Tensor> mcq_rewards(const at::Tensor& hidden, const a
                                  mode == "soft"};
     check_launch("mcq_rewards", launch_mcq_rewards(args, stream));
   });
+  return {rewards, option_logprobs};
+}
+
+namespace {
+
+void check_vocab_args(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+                      const at::Tensor& token_options, const at::Tensor& answers, const at::Tensor& prompt_order,
+                      const at::Tensor& caption_offsets, int64_t num_slots) {
+  const char* op = "mcq_rewards_vocab";
+  TORCH_CHECK(hidden.is_cuda(), op, ": hidden must be a CUDA tensor, got ", hidden.device());
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden must be [P, H] and weight [V, H], got ",
+              hidden.sizes(), " and ", weight.sizes());
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": hidden must be float32, float64, bfloat16 or float16, got ", dtype);
+  const int64_t P = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK(P >= 1 && V >= 1, op, ": expected P >= 1 and V >= 1, got ", P, " and ", V);
+  check_cuda_tensor(op, "weight", weight, hidden, dtype, {V, H});
+  if (bias) check_cuda_tensor(op, "bias", *bias, hidden, dtype, {V});
+  TORCH_CHECK(num_slots >= 1 && num_slots <= kMcqMaxVocabSlots, op, ": num_slots must lie in [1, ",
+              kMcqMaxVocabSlots, "], got ", num_slots);
+  check_cuda_tensor(op, "token_options", token_options, hidden, at::kLong, {V});
+  check_cuda_tensor(op, "answers", answers, hidden, at::kLong, {P});
+  check_cuda_tensor(op, "prompt_order", prompt_order, hidden, at::kLong, {P});
+  TORCH_CHECK(caption_offsets.dim() == 1 && caption_offsets.size(0) >= 2, op,
+              ": caption_offsets must be [C + 1] with C >= 1, got ", caption_offsets.sizes());
+  check_cuda_tensor(op, "caption_offsets", caption_offsets, hidden, at::kLong, {caption_offsets.size(0)});
+  for (const auto* t : {&token_options, &answers, &prompt_order, &caption_offsets})
+    TORCH_CHECK(t->is_contiguous(), op, ": index tensors must be contiguous");
+}
+
+// Bytes of one logits tile, and of one weight tile upcast to the accumulation dtype: 256 MiB ([1024, 32768] fp32
+// logits and [32768, 2048] fp32 weight rows: 5 tiles for V = 151,936, H = 2048). Not tuned on a GPU yet. The tile
+// GEMM is at::mm in fp32 (fp64): IEEE unless the caller switched on TF32 for torch matmuls.
+constexpr int64_t kVocabTileBytes = int64_t(256) << 20;
+
+// Folds every column tile of hidden_acc @ weight.T (+ bias) into all_state [2, P] and slot_state [2, P, K].
+template <typename A>
+void fold_vocab_tiles(const at::Tensor& hidden_acc, const at::Tensor& weight, const OptTensor& bias,
+                      const at::Tensor& token_options, double temperature, int64_t num_slots, at::Tensor& all_state,
+                      at::Tensor& slot_state, cudaStream_t stream) {
+  const at::ScalarType acc = hidden_acc.scalar_type();
+  const int64_t P = hidden_acc.size(0), V = weight.size(0);
+  // Both the logits tile [P, cols] and the upcast weight tile [cols, H] stay within kVocabTileBytes.
+  const int64_t widest = std::max(P, weight.size(1)) * static_cast<int64_t>(sizeof(A));
+  int64_t cols = std::max<int64_t>(64, kVocabTileBytes / widest);
+  cols = cols >= V ? V : cols / 64 * 64;
+  at::Tensor buffer = at::empty({P * cols}, hidden_acc.options());
+  for (int64_t v0 = 0; v0 < V; v0 += cols) {
+    const int64_t n = std::min(cols, V - v0);
+    at::Tensor z = buffer.narrow(0, 0, P * n).view({P, n});  // [P, n], on the current stream as our kernels
+    const at::Tensor w_tile = weight.narrow(0, v0, n).to(acc);  // [n, H]; exact upcast of bf16/fp16
+    if (bias) {
+      at::addmm_out(z, bias->narrow(0, v0, n).to(acc), hidden_acc, w_tile.t());
+    } else {
+      at::mm_out(z, hidden_acc, w_tile.t());
+    }
+    const McqVocabFoldArgs<A> args{z.data_ptr<A>(), token_options.data_ptr<int64_t>() + v0,
+                                   all_state.data_ptr<double>(), slot_state.data_ptr<double>(), 0, P, n, P,
+                                   num_slots, temperature};
+    check_launch("mcq_rewards_vocab", launch_mcq_vocab_fold(args, stream));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mcq_rewards_vocab(const at::Tensor& hidden, const at::Tensor& weight,
+                                                     const OptTensor& bias, const at::Tensor& token_options,
+                                                     const at::Tensor& answers, const at::Tensor& prompt_order,
+                                                     const at::Tensor& caption_offsets, int64_t num_slots,
+                                                     double temperature, const std::string& mode) {
+  check_vocab_args(hidden, weight, bias, token_options, answers, prompt_order, caption_offsets, num_slots);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "mcq_rewards_vocab: temperature must be finite and > 0");
+  TORCH_CHECK(mode == "hard" || mode == "soft", "mcq_rewards_vocab: mode must be 'hard' or 'soft', got '", mode, "'");
+  const int64_t P = hidden.size(0), C = caption_offsets.size(0) - 1;
+  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto state_options = hidden.options().dtype(at::kDouble);
+  at::Tensor all_state = at::empty({2, P}, state_options);  // [2, P]: max (-inf), sum (0)
+  at::Tensor slot_state = at::empty({2, P, num_slots}, state_options);  // [2, P, K]
+  for (at::Tensor* state : {&all_state, &slot_state}) {
+    (*state)[0].fill_(-std::numeric_limits<double>::infinity());
+    (*state)[1].zero_();
+  }
+  at::Tensor rewards = at::empty({C}, hidden.options().dtype(acc));                    // [C]
+  at::Tensor option_logprobs = at::empty({P, num_slots}, hidden.options().dtype(acc));  // [P, K]
+  const at::Tensor hidden_acc = hidden.to(acc);                                         // [P, H]
+  if (acc == at::kDouble) {
+    fold_vocab_tiles<double>(hidden_acc, weight, bias, token_options, temperature, num_slots, all_state, slot_state,
+                             stream);
+    const McqVocabFinishArgs<double> args{all_state.data_ptr<double>(), slot_state.data_ptr<double>(),
+                                          answers.data_ptr<int64_t>(), prompt_order.data_ptr<int64_t>(),
+                                          caption_offsets.data_ptr<int64_t>(), rewards.data_ptr<double>(),
+                                          option_logprobs.data_ptr<double>(), P, num_slots, C, mode == "soft"};
+    check_launch("mcq_rewards_vocab", launch_mcq_vocab_finish(args, stream));
+  } else {
+    fold_vocab_tiles<float>(hidden_acc, weight, bias, token_options, temperature, num_slots, all_state, slot_state,
+                            stream);
+    const McqVocabFinishArgs<float> args{all_state.data_ptr<double>(), slot_state.data_ptr<double>(),
+                                         answers.data_ptr<int64_t>(), prompt_order.data_ptr<int64_t>(),
+                                         caption_offsets.data_ptr<int64_t>(), rewards.data_ptr<float>(),
+                                         option_logprobs.data_ptr<float>(), P, num_slots, C, mode == "soft"};
+    check_launch("mcq_rewards_vocab", launch_mcq_vocab_finish(args, stream));
+  }
   return {rewards, option_logprobs};
 }
 
