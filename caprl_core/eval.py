@@ -42,7 +42,16 @@ import torch
 
 from caprl_core.data import MAX_OPTIONS, DataError, Example, load_image, load_jsonl
 from caprl_core.plot import plot_eval
-from caprl_core.policy import DTYPES, TINY_RANDOM, ModelLoadError, Models, PolicyPrompter, load_models
+from caprl_core.policy import (
+    DTYPES,
+    TINY_RANDOM,
+    ModelLoadError,
+    Models,
+    PolicyPrompter,
+    caption_tokens,
+    load_models,
+    stop_token_ids,
+)
 from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -102,7 +111,7 @@ class CaptionEvaluator:
         self.policy_engine = Engine(policy, **cache)
         self.params = SamplingParams(n=config.k, temperature=config.temperature, top_p=config.top_p,
                                      max_new_tokens=config.max_new_tokens,
-                                     stop_token_ids=_stop_ids(policy, prompter.tokenizer))  # fmt: skip
+                                     stop_token_ids=stop_token_ids(policy, prompter.tokenizer))  # fmt: skip
         reader_cpu = next(reader.parameters()).device.type == "cpu"
         reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
         base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options,
@@ -158,14 +167,14 @@ class CaptionEvaluator:
         return [values[i * k : (i + 1) * k] for i in range(len(examples))]
 
     def _text(self, completion: Completion) -> str:
-        ids = completion.token_ids[: _num_caption_tokens(completion)]
+        ids = caption_tokens(completion)
         return self.prompter.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @staticmethod
     def _row(ex: Example, captions, outs, correct, p_correct, train) -> dict:
         row = {
             "id": ex.id, "image": str(ex.image), "captions": captions,
-            "caption_tokens": [_num_caption_tokens(c) for c in outs],
+            "caption_tokens": [len(caption_tokens(c)) for c in outs],
             "finish_reasons": [c.finish_reason for c in outs],
             "accuracy": [sum(c) / len(c) for c in correct],
             "p_correct": [sum(p) / len(p) for p in p_correct],
@@ -178,19 +187,6 @@ class CaptionEvaluator:
         if train is not None:
             row["train_reward"] = train
         return row
-
-
-def _num_caption_tokens(completion: Completion) -> int:
-    return len(completion.token_ids) - int(completion.finish_reason == "stop")
-
-
-def _stop_ids(model, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's eos and the model's generation-config eos ids (Qwen instruct models list two)."""
-    ids = [tokenizer.eos_token_id]
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None)
-    ids += eos if isinstance(eos, (list, tuple)) else [eos]
-    return tuple(sorted({int(i) for i in ids if i is not None}))
 
 
 def summarize(rows: list[dict]) -> dict:

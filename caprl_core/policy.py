@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from caprl_core.checkpoint import LATEST
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "ChatTemplateFiles",
@@ -32,6 +34,8 @@ __all__ = [
     "tiny_image_processor",
     "tiny_policy_and_reader",
     "TINY_RANDOM",
+    "caption_tokens",
+    "stop_token_ids",
 ]
 
 DEFAULT_INSTRUCTION = (
@@ -146,6 +150,21 @@ class PolicyPrompter:
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end a caption: the tokenizer's eos and the model's generation-config eos ids (Qwen instruct models
+    list two)."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def caption_tokens(completion) -> list[int]:
+    """A sampled caption's token ids without the stop token that ended it (`completion`: a sampler Completion)."""
+    return completion.token_ids[: len(completion.token_ids) - int(completion.finish_reason == "stop")]
+
+
 def _default_dtype(dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -163,6 +182,8 @@ def _one_line(e: Exception) -> str:
 
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
+    if path.name == LATEST and path.is_file():  # a run's checkpoints/latest: the checkpoint it names
+        path = path.parent / path.read_text().strip()
     if not path.is_dir():
         raise ModelLoadError(f"{what} {path}: {'not a directory' if path.exists() else 'no such directory'}")
     if not (path / "config.json").is_file():
@@ -306,8 +327,8 @@ def load_models(
         tiny_policy, tiny_reader, tokenizer, image_processor = tiny_policy_and_reader(seed)
         return Models(tiny_policy.to(device, dtype), tokenizer, image_processor, tiny_reader.to(device, dtype),
                       tokenizer, builtin=True)  # fmt: skip
-    policy = _shipped("policy") if policy is None else policy
-    reader = _shipped("reader") if reader is None else reader
+    policy = shipped_dir("policy") if policy is None else policy
+    reader = shipped_dir("reader") if reader is None else reader
     policy_model, tokenizer, image_processor = load_policy(policy, dtype=dtype, device=device, what="--policy")
     reader_model, reader_tokenizer = load_reader(reader, dtype=dtype, device=device, what="--reader")
     from caprl_core.reward import load_prompt_template
@@ -320,7 +341,7 @@ def load_models(
                   chat_template_files=ChatTemplateFiles(policy), reader_template=template)  # fmt: skip
 
 
-def _shipped(role: str) -> Path:
+def shipped_dir(role: str) -> Path:
     """The shipped world model directory of `role` ("policy" or "reader")."""
     from caprl_core.world import SHIPPED
 
