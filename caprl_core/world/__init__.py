@@ -33,6 +33,8 @@ from pathlib import Path
 SPLIT_SEEDS = {"train": 1_000, "heldout": 2_000, "reader": 3_000, "policy": 4_000, "reader_eval": 5_000,
                "policy_eval": 6_000}  # fmt: skip
 DEFAULT_SIZES = {"train": 256, "heldout": 64}
+# The world's images: 84 px, so that each cell of the 3x3 grid is one 28-px merged patch group, one image token.
+IMAGE_SIZE = 84
 # The shipped models: reader/, policy/ and card.json (`python -m caprl_core.world build --out` this rebuilds them).
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 
@@ -44,7 +46,5 @@ def make_world_data(out_dir: str | Path, split: str, num_images: int | None = No
 
     if split not in DEFAULT_SIZES:
         raise ValueError(f"split: expected one of {sorted(DEFAULT_SIZES)}, got {split!r}")
-    from caprl_core.world.policy import IMAGE_SIZE
-
     num = DEFAULT_SIZES[split] if num_images is None else num_images
     return make_synthetic_dataset(out_dir, num, seed=SPLIT_SEEDS[split], image_size=IMAGE_SIZE)

@@ -24,9 +24,9 @@ from caprl_core.policy import PolicyPrompter, tiny_image_processor
 from caprl_core.reward import save_prompt_template
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
-from caprl_core.world import SPLIT_SEEDS
+from caprl_core.world import IMAGE_SIZE, SPLIT_SEEDS
 from caprl_core.world.grammar import caption_fact_counts, terse_caption
-from caprl_core.world.policy import IMAGE_SIZE, make_policy, train_policy
+from caprl_core.world.policy import make_policy, train_policy
 from caprl_core.world.reader import WORLD_TEMPLATE, make_reader, reader_accuracy, train_reader
 
 

@@ -18,12 +18,11 @@ import torch
 from caprl_core.data import COLOURS, GRID_CELLS, SHAPES, Scene, describe, draw_scene, synthetic_scene
 from caprl_core.models import VL_SPECIAL_TOKENS
 from caprl_core.policy import PolicyPrompter
+from caprl_core.world import IMAGE_SIZE
 from caprl_core.world.grammar import terse_caption
 
 P_REFERENCE = 0.1  # share of full reference captions in the start policy's training targets
 P_ONE_CELL = 0.75  # of the terse ones, the share that states the first cell only (the others: the first two)
-# The world's images: 84 px, so that each cell of the 3x3 grid is one 28-px merged patch group, one image token.
-IMAGE_SIZE = 84
 NUM_CELLS = 9  # image tokens of a world image: one per cell of the 3x3 grid, row-major
 REFERENCE_SHARE = 0.7  # share of train_policy's steps on reference captions before the terse ones
 
