@@ -26,9 +26,9 @@ import pytest
 import torch
 from conftest import machine, synced
 
-from caprl_core.data import describe, scene_questions, synthetic_scene
 from caprl_core.models import tiny_qwen2, tiny_tokenizer
 from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.world.scenes import describe, scene_questions, synthetic_scene
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from caprl_core import caption
-from caprl_core.data import draw_scene, synthetic_scene
 from caprl_core.policy import shipped_dir
+from caprl_core.world.scenes import draw_scene, synthetic_scene
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from caprl_core.convert import convert_file
-from caprl_core.data import DataError, load_jsonl, main
+from caprl_core.data import DataError, load_jsonl
+from caprl_core.data.__main__ import main
 
 PROMPT = [{"role": "user", "content": "<image>Please describe this image in detail."}]
 TRUTH = [

@@ -22,7 +22,9 @@ import pytest
 from PIL import Image
 
 from caprl_core import data
-from caprl_core.data import MCQ, DataError, load_image, load_jsonl, make_synthetic_dataset
+from caprl_core.data import MCQ, DataError, load_image, load_jsonl
+from caprl_core.world import scenes
+from caprl_core.world.scenes import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # The four cells of the synthetic images: the middles of the edges of a 3x3 grid, (row, column).
@@ -55,8 +57,8 @@ def _scene_in_image(image: Image.Image) -> dict[str, tuple[tuple[int, ...], str]
     ink_anywhere = (pixels != 255).any(axis=-1)  # [S, S]
     for cell, (row, col) in CELLS.items():
         window = pixels[row * third : (row + 1) * third, col * third : (col + 1) * third]  # [S/3, S/3, 3]
-        assert (window[0, 0] == data.CELL_SHADES[cell]).all(), f"{cell}: corner is not the cell's shade"
-        ink = (window != data.CELL_SHADES[cell]).any(axis=-1)
+        assert (window[0, 0] == scenes.CELL_SHADES[cell]).all(), f"{cell}: corner is not the cell's shade"
+        ink = (window != scenes.CELL_SHADES[cell]).any(axis=-1)
         ink_anywhere[row * third : (row + 1) * third, col * third : (col + 1) * third] = False
         if not ink.any():
             continue
@@ -97,7 +99,7 @@ def test_synthetic_round_trip(tmp_path):
         assert image.mode == "RGB" and image.size == (84, 84)
         scene = _parse_caption(ex.caption)
         in_image = _scene_in_image(image)
-        assert in_image == {p: (data.COLOURS[c], k) for p, (c, k) in scene.items()}, ex.caption
+        assert in_image == {p: (scenes.COLOURS[c], k) for p, (c, k) in scene.items()}, ex.caption
         for q in ex.questions:
             assert 2 <= len(q.options) <= 4
             kind, right = _true_answer(q.question, scene)
@@ -110,15 +112,15 @@ def test_scene_questions_are_true_and_varied():
     rng = random.Random(123)
     answers_by_num_options = {2: [], 3: [], 4: []}
     for _ in range(200):
-        scene = data.synthetic_scene(rng)
+        scene = scenes.synthetic_scene(rng)
         truth = {s.position: (s.colour, s.kind) for s in scene.shapes}
-        assert _parse_caption(data.describe(scene)) == truth
-        questions = data.scene_questions(scene, rng, 100)
+        assert _parse_caption(scenes.describe(scene)) == truth
+        questions = scenes.scene_questions(scene, rng, 100)
         assert len(questions) >= 6 and len({q.question for q in questions}) == len(questions)
         for q in questions:
             assert q.options[q.answer] == _true_answer(q.question, truth)[1]
             answers_by_num_options[len(q.options)].append(q.answer)
-        assert len(data.scene_questions(scene, rng, 3)) == 3
+        assert len(scenes.scene_questions(scene, rng, 3)) == 3
     # the right option's position is uniform: with k options each position gets about 1/k of the answers
     for k, answers in answers_by_num_options.items():
         counts = np.bincount(answers, minlength=k)
@@ -156,7 +158,7 @@ def _line(image="img/good.png", questions=None, **extra):
 def _write_images(root: Path) -> None:
     (root / "img").mkdir()
     good = io.BytesIO()
-    data.draw_scene(data.synthetic_scene(random.Random(0)), 32).save(good, "PNG")
+    scenes.draw_scene(scenes.synthetic_scene(random.Random(0)), 32).save(good, "PNG")
     (root / "img" / "good.png").write_bytes(good.getvalue())
     (root / "img" / "garbage.png").write_bytes(b"this is not a png")
     (root / "img" / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from caprl_core.data import load_jsonl, make_synthetic_dataset
+from caprl_core.data import load_jsonl
 from caprl_core.eval import CaptionEvaluator, EvalConfig, main
 from caprl_core.policy import PolicyPrompter, tiny_policy_and_reader
+from caprl_core.world.scenes import make_synthetic_dataset
 
 NUM_IMAGES, K = 4, 2
 SUMMARY_KEYS = {"num_images", "num_captions", "num_questions", "mean_accuracy", "best_of_k", "mean_p_correct",

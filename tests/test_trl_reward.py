@@ -20,9 +20,10 @@ import torch
 datasets = pytest.importorskip("datasets", reason="TRL's GRPOTrainer takes a datasets.Dataset")
 trl = pytest.importorskip("trl", reason="the test runs TRL's GRPOTrainer")
 
-from caprl_core.data import load_jsonl, make_synthetic_dataset  # noqa: E402
+from caprl_core.data import load_jsonl  # noqa: E402
 from caprl_core.models import tiny_qwen2, tiny_tokenizer  # noqa: E402
 from caprl_core.reward import CapRLReward, RewardConfig  # noqa: E402
+from caprl_core.world.scenes import make_synthetic_dataset  # noqa: E402
 
 NUM_PROMPTS = 2
 NUM_GENERATIONS = 2  # the least GRPO accepts: advantages are taken within a prompt's group

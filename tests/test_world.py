@@ -8,7 +8,7 @@ import random
 import pytest
 
 from caprl_core import world
-from caprl_core.data import MCQ, Scene, Shape, describe, load_jsonl, scene_questions, synthetic_scene
+from caprl_core.data import MCQ, load_jsonl
 from caprl_core.world.grammar import (
     caption_fact_counts,
     fact_scores,
@@ -18,6 +18,7 @@ from caprl_core.world.grammar import (
     reference_scene,
     terse_caption,
 )
+from caprl_core.world.scenes import Scene, Shape, describe, scene_questions, synthetic_scene
 
 SCENE = Scene((Shape("circle", "red", "top"), Shape("square", "blue", "right"),
                Shape("triangle", "orange", "bottom")))  # fmt: skip

@@ -1,13 +1,13 @@
 """The miniature CapRL world: scenes, questions, a caption grammar with fact precision and
 recall, and the recipe that trains a reader and a starting policy in it.
 
-A scene is 1 to 4 coloured shapes in four cells, the middles of the edges of a 3x3 grid (`caprl_core.data`: 6
+A scene is 1 to 4 coloured shapes in four cells, the middles of the edges of a 3x3 grid (`caprl_core.world.scenes`: 6
 colours, 3 kinds, cells top / left / right / bottom, one word and one token each); its facts are the four cells'
 contents, more than a terse caption holds. The reference caption states every cell, empty ones included ("top: red
 circle. left: none. ..."), so a caption answers a question exactly when it has the asked cell's statement. Questions
-(`data.scene_questions`) ask what is at a cell ("none" for an empty one), and for a cell with a shape its colour and
-its kind. The caption grammar, its parser, what a caption implies for each question and fact precision / recall are
-in `caprl_core.world.grammar`; train and eval log the precision and recall of any dataset whose reference captions are
+(`scenes.scene_questions`) ask what is at a cell ("none" for an empty one), and for a cell with a shape its colour and
+its kind. The caption grammar, its parser, what a caption implies for each question and fact precision / recall are in
+`caprl_core.world.grammar`; train and eval log the precision and recall of any dataset whose reference captions are
 complete captions of the grammar (the synthetic shapes data are).
 
 `python -m caprl_core.world build --out DIR` trains a reader (`world.reader`: a small Qwen2 that answers through
@@ -42,7 +42,7 @@ SHIPPED = Path(__file__).resolve().parent / "shipped"
 def make_world_data(out_dir: str | Path, split: str, num_images: int | None = None) -> Path:
     """Write the `split` ("train" or "heldout") dataset under out_dir (PNGs + data.jsonl); returns the JSONL path.
     Deterministic: the split's seed fixes every image and question."""
-    from caprl_core.data import make_synthetic_dataset
+    from caprl_core.world.scenes import make_synthetic_dataset
 
     if split not in DEFAULT_SIZES:
         raise ValueError(f"split: expected one of {sorted(DEFAULT_SIZES)}, got {split!r}")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from caprl_core.data import describe, draw_scene, scene_questions, synthetic_scene
 from caprl_core.models import TINY_CHAT_TEMPLATE, tiny_tokenizer
 from caprl_core.policy import PolicyPrompter, tiny_image_processor
 from caprl_core.reward import save_prompt_template
@@ -28,6 +27,7 @@ from caprl_core.world import IMAGE_SIZE, SPLIT_SEEDS
 from caprl_core.world.grammar import caption_fact_counts, terse_caption
 from caprl_core.world.policy import make_policy, train_policy
 from caprl_core.world.reader import WORLD_TEMPLATE, make_reader, reader_accuracy, train_reader
+from caprl_core.world.scenes import describe, draw_scene, scene_questions, synthetic_scene
 
 
 @dataclass

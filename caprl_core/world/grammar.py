@@ -1,13 +1,13 @@
 """The miniature world's caption grammar: rendering captions, parsing them back into claims, and scoring them.
 
-A scene (`caprl_core.data.Scene`) has four cells (top, left, right, bottom: the edges of a 3x3 grid), each empty or
-holding one shape (a colour and a kind). Its
+A scene (`caprl_core.world.scenes.Scene`) has four cells (top, left, right, bottom: the edges of a 3x3 grid), each
+empty or holding one shape (a colour and a kind). Its
 facts are the four cells' contents. A caption in the grammar is a sequence of statements, one per cell it describes:
 
     statement:  "<cell>: <colour> <kind>."  or  "<cell>: none."      e.g. "top: red circle. left: none."
 
-`caprl_core.data.describe` writes the reference caption (every cell, in reading order); `terse_caption` the start
-policy's style (the first k cells only). Every fact is said in so many words, empty cells included, so a caption
+`caprl_core.world.scenes.describe` writes the reference caption (every cell, in reading order); `terse_caption` the
+start policy's style (the first k cells only). Every fact is said in so many words, empty cells included, so a caption
 answers a question about a cell exactly when it has that cell's statement: a terse caption answers fewer questions,
 and the reward has something to teach. `parse_caption` reads any text back: each phrase between full stops is a
 statement or unparsable. `implied_answer` is what a caption says about a question: the rule the shipped reader is
@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from caprl_core.data import COLOURS, EMPTY, MCQ, POSITIONS, SHAPES, Scene, Shape, cell_contents, statement
+from caprl_core.data import MCQ
+from caprl_core.world.scenes import COLOURS, EMPTY, POSITIONS, SHAPES, Scene, Shape, cell_contents, statement
 
 __all__ = [
     "Claims",
@@ -36,7 +37,7 @@ __all__ = [
 
 _CELL = "|".join(POSITIONS)
 _STATEMENT = re.compile(rf"^({_CELL}): (?:({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})|({EMPTY}))$")
-# Question texts of `caprl_core.data.scene_questions`, one pattern per kind; each asks about one cell.
+# Question texts of `caprl_core.world.scenes.scene_questions`, one pattern per kind; each asks about one cell.
 _QUESTIONS = (
     ("content", re.compile(rf"^What is at the ({_CELL})\?$")),
     ("colour", re.compile(rf"^What colour is the shape at the ({_CELL})\?$")),
@@ -128,7 +129,7 @@ def caption_fact_counts(captions: list[str], references: list[str | None]) -> tu
 
 
 def question_kind(question: str) -> tuple[str, str]:
-    """(kind, cell) of a question text of `caprl_core.data.scene_questions`; ValueError for any other text."""
+    """(kind, cell) of a question text of `caprl_core.world.scenes.scene_questions`; ValueError for any other text."""
     for kind, pattern in _QUESTIONS:
         if (m := pattern.match(question)) is not None:
             return kind, m.group(1)

@@ -15,11 +15,11 @@ import random
 import numpy as np
 import torch
 
-from caprl_core.data import COLOURS, GRID_CELLS, SHAPES, Scene, describe, draw_scene, synthetic_scene
 from caprl_core.models import VL_SPECIAL_TOKENS
 from caprl_core.policy import PolicyPrompter
 from caprl_core.world import IMAGE_SIZE
 from caprl_core.world.grammar import terse_caption
+from caprl_core.world.scenes import COLOURS, GRID_CELLS, SHAPES, Scene, describe, draw_scene, synthetic_scene
 
 P_REFERENCE = 0.1  # share of full reference captions in the start policy's training targets
 P_ONE_CELL = 0.75  # of the terse ones, the share that states the first cell only (the others: the first two)

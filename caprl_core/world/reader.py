@@ -23,11 +23,12 @@ import random
 import numpy as np
 import torch
 
-from caprl_core.data import (
+from caprl_core.data import MAX_OPTIONS, MCQ
+from caprl_core.reward import CapRLReward, PromptTemplate, RewardConfig
+from caprl_core.world.grammar import implied_answer, parse_caption
+from caprl_core.world.scenes import (
     COLOURS,
     EMPTY,
-    MAX_OPTIONS,
-    MCQ,
     POSITIONS,
     SHAPES,
     Scene,
@@ -35,9 +36,7 @@ from caprl_core.data import (
     scene_questions,
     synthetic_scene,
 )
-from caprl_core.data import statement as render_statement
-from caprl_core.reward import CapRLReward, PromptTemplate, RewardConfig
-from caprl_core.world.grammar import implied_answer, parse_caption
+from caprl_core.world.scenes import statement as render_statement
 
 # The world reader's prompt: CapRLReward's layout with a one-line instruction instead of the few-shot header (310
 # tokens a fresh model must learn to ignore), the caption on the cue's line (so its first cell word is " top", the
