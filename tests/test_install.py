@@ -67,3 +67,13 @@ def test_the_lock_pins_every_dependency_but_torch():
     assert "torch" not in pinned
     for name in ("transformers", "kernels", "triton", "trl", "numpy", "safetensors", "pytest", "ruff"):
         assert name in pinned, name
+
+
+def test_every_package_is_packaged():
+    """pyproject.toml lists the packages by hand (kernels/ and csrc/ are mapped in): a new subpackage must be listed,
+    or the wheel installs without it (tests pass from the checkout, users get ImportError)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "caprl_core").rglob("__init__.py")}
+    assert found - listed == set()
