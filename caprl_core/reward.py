@@ -42,6 +42,7 @@ import torch
 
 from caprl_core import ops
 from caprl_core.data import MAX_OPTIONS, MCQ
+from caprl_core.qa_rows import good_questions
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
@@ -554,15 +555,18 @@ class CapRLReward:
     def as_trl_reward(self, questions_column: str = "questions") -> Callable[..., list[float]]:
         """A reward function with TRL's signature, `f(prompts, completions, **kwargs) -> list[float]`, for
         `trl.GRPOTrainer(reward_funcs=[...])`. The MCQs come from the dataset column `questions_column`: per row a
-        list of {"question", "options", "answer"} dicts (answer an index or a letter) or MCQ objects. Completions
-        may be strings or conversational ([{"role": "assistant", "content": ...}]). When TRL passes
+        list of {"question", "options", "answer"} dicts (answer an index or a letter), the released rows'
+        {"question", "choices", "answer"} dicts, or MCQ objects, read by the strict parser `caprl_core.qa_rows` (a
+        bad question is left out with a warning naming its row and question; a row with none good is an error).
+        Completions may be strings or conversational ([{"role": "assistant", "content": ...}]). When TRL passes
         `trainer_state`, its global_step is the draws' step, so a resumed run draws as the original would have."""
 
         def caprl_reward(prompts, completions, **kwargs) -> list[float]:
             if questions_column not in kwargs:
                 raise ValueError(f"the dataset has no column {questions_column!r} (columns passed: {sorted(kwargs)})")
             captions = [_completion_text(c) for c in completions]
-            questions = [[_as_mcq(q) for q in row] for row in kwargs[questions_column]]
+            rows = kwargs[questions_column]
+            questions = [good_questions(row, f"{questions_column} row {r}") for r, row in enumerate(rows, start=1)]
             state = kwargs.get("trainer_state")  # TRL passes it: draws then follow the run's step, resumes included
             rewards, _ = self.score(captions, questions, step=getattr(state, "global_step", None))
             return rewards.tolist()
@@ -637,12 +641,3 @@ def _completion_text(completion) -> str:
             return "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
     raise ValueError(f"completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
-def _as_mcq(q) -> MCQ:
-    if isinstance(q, MCQ):
-        return q
-    answer = q["answer"]
-    if isinstance(answer, str):
-        answer = LETTERS.index(answer.strip().upper())
-    return MCQ(q["question"], tuple(q["options"]), int(answer))
