@@ -603,6 +603,9 @@ def token_option_map(tokenizer, vocab_size: int, letters: str = RECIPE_ANSWER_LE
     return out
 
 
+_VOCAB_ROWS_PER_CHUNK = 1024
+
+
 def _vocab_mcq_rewards(
     hidden: torch.Tensor, weight: torch.Tensor, token_options: torch.Tensor, answers: torch.Tensor,
     caption_index: torch.Tensor, num_captions: int, *, num_options: int, bias: torch.Tensor | None = None,
@@ -612,23 +615,28 @@ def _vocab_mcq_rewards(
     the branches merge). hidden [P, H], weight [V, H], token_options [V] (slot in [0, K) or -1), answers [P],
     caption_index [P] -> (rewards [C], option_logprobs [P, K]): option_logprobs[p, k] is the log of the
     softmax(logits / T) mass, over the whole vocabulary, of the tokens with token_options == k. Soft: the answer
-    slot's mass; hard: 1 when it is strictly above every other slot's. Materialises the [P, V] logits."""
-    logits = hidden.float() @ weight.detach().float().T  # [P, V]; a reward: nothing to differentiate
-    if bias is not None:
-        logits = logits + bias.detach().float()
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [P, V]
-    option_logprobs = torch.stack(
-        [torch.logsumexp(logp.masked_fill(token_options != k, float("-inf")), dim=-1) for k in range(num_options)],
-        dim=1,
-    )  # [P, K]; -inf for a slot no token decides
+    slot's mass; hard: 1 when it is strictly above every other slot's. Materialises the logits of `rows_per_chunk`
+    prompts at a time ([rows, V] fp32: 0.6 GB for 1,024 rows of Qwen's 151,936 tokens) and the weight in fp32."""
+    weight = weight.detach().float()  # a reward: nothing to differentiate
+    bias = None if bias is None else bias.detach().float()
+    deciding = (token_options >= 0).float()[:, None]  # [V, 1]
+    slots = torch.nn.functional.one_hot(token_options.clamp(min=0), num_options).float() * deciding  # [V, K]
+    chunks = []
+    for rows in hidden.split(_VOCAB_ROWS_PER_CHUNK):
+        logits = torch.nn.functional.linear(rows.float(), weight, bias) / temperature  # [p, V]
+        top = logits.max(dim=-1, keepdim=True).values  # [p, 1]
+        lse = top + (logits - top).exp().sum(-1, keepdim=True).log()  # [p, 1]
+        mass = (logits - top).exp() @ slots  # [p, K], relative to the top token's probability
+        chunks.append(mass.log() + top - lse)  # log 0 = -inf for a slot no token decides
+    option_logprobs = torch.cat(chunks)  # [P, K]
     right = option_logprobs.gather(1, answers[:, None]).squeeze(1)  # [P]
     if mode == "soft":
         per_prompt = right.exp()
     else:
         others = option_logprobs.scatter(1, answers[:, None], float("-inf"))
         per_prompt = (right > others.max(1).values).float()
-    rewards = torch.zeros(num_captions, device=logp.device).index_add(0, caption_index, per_prompt)
-    counts = torch.zeros(num_captions, device=logp.device).index_add(0, caption_index, torch.ones_like(per_prompt))
+    rewards = torch.zeros(num_captions, device=hidden.device).index_add(0, caption_index, per_prompt)
+    counts = torch.zeros(num_captions, device=hidden.device).index_add(0, caption_index, torch.ones_like(per_prompt))
     return rewards / counts, option_logprobs
 
 

@@ -285,9 +285,12 @@ def test_soft_recipe_reward_is_the_expectation_of_the_servers_sampled_reward(wor
     at_06 = soft()
     assert (se > 0).all()
     assert ((estimate - at_06).abs() < 3 * se).all(), (estimate, se, at_06)
-    for changed in (soft(temperature=0.55), soft(temperature=0.65), soft(readout="options")):
-        assert ((estimate - changed).abs() > 3 * se).any(), (estimate, se, changed)
-    print(f"\n{kind}: sampled {estimate.tolist()} se {se.tolist()} soft {at_06.tolist()}")
+    z = {}  # the largest distance, in standard errors, of each wrong definition from the samples
+    for name, changed in (("T=0.55", soft(temperature=0.55)), ("T=0.65", soft(temperature=0.65)),
+                          ("renormalised", soft(readout="options"))):  # fmt: skip
+        assert ((estimate - changed).abs() > 3 * se).any(), (name, estimate, se, changed)
+        z[name] = round(float(((estimate - changed).abs() / se).max()), 1)
+    print(f"\n{kind}: sampled {estimate.tolist()} se {se.tolist()} soft {at_06.tolist()} rejected (s.e.) {z}")
     if kind == "undecided":  # the gap: replies whose first token decides nothing but a later one decides right
         full = reward.sample_by_generation(CAPTIONS, QUESTIONS, step=7, num_samples=2000, seed=12)
         gap = full.mean(0) - estimate
@@ -340,3 +343,26 @@ def test_recipe_cannot_answer_is_always_f(word_tokenizer):
         assert draws.num_options == ["ABCDEFGHI".index(letter) + 1]
         if n < 5:
             assert "- E)" not in text
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1024, 3])
+def test_vocab_readout_helper_against_a_plain_softmax(monkeypatch, rows_per_chunk):
+    """The stand-in for ops.mcq_rewards(normalize="vocab") on random inputs (odd sizes, a bias, a slot no token
+    decides), in one chunk and in chunks of 3 prompts: the per-slot mass of a plain fp64 softmax."""
+    from caprl_core import reward as reward_module
+
+    monkeypatch.setattr(reward_module, "_VOCAB_ROWS_PER_CHUNK", rows_per_chunk)
+    g = torch.Generator().manual_seed(0)
+    P, V, H, K = 7, 53, 11, 6
+    hidden, weight, bias = torch.randn(P, H, generator=g), torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+    token_options = torch.randint(-1, K - 1, (V,), generator=g)  # slot K - 1 decided by no token
+    answers, caption_index = torch.randint(0, K - 1, (P,), generator=g), torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    soft, logp = reward_module._vocab_mcq_rewards(hidden, weight, token_options, answers, caption_index, 3,
+                                                  num_options=K, bias=bias, temperature=0.6, mode="soft")  # fmt: skip
+    probs = ((hidden.double() @ weight.double().T + bias.double()) / 0.6).softmax(-1)  # [P, V]
+    mass = torch.stack([probs[:, token_options == k].sum(-1) for k in range(K)], dim=1)  # [P, K]
+    torch.testing.assert_close(logp.exp().double(), mass, atol=1e-6, rtol=1e-5)
+    assert torch.isinf(logp[:, K - 1]).all()
+    right = mass.gather(1, answers[:, None]).squeeze(1)
+    expect = torch.stack([right[caption_index == c].mean() for c in range(3)])
+    torch.testing.assert_close(soft.double(), expect, atol=1e-6, rtol=0)
