@@ -161,9 +161,10 @@ HELP = {
     "kv_cache_tokens": "the policy sampler's KV cache size in tokens; not given: sized by each rollout's need",
     "reader_kv_cache_tokens": "the reader's KV cache size in tokens; not given: sized by each step's need",
     "instruction": "the text after the image in the policy's prompt",
-    "reward_preset": "recipe = the published CapRL reward server: its prompt layout, reader temperature 0.6, soft "
-                     "mode (the expectation of its sampled reward), 8 draws, length term weight 0.2 from 2,048 to "
-                     "3,072 tokens; options given explicitly override the preset",
+    "reward_preset": "recipe = the published CapRL reward server: its prompt layout (cannot-answer always F), reader "
+                     "temperature 0.6, soft mode (its expected reward, read over the whole vocabulary), 8 draws, "
+                     "accuracy + 0.2 x length term (1 up to 2,048 tokens, 0 from 3,072) as one score; options given "
+                     "explicitly override the preset",
     "num_draws": "questions drawn per caption (N) for its reward",
     "mode": "reward per draw: hard = 1 if the reader's best option is right, soft = the probability it gives it",
     "reader_temperature": "the reader's softmax temperature in soft mode (the recipe's answerer samples at 0.6)",
