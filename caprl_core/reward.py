@@ -290,6 +290,9 @@ class RewardDetails:
     correct_prob: list[float]
     prompt_tokens: int  # all reader prompt tokens
     computed_tokens: int  # those actually run through the reader (the rest came from the prefix cache)
+    # readout "vocab": per draw, the probability of a first token that decides no letter (a stop or special token,
+    # " (", " the", ...), which the soft reward counts 0; it bounds that approximation's gap. Empty for "options".
+    undecided_prob: list[float] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         """One dict per draw, for JSONL logs."""
@@ -494,10 +497,12 @@ class CapRLReward:
         chosen = logp.argmax(-1).tolist()
         answers = torch.tensor(draws.answers)
         p_correct = logp.gather(1, answers[:, None]).squeeze(1).exp().tolist()
+        undecided = (1 - logp.exp().sum(-1)).clamp(min=0).tolist() if self.config.readout == "vocab" else []
         return RewardDetails(
             caption_index=draws.caption_index, question_index=draws.question_index,
             chosen_letter=[LETTERS[i] for i in chosen], correct_letter=[LETTERS[i] for i in draws.answers],
             correct_prob=p_correct, prompt_tokens=sum(len(p) for p in draws.prompts), computed_tokens=computed,
+            undecided_prob=undecided,
         )  # fmt: skip
 
     def score_by_generation(

@@ -328,6 +328,14 @@ def test_recipe_soft_and_hard_rewards_equal_the_whole_vocabulary_reference(word_
     torch.testing.assert_close(soft.cpu(), expect_soft, atol=1e-5, rtol=0)
     torch.testing.assert_close(hard.cpu(), expect_hard, atol=0, rtol=0)
     assert sum(details.correct_prob) < len(details.correct_prob)  # mass off the letters is not renormalised away
+    undecided = [1 - float(probs[slots >= 0].sum()) for probs in _next_token_probs(reader, draws.prompts, 0.6)]
+    torch.testing.assert_close(torch.tensor(details.undecided_prob), torch.tensor(undecided), atol=1e-5, rtol=0)
+
+
+def _next_token_probs(reader, prompts: list[list[int]], temperature: float) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [(reader(input_ids=torch.tensor([ids])).logits[0, -1].double() / temperature).softmax(-1)
+                for ids in prompts]  # fmt: skip
 
 
 def test_recipe_cannot_answer_is_always_f(word_tokenizer):
