@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -345,7 +346,7 @@ class CapRLReward:
             self.letter_ids = self._letter_token_ids()  # [max_options] token id of each letter after the cue
         else:  # [V] the option slot each vocabulary token decides, or -1
             vocab_size = self.lm_head.weight.shape[0]
-            self.token_options = token_option_map(reader_tokenizer, vocab_size, self.config.answer_letters)
+            self.token_options = _cached_token_option_map(reader_tokenizer, vocab_size, self.config.answer_letters)
 
     # --- prompt construction ------------------------------------------------------------------------------------
 
@@ -606,6 +607,18 @@ def token_option_map(tokenizer, vocab_size: int, letters: str = RECIPE_ANSWER_LE
         if match is not None and i not in special:
             out[i] = LETTERS.index(match.group(0))
     return out
+
+
+# Decoding Qwen's 151,936 tokens one by one takes ~10 s (2-core CPU): rewards sharing a tokenizer (eval builds two)
+# share its map.
+_TOKEN_OPTION_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_token_option_map(tokenizer, vocab_size: int, letters: str) -> torch.Tensor:
+    maps = _TOKEN_OPTION_MAPS.setdefault(tokenizer, {})
+    if (vocab_size, letters) not in maps:
+        maps[(vocab_size, letters)] = token_option_map(tokenizer, vocab_size, letters)
+    return maps[(vocab_size, letters)]
 
 
 _VOCAB_ROWS_PER_CHUNK = 1024
