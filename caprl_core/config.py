@@ -59,7 +59,8 @@ class RolloutConfig:
 @dataclass
 class RewardSection:
     # "recipe" = the published CapRL reward server (caprl_core.reward.RewardConfig.recipe): its prompt, the reader at
-    # T = 0.6, soft mode, and the length term 0.2 x (1 up to 2,048 tokens, 0 from 3,072); explicit options win.
+    # T = 0.6, soft mode over the whole vocabulary, and accuracy + 0.2 x (1 up to 2,048 caption tokens, 0 from 3,072)
+    # as one score; explicit options win.
     reward_preset: str = "default"
     num_draws: int = 8  # N: questions drawn per caption
     mode: str = "hard"  # hard | soft
@@ -69,6 +70,9 @@ class RewardSection:
     length_weight: float = 0.0  # weight of the caption-length term (0 = off): 1 up to length_l1, 0 from length_l2
     length_l1: int = 400
     length_l2: int = 600
+    # How the length term enters the advantage: decoupled = each column normalised in its group, then weighted
+    # (GDPO-style); sum = accuracy + length_weight x R_len as one score, normalised in the group (the recipe's server).
+    length_combine: str = "decoupled"
     # The same question draws and option shuffles for all G captions of an image (their rewards then differ by the
     # captions only), instead of draws of their own.
     shared_draws: bool = False
@@ -157,9 +161,10 @@ HELP = {
     "kv_cache_tokens": "the policy sampler's KV cache size in tokens; not given: sized by each rollout's need",
     "reader_kv_cache_tokens": "the reader's KV cache size in tokens; not given: sized by each step's need",
     "instruction": "the text after the image in the policy's prompt",
-    "reward_preset": "recipe = the published CapRL reward server: its prompt layout, reader temperature 0.6, soft "
-                     "mode (the expectation of its sampled reward), 8 draws, length term weight 0.2 from 2,048 to "
-                     "3,072 tokens; options given explicitly override the preset",
+    "reward_preset": "recipe = the published CapRL reward server: its prompt layout (cannot-answer always F), reader "
+                     "temperature 0.6, soft mode (its expected reward, read over the whole vocabulary), 8 draws, "
+                     "accuracy + 0.2 x length term (1 up to 2,048 tokens, 0 from 3,072) as one score; options given "
+                     "explicitly override the preset",
     "num_draws": "questions drawn per caption (N) for its reward",
     "mode": "reward per draw: hard = 1 if the reader's best option is right, soft = the probability it gives it",
     "reader_temperature": "the reader's softmax temperature in soft mode (the recipe's answerer samples at 0.6)",
@@ -168,6 +173,9 @@ HELP = {
     "length_weight": "weight of the caption-length reward term (0 = off)",
     "length_l1": "length term: full reward up to this many tokens",
     "length_l2": "length term: no reward from this many tokens (linear in between)",
+    "length_combine": "how the length term enters the advantage: decoupled = each reward normalised in its group, "
+                      "then weighted; sum = accuracy + weight x length reward as one score, normalised in the group "
+                      "(the recipe's server)",
     "shared_draws": "the same question draws and option shuffles for all G captions of an image",
     "shuffle_rewards": "a control run: train each caption on another caption's reward (logged rewards stay true)",
     "lr": "AdamW learning rate (on fp32 master weights)",
@@ -202,13 +210,16 @@ HELP = {
 RECIPE_PRESET = {
     "num_draws": 8, "mode": "soft", "reader_temperature": RECIPE_READER_TEMPERATURE,
     "length_weight": RECIPE_LENGTH_WEIGHT, "length_l1": RECIPE_LENGTH_L1, "length_l2": RECIPE_LENGTH_L2,
+    "length_combine": "sum",
 }  # fmt: skip
 REWARD_PRESETS = ("default", "recipe")
+LENGTH_COMBINES = ("decoupled", "sum")
 CHOICES = {
     "reward_preset": REWARD_PRESETS,
     "dtype": tuple(DTYPES), "on_error": ("skip", "raise"), "mode": ("hard", "soft"), "advantage": ("grpo", "rloo"),
     "scale": ("group", "batch", "none"), "schedule": ("constant", "cosine"), "aggregation": AGGREGATIONS,
     "rollout_correction": ROLLOUT_CORRECTIONS, "rollout_correction_level": CORRECTION_LEVELS,
+    "length_combine": LENGTH_COMBINES,
 }  # fmt: skip
 
 
@@ -411,6 +422,7 @@ def validate(config: TrainConfig) -> None:
     need(g.scale in ("group", "batch", "none"), "scale", "must be group, batch or none")
     need(g.length_weight >= 0, "length_weight", "must be >= 0")
     need(0 < g.length_l1 < g.length_l2, "length_l2", "length_l1 < length_l2 (both > 0)")
+    need(g.length_combine in LENGTH_COMBINES, "length_combine", f"one of {'|'.join(LENGTH_COMBINES)}")
     need(o.lr > 0, "lr", "must be > 0")
     need(o.warmup_steps >= 0, "warmup_steps", "must be >= 0")
     need(o.schedule in ("constant", "cosine"), "schedule", "must be constant or cosine")

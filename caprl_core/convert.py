@@ -9,15 +9,19 @@ A released row looks like (the fields used here; others are ignored):
          {"question": "What colour is the bus?", "choices": ["A. Red", "B. Blue", "C. Green"], "answer": "B"}]}}
 
 Each row becomes one line of the format in `caprl_core.data` (`image`, `questions` with `options` and an answer
-index, `id`, plus `data_source`). The choices' letter labels ("A. ", "B) ", "C: ") are removed; a "Can not answer
-based on the caption" choice is dropped, since the reward appends its own. Images are resolved relative to
-`image_root` (default: the input file's directory) and written relative to the output file's directory, so
-`load_jsonl` finds them.
+index, `id`, plus `data_source`). Questions go through the strict parser the TRL reward and the verl adapter share
+(`caprl_core.qa_rows`): the choices' letter labels ("A. ", "B) ", "(C) ") are removed only when every choice carries
+one in order ("U.S." stays a choice); a "Can not answer based on the caption" choice is dropped, since the reward
+appends its own; an answer is one letter, optionally with ")" / "." and its option's text. Images are resolved
+relative to `image_root` (default: the input file's directory) and written relative to the output file's
+directory, so `load_jsonl` finds them.
 
-A row that cannot be converted (a missing field, not exactly one image or one `<image>` per image in the prompt, a
-choice label out of order, an answer that is not one of the choices, fewer than 2 or more than 8 options, a missing
-image) is reported as "file:row: what is wrong", as `python -m caprl_core.data validate` does, and left out. Rows
-are numbered from 1 (JSONL: the line number). Parquet needs pyarrow (`pip install caprl-core[parquet]`).
+A bad question (an answer such as "", "BC" or "B text", an answer that is not one of the choices, fewer than 2 or
+more than 8 options, ...) is reported as "file:row:question: what is wrong" and left out; the row keeps its good
+questions. A row that cannot be converted (a missing field, not exactly one image or one `<image>` per image in the
+prompt, no good question, a missing image) is reported as "file:row: what is wrong", as `python -m caprl_core.data
+validate` does, and left out. Rows and questions are numbered from 1 (JSONL rows: the line number). Parquet needs
+pyarrow (`pip install caprl-core[parquet]`).
 
     python -m caprl_core.data convert IN OUT [--image-root DIR] [--strict] [--no-check-images]
 """
@@ -26,17 +30,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caprl_core.data import LETTERS, MCQ, DataError, _image_problem, _json_type
-
-# The reward appends this option itself (the recipe's wording, and variants seen in QA files).
-_CANNOT_ANSWER = re.compile(r"^\s*can\s*not\s+answer\b|^\s*cannot\s+answer\b", re.IGNORECASE)
-# "A. text", "A) text", "A: text", "(A) text"
-_LABEL = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*)$", re.DOTALL)
+from caprl_core.data import DataError, _image_problem, _json_type
+from caprl_core.qa_rows import parse_question
 
 
 @dataclass(slots=True)
@@ -80,25 +79,27 @@ def _parquet_rows(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read parquet: {e}") from e
 
 
-def convert_row(row: object, image_root: Path) -> tuple[dict | None, list[str]]:
-    """One released row -> (this project's line as a dict, with an absolute image path; or None, problems)."""
+def convert_row(row: object, image_root: Path) -> tuple[dict | None, list[str], list[str]]:
+    """One released row -> (this project's line as a dict, with an absolute image path, or None; the row's problems;
+    its bad questions as "question: what is wrong", left out of the line while its good questions stay)."""
     if not isinstance(row, dict):
-        return None, [f"expected an object, got {_json_type(row)}"]
+        return None, [f"expected an object, got {_json_type(row)}"], []
     problems: list[str] = []
+    bad: list[str] = []
     images = _images(row, problems)
     if images is not None:
         _check_prompt(row, len(images), problems)
-    questions = _questions(row, problems)
+    questions = _questions(row, problems, bad)
     source = row.get("data_source")
     if source is not None and not isinstance(source, str):
         problems.append(f'"data_source": expected a string, got {_json_type(source)}')
     if problems:
-        return None, problems
+        return None, problems, bad
     image = Path(images[0])
     out = {"image": str(image if image.is_absolute() else image_root / image), "questions": questions}
     if source is not None:
         out["data_source"] = source
-    return out, []
+    return out, [], bad
 
 
 def _images(row: dict, problems: list[str]) -> list[str] | None:
@@ -134,8 +135,9 @@ def _check_prompt(row: dict, num_images: int, problems: list[str]) -> None:
         problems.append(f'"prompt": {count} <image> placeholders for {num_images} image(s)')
 
 
-def _questions(row: dict, problems: list[str]) -> list[dict]:
-    """The ground truth as this format's questions (options without their labels, answer as an index)."""
+def _questions(row: dict, problems: list[str], bad: list[str]) -> list[dict]:
+    """The ground truth's good questions in this format (options without their labels, answer as an index); each
+    bad question's problem goes to `bad` as "question: what is wrong" (`caprl_core.qa_rows.parse_question`)."""
     reward_model = row.get("reward_model")
     truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
     if isinstance(truth, str):
@@ -148,42 +150,19 @@ def _questions(row: dict, problems: list[str]) -> list[dict]:
         problems.append(f'"reward_model.ground_truth": expected a non-empty list of questions, got {_json_type(truth)}')
         return []
     questions = []
-    for i, item in enumerate(truth):
+    for q, item in enumerate(truth, start=1):
+        if not isinstance(item, dict):
+            bad.append(f"{q}: expected an object, got {_json_type(item)}")
+            continue
         try:
-            questions.append(_question(item))
+            mcq = parse_question(item)
         except ValueError as e:
-            problems.append(f"ground_truth[{i}]: {e}")
+            bad.append(f"{q}: {e}")
+            continue
+        questions.append({"question": mcq.question, "options": list(mcq.options), "answer": mcq.answer})
+    if not questions:
+        problems.append(f"no good question among {len(truth)}")
     return questions
-
-
-def _question(item: object) -> dict:
-    """One {"question", "choices", "answer"} -> {"question", "options", "answer"}; ValueError saying what is wrong."""
-    if not isinstance(item, dict):
-        raise ValueError(f"expected an object, got {_json_type(item)}")
-    question, choices, answer = item.get("question"), item.get("choices"), item.get("answer")
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f'"choices": expected a list of strings, got {_json_type(choices)}')
-    if not isinstance(answer, str) or answer.strip().upper() not in LETTERS:
-        raise ValueError(f'"answer": expected a letter, got {answer!r}')
-    texts = [_unlabelled(choice, i) for i, choice in enumerate(choices)]
-    index = LETTERS.index(answer.strip().upper())
-    if index >= len(texts):
-        raise ValueError(f'"answer": {answer!r} is not one of the {len(texts)} choices')
-    if _CANNOT_ANSWER.match(texts[index]):
-        raise ValueError(f'"answer": {answer!r} is the "can not answer" choice')
-    keep = [i for i, text in enumerate(texts) if not _CANNOT_ANSWER.match(text)]
-    mcq = MCQ(question, tuple(texts[i] for i in keep), keep.index(index))  # checks the question and option count
-    return {"question": mcq.question, "options": list(mcq.options), "answer": mcq.answer}
-
-
-def _unlabelled(choice: str, i: int) -> str:
-    """A choice's text without its letter label, which must be the i-th letter; unlabelled text stays as is."""
-    match = _LABEL.match(choice)
-    if match is None:
-        return choice.strip()
-    if match.group(1) != LETTERS[i]:
-        raise ValueError(f'"choices"[{i}]: labelled {match.group(1)!r}, expected {LETTERS[i]!r}: {choice!r}')
-    return match.group(2).strip()
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
@@ -198,7 +177,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, image_root: 
     checked: dict[str, str | None] = {}  # many rows may share one image
     for rownum, row in read_rows(src):
         result.num_rows += 1
-        out, problems = (None, [str(row)]) if isinstance(row, ValueError) else convert_row(row, root)
+        out, problems, bad = (None, [str(row)], []) if isinstance(row, ValueError) else convert_row(row, root)
+        result.errors += [f"{src}:{rownum}:{problem}" for problem in bad]  # file:row:question: what is wrong
         if out is not None and check_images:
             if out["image"] not in checked:
                 checked[out["image"]] = _image_problem(Path(out["image"]))

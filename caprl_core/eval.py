@@ -3,6 +3,8 @@
     python -m caprl_core.eval --policy DIR --reader DIR --data FILE [--k 4] [--num-draws 8] [--out DIR] ...
     python -m caprl_core.eval            # the shipped miniature-world models on its 64 held-out images
     python -m caprl_core.eval --policy runs/X/checkpoints/step-N   # a trained policy, the shipped reader
+    python -m caprl_core.eval --policy DIR --reader DIR --data FILE --preset prism --reward-preset recipe
+        # Prism's sampling (4 captions at T = 1.0, top-p 1.0, <= 2,048 tokens) read with the recipe's reader prompt
 
 For every image the policy samples k captions (one `Engine.generate` call per batch of images, n=k). The reader then
 answers *every* question of the image once from each caption, through `CapRLReward` with one question per reward
@@ -68,6 +70,9 @@ CPU_KV_CACHE_TOKENS = 1 << 15
 # images). So small models (under SMALL_MODEL_PARAMETERS) run on one thread (restored afterwards); real
 # checkpoints keep torch's setting.
 TINY_MODEL_THREADS = 1
+# The official Prism evaluation's sampling (--preset prism): 4 captions per image at T = 1.0, top-p 1.0, at most 2,048
+# new tokens; mean accuracy over the 4 captions and best-of-4 are what `summarize` reports.
+PRISM = {"k": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}
 SMALL_MODEL_PARAMETERS = 10_000_000
 
 
@@ -103,7 +108,8 @@ class CaptionEvaluator:
     """Captions images with the policy and scores every question of each image from each caption with the reader."""
 
     def __init__(self, policy, prompter: PolicyPrompter, reader, reader_tokenizer, config: EvalConfig, *,
-                 max_options: int = MAX_OPTIONS + 1, template=None) -> None:  # fmt: skip
+                 max_options: int = MAX_OPTIONS + 1, template=None,
+                 reward_preset: str = "default") -> None:  # fmt: skip
         self.config = config
         self.prompter = prompter
         cpu = next(policy.parameters()).device.type == "cpu"
@@ -116,6 +122,8 @@ class CaptionEvaluator:
         reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
         base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options,
                             template=template or DEFAULT_TEMPLATE)  # fmt: skip
+        if reward_preset == "recipe":  # the reward server's prompt, letters and whole-vocabulary readout
+            base = RewardConfig.recipe(num_draws=1, mode="hard", seed=config.seed)
         self.every_question = CapRLReward(reader, reader_tokenizer, base, engine=reader_engine)
         self.train_reward = None
         if config.num_draws:
@@ -281,12 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("--limit", type=int, default=d.limit, metavar="INT", help="evaluate the first INT images only (default: all)")
     add("--seed", type=int, default=d.seed, metavar="INT", help=f"seed of sampling, option shuffles and the tiny "
         f"models (default: {d.seed})")  # fmt: skip
+    add("--reward-preset", choices=["default", "recipe"], default="default", help="the reader's prompt and readout: "
+        "recipe = the published reward server's (caprl_core.reward.RewardConfig.recipe), as a recipe-trained "
+        "policy was rewarded; default = the reader directory's or this project's (default: default)")  # fmt: skip
+    add("--preset", choices=["none", "prism"], default="none", help="prism = the official Prism evaluation: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRISM.items())
+        + "; flags given explicitly win (default: none)")  # fmt: skip
     add("--out", type=Path, metavar="DIR", help="output directory (default: runs/eval-<date-time>)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     add("--device", default=device, metavar="TEXT", help=f"torch device (default here: {device})")
     add("--dtype", choices=list(DTYPES), default="auto", help="model dtype; auto = bfloat16 on CUDA, float32 "
         "elsewhere (default: auto)")  # fmt: skip
     return p
+
+
+def _apply_preset(args: argparse.Namespace, argv: list[str]) -> None:
+    """--preset prism: its settings, under the flags given explicitly."""
+    if args.preset != "prism":
+        return
+    for name, value in PRISM.items():
+        flag = "--" + name.replace("_", "-")
+        if not any(a == flag or a.startswith(flag + "=") for a in argv):
+            setattr(args, name, value)
 
 
 def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalConfig:
@@ -333,7 +357,9 @@ def _torch_threads(num_threads: int | None):
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation from command-line arguments; returns the summary (also written to OUT/summary.json)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    _apply_preset(args, argv)
     config = _config(parser, args)
     started = time.perf_counter()
     models = _models(parser, args)
@@ -346,13 +372,15 @@ def main(argv: list[str] | None = None) -> dict:
         # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
         evaluator = CaptionEvaluator(models.policy, prompter, models.reader, models.reader_tokenizer, config,
-                                     max_options=max_options + 1, template=models.reader_template)  # fmt: skip
+                                     max_options=max_options + 1, template=models.reader_template,
+                                     reward_preset=args.reward_preset)  # fmt: skip
         out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)
         plot_eval(out / "details.jsonl", out / "plot.png")
     summary.update(
-        k=config.k, num_draws=config.num_draws, skipped_lines=skipped,
+        k=config.k, num_draws=config.num_draws, skipped_lines=skipped, preset=args.preset,
+        reward_preset=args.reward_preset,
         reader_prompt_tokens=evaluator.reader_prompt_tokens, reader_computed_tokens=evaluator.reader_computed_tokens,
         seconds=round(time.perf_counter() - started, 2), config=asdict(config), device=str(args.device),
         policy=str(args.policy or "shipped"), reader=str(args.reader or "shipped"),

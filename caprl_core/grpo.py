@@ -290,3 +290,14 @@ def caption_length_reward(lengths: torch.Tensor, l1: int, l2: int) -> torch.Tens
         raise ValueError(f"l1, l2: expected 0 < l1 < l2, got l1={l1}, l2={l2}")
     n = lengths.to(torch.float32)
     return ((l2 - n) / (l2 - l1)).clamp(0.0, 1.0)
+
+
+def combined_score(rewards: torch.Tensor, weights) -> torch.Tensor:
+    """[N, 1] = rewards [N, R] weighted by `weights` [R] and summed: the one score the recipe's server returns
+    (accuracy + 0.2 x R_len), to be normalised in the group as a whole rather than column by column."""
+    check.tensor("rewards", rewards)
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    if rewards.dim() != 2 or weights.shape != (rewards.shape[1],):
+        raise ValueError(f"rewards, weights: expected [N, R] and [R], got {list(rewards.shape)} and "
+                         f"{list(weights.shape)}")  # fmt: skip
+    return (rewards.float() * weights).sum(1, keepdim=True)

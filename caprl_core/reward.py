@@ -9,6 +9,19 @@ the hidden state at that position, and `caprl_core.ops.mcq_rewards` reads the op
 has the highest logit among the valid options (the greedy answer, restricted to the options); soft mode: the
 probability of the correct letter at the reader temperature. A caption's reward is the mean over its N draws.
 
+Two definitions of the soft reward, by `RewardConfig.readout`:
+- "options" (the default preset): the probability of the right letter renormalised over the question's option
+  letters (the letters' lm_head rows only).
+- "vocab" (`RewardConfig.recipe()`): the server's expected reward. The server samples the reply at T = 0.6 and
+  parses its first capital A-I; a letter past the options, or no letter, scores 0. Every vocabulary token is mapped
+  to the letter a reply starting with it is parsed as (`token_option_map`: " C", "C", "(C", "Because" -> B, ...),
+  and soft = the softmax(logits / T) mass, over the whole vocabulary, of the tokens mapped to the right letter.
+  Exact for replies whose first token decides the parse or ends the reply. A first token that decides nothing
+  (" (", " the", " J", a space) is counted 0, though the server reads on: that is an approximation, low by the
+  probability of such a start followed by the right letter. Measured (tests/test_reward.py, the "undecided"
+  reader, 5 of its 12 tokens deciding nothing): 0.000-0.012 below the sampled 10-token reward, the soft reward
+  0.07-0.23; README, "The recipe's soft reward".
+
 Prompt layout, shared part first so the sampler's prefix cache computes it once:
     [header: instruction + few-shot examples] [caption part] [question part + answer cue]
 Each part is tokenised on its own and the ids concatenated, so the header's ids are identical in every prompt and
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,6 +43,7 @@ import torch
 
 from caprl_core import ops
 from caprl_core.data import MAX_OPTIONS, MCQ
+from caprl_core.qa_rows import good_questions
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
@@ -102,7 +117,8 @@ PROMPT_FILE = "caprl_prompt.json"
 # The published CapRL reward server's prompt layout (CapRL 1.0 and CapRL++ share it): the caption between
 # "<Caption Start>" / "<Caption End>" markers, options as "- A) text" lines, the shuffled options followed by
 # "Can not answer based on the caption", and the assistant turn opened with "The answer is" so that the reply starts
-# with the letter. The instruction and the two worked examples are written for this project in the same structure
+# with the letter; "cannot answer" is always F, so E stays unused for 4-option questions (RECIPE_CANNOT_ANSWER_LETTER).
+# The instruction and the two worked examples are written for this project in the same structure
 # (answer from the caption only, one example answerable, one not); a reader directory may carry another wording in
 # caprl_prompt.json.
 RECIPE_CANNOT_ANSWER = "Can not answer based on the caption"
@@ -117,7 +133,7 @@ Question: What colour is the bicycle?
 - B) Green
 - C) Yellow
 - D) Black
-- E) Can not answer based on the caption
+- F) Can not answer based on the caption
 
 The answer is B.
 
@@ -128,9 +144,9 @@ Question: What shape is the lantern?
 - B) Square
 - C) Star-shaped
 - D) Oval
-- E) Can not answer based on the caption
+- F) Can not answer based on the caption
 
-The answer is E.
+The answer is F.
 
 Now answer the question from the following caption:
 
@@ -148,6 +164,8 @@ RECIPE_TEMPLATE = PromptTemplate(
 RECIPE_READER_TEMPERATURE = 0.6
 RECIPE_ANSWER_TOKENS = 10
 RECIPE_ANSWER_LETTERS = "ABCDEFGHI"
+# The server drops the data's own "can not answer" line and always appends "F) Can not answer based on the caption".
+RECIPE_CANNOT_ANSWER_LETTER = "F"
 # The recipe's caption-length term (CapRL++ launch scripts): 1 up to 2,048 tokens, linear to 0 at 3,072, weight 0.2.
 RECIPE_LENGTH_WEIGHT = 0.2
 RECIPE_LENGTH_L1 = 2048
@@ -189,6 +207,13 @@ class RewardConfig:
     engine_kwargs: passed to the reader's `Engine` (block size, ...).
     answer_letters: the letters the generate-and-parse ways look for in a reply (the first one found is the
     answer). answer_tokens: the tokens those ways let the reader generate.
+    readout: how `score` reads the reader's answer off the next-token distribution. "options" (the default preset):
+    the option letters' logits only, renormalised over the question's options. "vocab" (the recipe): the whole
+    vocabulary, each token counted for the option its first capital among answer_letters names (see
+    `token_option_map`); mass on tokens that decide no option, or a letter past the options, counts as wrong.
+    cannot_answer_letter: the letter of the appended "cannot answer" option; None = the letter after the last
+    option. The recipe's server always writes "F" (E stays unused for 4-option questions); a question with more
+    options than that letter leaves room for gets the letter after its last option instead.
     `RewardConfig.recipe()` is the published reward server's setting."""
 
     num_draws: int = 8
@@ -206,6 +231,8 @@ class RewardConfig:
     engine_kwargs: dict = field(default_factory=dict)
     answer_letters: str = LETTERS
     answer_tokens: int = RECIPE_ANSWER_TOKENS
+    readout: str = "options"
+    cannot_answer_letter: str | None = None
 
     @classmethod
     def recipe(cls, **overrides) -> RewardConfig:
@@ -213,11 +240,13 @@ class RewardConfig:
         answer based on the caption", Qwen chat turns written out (no system message, no chat template), the
         assistant's turn opened with "The answer is", the reader at T = 0.6, soft mode (the
         expectation of the server's sampled reward: `CapRLReward.sample_by_generation` draws that reward itself, at
-        most 10 tokens, first letter A-I). `overrides` replace any field."""
+        most 10 tokens, first letter A-I, read over the whole vocabulary), "cannot answer" always "F". `overrides`
+        replace any field."""
         values = dict(num_draws=8, mode="soft", temperature=RECIPE_READER_TEMPERATURE, cannot_answer=True,
                       cannot_answer_text=RECIPE_CANNOT_ANSWER, template=RECIPE_TEMPLATE, use_chat_template=False,
                       max_options=len(RECIPE_ANSWER_LETTERS), answer_letters=RECIPE_ANSWER_LETTERS,
-                      answer_tokens=RECIPE_ANSWER_TOKENS)  # fmt: skip
+                      answer_tokens=RECIPE_ANSWER_TOKENS, readout="vocab",
+                      cannot_answer_letter=RECIPE_CANNOT_ANSWER_LETTER)  # fmt: skip
         values.update(overrides)
         return cls(**values)
 
@@ -232,6 +261,12 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.max_options must be in [2, 26], got {self.max_options!r}")
         if not (self.answer_letters and set(self.answer_letters) <= set(LETTERS)):
             raise ValueError(f"RewardConfig.answer_letters must be capital letters A-Z, got {self.answer_letters!r}")
+        if self.readout not in ("options", "vocab"):
+            raise ValueError(f"RewardConfig.readout must be 'options' or 'vocab', got {self.readout!r}")
+        letter = self.cannot_answer_letter
+        if letter is not None and not (len(letter) == 1 and letter in LETTERS[1 : self.max_options]):
+            raise ValueError(f"RewardConfig.cannot_answer_letter must be None or one of "
+                             f"{LETTERS[1 : self.max_options]!r}, got {letter!r}")  # fmt: skip
         if not (isinstance(self.answer_tokens, int) and self.answer_tokens >= 1):
             raise ValueError(f"RewardConfig.answer_tokens must be an integer >= 1, got {self.answer_tokens!r}")
         if self.kv_cache_tokens is not None:
@@ -256,6 +291,9 @@ class RewardDetails:
     correct_prob: list[float]
     prompt_tokens: int  # all reader prompt tokens
     computed_tokens: int  # those actually run through the reader (the rest came from the prefix cache)
+    # readout "vocab": per draw, the probability of a first token that decides no letter (a stop or special token,
+    # " (", " the", ...), which the soft reward counts 0; it bounds that approximation's gap. Empty for "options".
+    undecided_prob: list[float] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         """One dict per draw, for JSONL logs."""
@@ -303,7 +341,12 @@ class CapRLReward:
         self._chat = chat
         self._before, self._after = self._chat_wrapping()
         self._header_ids = self._encode(self._before + self.config.template.header)
-        self.letter_ids = self._letter_token_ids()  # [max_options] token id of each letter after the cue
+        self.letter_ids = self.token_options = None
+        if self.config.readout == "options":
+            self.letter_ids = self._letter_token_ids()  # [max_options] token id of each letter after the cue
+        else:  # [V] the option slot each vocabulary token decides, or -1
+            vocab_size = self.lm_head.weight.shape[0]
+            self.token_options = _cached_token_option_map(reader_tokenizer, vocab_size, self.config.answer_letters)
 
     # --- prompt construction ------------------------------------------------------------------------------------
 
@@ -342,15 +385,22 @@ class CapRLReward:
             raise ValueError("reader_tokenizer: two option letters map to the same token")
         return ids
 
-    def _question_text(self, mcq: MCQ, order: np.ndarray) -> tuple[str, int]:
-        """The question part (options in `order`, then "cannot answer") and the index of the right option."""
+    def _question_text(self, mcq: MCQ, order: np.ndarray) -> tuple[str, int, int]:
+        """The question part (options in `order`, then "cannot answer"), the index of the right option and the
+        number of letter slots the prompt spans ("cannot answer" is the last; a slot before it may be unused)."""
         t = self.config.template
-        texts = [mcq.options[i] for i in order]
+        lines = [(i, mcq.options[k]) for i, k in enumerate(order)]
         if self.config.cannot_answer:
-            texts.append(self.config.cannot_answer_text)
-        options = "\n".join(t.option.format(letter=LETTERS[i], text=x) for i, x in enumerate(texts))
+            lines.append((self._cannot_answer_slot(len(mcq.options)), self.config.cannot_answer_text))
+        options = "\n".join(t.option.format(letter=LETTERS[i], text=x) for i, x in lines)
         answer = int(np.nonzero(order == mcq.answer)[0][0])
-        return t.question.format(question=mcq.question, options=options), answer
+        return t.question.format(question=mcq.question, options=options), answer, lines[-1][0] + 1
+
+    def _cannot_answer_slot(self, num_options: int) -> int:
+        """The letter index of "cannot answer": after the last option, or config.cannot_answer_letter (the recipe's
+        "F") when that comes later."""
+        letter = self.config.cannot_answer_letter
+        return num_options if letter is None else max(num_options, LETTERS.index(letter))
 
     def _draw(self, captions: Sequence[str], questions: Sequence[Sequence[MCQ]], step: int,
               draw_keys: Sequence[int] | None) -> _Draws:  # fmt: skip
@@ -363,11 +413,11 @@ class CapRLReward:
             for q in rng.integers(0, len(mcqs), size=cfg.num_draws).tolist():
                 mcq = mcqs[q]
                 order = rng.permutation(len(mcq.options))
-                text, answer = self._question_text(mcq, order)
+                text, answer, num_slots = self._question_text(mcq, order)
                 draws.prompts.append(self._header_ids + caption_ids + self._encode(text + cue))
                 draws.answers.append(answer)
                 draws.orders.append(order.tolist())
-                draws.num_options.append(len(mcq.options) + int(cfg.cannot_answer))
+                draws.num_options.append(num_slots)
                 draws.caption_index.append(c)
                 draws.question_index.append(q)
         return draws
@@ -421,6 +471,15 @@ class CapRLReward:
         if self.engine.block_manager.prefix_caching:
             computed += len(self._header_ids) // self.engine.block_size * self.engine.block_size
         device = hidden.device
+        if self.config.readout == "vocab":
+            rewards, option_logprobs = ops.mcq_rewards(
+                hidden, self.lm_head.weight, self.token_options.to(device),
+                torch.tensor(draws.answers, device=device), torch.tensor(draws.caption_index, device=device),
+                len(captions), num_options=len(LETTERS[: self.config.max_options]),
+                bias=getattr(self.lm_head, "bias", None), temperature=self.config.temperature, mode=self.config.mode,
+                normalize="vocab",
+            )  # fmt: skip
+            return rewards, self._details(draws, option_logprobs, computed)
         rewards, option_logprobs = ops.mcq_rewards(
             hidden, self.lm_head.weight,
             torch.tensor(self.letter_ids, device=device),
@@ -439,10 +498,12 @@ class CapRLReward:
         chosen = logp.argmax(-1).tolist()
         answers = torch.tensor(draws.answers)
         p_correct = logp.gather(1, answers[:, None]).squeeze(1).exp().tolist()
+        undecided = (1 - logp.exp().sum(-1)).clamp(min=0).tolist() if self.config.readout == "vocab" else []
         return RewardDetails(
             caption_index=draws.caption_index, question_index=draws.question_index,
             chosen_letter=[LETTERS[i] for i in chosen], correct_letter=[LETTERS[i] for i in draws.answers],
             correct_prob=p_correct, prompt_tokens=sum(len(p) for p in draws.prompts), computed_tokens=computed,
+            undecided_prob=undecided,
         )  # fmt: skip
 
     def score_by_generation(
@@ -500,15 +561,18 @@ class CapRLReward:
     def as_trl_reward(self, questions_column: str = "questions") -> Callable[..., list[float]]:
         """A reward function with TRL's signature, `f(prompts, completions, **kwargs) -> list[float]`, for
         `trl.GRPOTrainer(reward_funcs=[...])`. The MCQs come from the dataset column `questions_column`: per row a
-        list of {"question", "options", "answer"} dicts (answer an index or a letter) or MCQ objects. Completions
-        may be strings or conversational ([{"role": "assistant", "content": ...}]). When TRL passes
+        list of {"question", "options", "answer"} dicts (answer an index or a letter), the released rows'
+        {"question", "choices", "answer"} dicts, or MCQ objects, read by the strict parser `caprl_core.qa_rows` (a
+        bad question is left out with a warning naming its row and question; a row with none good is an error).
+        Completions may be strings or conversational ([{"role": "assistant", "content": ...}]). When TRL passes
         `trainer_state`, its global_step is the draws' step, so a resumed run draws as the original would have."""
 
         def caprl_reward(prompts, completions, **kwargs) -> list[float]:
             if questions_column not in kwargs:
                 raise ValueError(f"the dataset has no column {questions_column!r} (columns passed: {sorted(kwargs)})")
             captions = [_completion_text(c) for c in completions]
-            questions = [[_as_mcq(q) for q in row] for row in kwargs[questions_column]]
+            rows = kwargs[questions_column]
+            questions = [good_questions(row, f"{questions_column} row {r}") for r, row in enumerate(rows, start=1)]
             state = kwargs.get("trainer_state")  # TRL passes it: draws then follow the run's step, resumes included
             rewards, _ = self.score(captions, questions, step=getattr(state, "global_step", None))
             return rewards.tolist()
@@ -523,6 +587,40 @@ def first_capital_letter(text: str, letters: str = LETTERS) -> str | None:
     return match.group(0) if match else None
 
 
+def token_option_map(tokenizer, vocab_size: int, letters: str = RECIPE_ANSWER_LETTERS) -> torch.Tensor:
+    """[vocab_size] int64: for each token id, the option slot (index in LETTERS) that a reply starting with that
+    token is parsed as by the server's rule (the first of `letters` anywhere in the reply), or -1 when the token
+    decides nothing. A token decides when its text holds one of `letters` ("C", " C", "(C", "Because" -> slot of
+    C, A, B): the reply's first such letter is then inside it. Special tokens (EOS and the chat markers) and ids
+    past the tokenizer (embedding padding) decide nothing: a stop token ends the reply with no letter (score 0), and
+    the others are dropped from the decoded reply."""
+    if not (letters and set(letters) <= set(LETTERS)):
+        raise ValueError(f"letters: expected capitals A-Z, got {letters!r}")
+    out = torch.full((vocab_size,), -1, dtype=torch.int64)
+    known = min(vocab_size, len(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    pattern = re.compile(f"[{re.escape(letters)}]")
+    texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False)
+    for i, text in enumerate(texts):
+        match = pattern.search(text)
+        if match is not None and i not in special:
+            out[i] = LETTERS.index(match.group(0))
+    return out
+
+
+# Decoding Qwen's 151,936 tokens one by one takes ~10 s (2-core CPU): rewards sharing a tokenizer (eval builds two)
+# share its map.
+_TOKEN_OPTION_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_token_option_map(tokenizer, vocab_size: int, letters: str) -> torch.Tensor:
+    maps = _TOKEN_OPTION_MAPS.setdefault(tokenizer, {})
+    if (vocab_size, letters) not in maps:
+        maps[(vocab_size, letters)] = token_option_map(tokenizer, vocab_size, letters)
+    return maps[(vocab_size, letters)]
+
+
 def _completion_text(completion) -> str:
     if isinstance(completion, str):
         return completion
@@ -532,12 +630,3 @@ def _completion_text(completion) -> str:
             return "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
     raise ValueError(f"completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
-def _as_mcq(q) -> MCQ:
-    if isinstance(q, MCQ):
-        return q
-    answer = q["answer"]
-    if isinstance(answer, str):
-        answer = LETTERS.index(answer.strip().upper())
-    return MCQ(q["question"], tuple(q["options"]), int(answer))

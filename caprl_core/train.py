@@ -187,6 +187,7 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     reward.engine.free_kv_cache()
     local = {
         "accuracy": accuracy.float().cpu().tolist(), "length": [len(c.token_ids) for c in ro.completions],
+        "caption_tokens": [len(c.token_ids) - (c.finish_reason == "stop") for c in ro.completions],
         "truncated": ro.truncated.tolist(), "captions": ro.captions,
         "references": [ex.caption for ex in examples for _ in range(G)],
         # p/q of each sampled token: the share of the policy's mass that bans, top-k and top-p kept (1 = unfiltered)
@@ -211,16 +212,19 @@ def _advantages_and_metrics(every: dict, config: TrainConfig, step: int) -> tupl
     accuracy = torch.tensor(every["accuracy"], dtype=torch.float32)
     columns, weights = [accuracy], [1.0]
     lengths = torch.tensor(every["length"], dtype=torch.float32)
-    if g.length_weight > 0:
-        columns.append(grpo.caption_length_reward(lengths, g.length_l1, g.length_l2))
+    if g.length_weight > 0:  # caption tokens without the stop token, as the recipe's server counts them
+        caption_tokens = torch.tensor(every["caption_tokens"], dtype=torch.float32)
+        columns.append(grpo.caption_length_reward(caption_tokens, g.length_l1, g.length_l2))
         weights.append(g.length_weight)
     rewards = torch.stack(columns, dim=1)  # [N, R]
-    signal = rewards
+    # sum: one score, accuracy + weight x R_len, normalised in the group (the recipe's server); else each column alone
+    signal = grpo.combined_score(rewards, weights) if g.length_combine == "sum" else rewards  # [N, R'] R' in {1, R}
     if g.shuffle_rewards:  # the control run: each caption gets another caption's rewards
-        signal = rewards[torch.from_numpy(np.random.default_rng([config.seed, step, 7]).permutation(len(rewards)))]
+        signal = signal[torch.from_numpy(np.random.default_rng([config.seed, step, 7]).permutation(len(rewards)))]
+    decoupled = signal.shape[1] > 1
     advantages = ops.group_advantages(
-        signal if len(columns) > 1 else signal[:, 0], group_size=G, method=g.advantage, scale=g.scale,
-        weights=torch.tensor(weights) if len(columns) > 1 else None,
+        signal if decoupled else signal[:, 0], group_size=G, method=g.advantage, scale=g.scale,
+        weights=torch.tensor(weights) if decoupled else None,
     )  # fmt: skip
     total = (rewards * torch.tensor(weights)).sum(1)
     flat_groups = (total.view(-1, G).max(1).values == total.view(-1, G).min(1).values).float().mean()

@@ -12,6 +12,7 @@ from PIL import Image
 from caprl_core.convert import convert_file
 from caprl_core.data import DataError, load_jsonl
 from caprl_core.data.__main__ import main
+from caprl_core.qa_rows import parse_question
 
 PROMPT = [{"role": "user", "content": "<image>Please describe this image in detail."}]
 TRUTH = [
@@ -45,7 +46,11 @@ BAD_ROWS = [
     (_row(reward_model={"ground_truth": "[{not json"}), "not JSON"),
     (_row(reward_model={"ground_truth": []}), "non-empty list"),
     (_row(**_truth(answer="D")), "not one of the 3 choices"),
-    (_row(**_truth(answer=2)), '"answer": expected a letter'),
+    (_row(**_truth(answer=2)), '"answer": expected one letter'),
+    (_row(**_truth(answer="")), '"answer": expected one letter'),
+    (_row(**_truth(answer="BC")), '"answer": expected one letter'),
+    (_row(**_truth(answer="B Blue")), '"answer": expected one letter'),
+    (_row(**_truth(answer="B) Green")), "names option B, whose text is 'Blue'"),
     (_row(**_truth(choices=["A. Red", "C. Blue"])), "labelled 'C', expected 'B'"),
     (_row(**_truth(choices=["A. Red"], answer="A")), "2 to 8 options"),
     (_row(**_truth(choices=["A. Red", "B. Red"], answer="A")), "distinct"),
@@ -93,11 +98,12 @@ def test_jsonl_good_rows_convert_and_every_bad_row_is_reported(image_dir, tmp_pa
     result = convert_file(src, out)
     assert (result.num_rows, result.num_written) == (len(BAD_ROWS) + 3, 2)
     _expect_good(out, image_dir)
-    expected = [(f"{src}:{i + 4}: ", words) for i, (_, words) in enumerate(BAD_ROWS)]
-    expected.append((f"{src}:{len(lines)}: ", "invalid JSON"))
-    assert len(result.errors) == len(expected)
-    for error, (prefix, words) in zip(result.errors, expected, strict=True):
-        assert error.startswith(prefix) and words in error, (error, words)
+    expected = [(f"{src}:{i + 4}:", words) for i, (_, words) in enumerate(BAD_ROWS)]
+    expected.append((f"{src}:{len(lines)}:", "invalid JSON"))
+    for prefix, words in expected:  # a bad question: file:row:question, then the row (no good question left)
+        row_errors = [e for e in result.errors if e.startswith(prefix)]
+        assert row_errors and words in " ".join(row_errors), (prefix, words, row_errors)
+    assert all(any(e.startswith(p) for p, _ in expected) for e in result.errors)
 
 
 def test_image_root_and_parquet(image_dir, tmp_path):
@@ -138,3 +144,51 @@ def test_cli_convert_strict_and_no_good_row(image_dir, tmp_path, capsys):
     bad.write_text(json.dumps(_row(images=[])) + "\n")
     assert main(["convert", str(bad), str(tmp_path / "none.jsonl")]) == 1
     assert "no row converts" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "answer,index",
+    [("B", 1), ("B)", 1), ("B.", 1), ("B) Blue", 1), (" B. blue ", 1), ("C) Green.", 2)],
+)
+def test_answers_the_parser_accepts(answer, index):
+    mcq = parse_question({**TRUTH[0], "answer": answer})
+    assert (mcq.options, mcq.answer) == (("Red", "Blue", "Green"), index)
+
+
+def test_choices_are_labelled_only_when_all_carry_consecutive_labels():
+    us = parse_question({"question": "Which country?", "choices": ["U.S.", "Canada", "U. K."], "answer": "A"})
+    assert (us.options, us.answer) == (("U.S.", "Canada", "U. K."), 0)  # "U." is no label: nothing stripped
+    mixed = parse_question({"question": "Which?", "choices": ["A. Red", "U.S."], "answer": "B"})
+    assert mixed.options == ("A. Red", "U.S.")
+    labelled = parse_question({"question": "Which?", "choices": ["(A) U.S.", "(B) Canada"], "answer": "A"})
+    assert labelled.options == ("U.S.", "Canada")
+
+
+def test_a_row_keeps_its_good_questions_and_names_the_bad_ones(image_dir, tmp_path):
+    truth = [TRUTH[0], {**TRUTH[0], "answer": ""}, TRUTH[1], {**TRUTH[0], "answer": "BC"},
+             {**TRUTH[0], "answer": "B)"}, {**TRUTH[0], "answer": "B) text"}]  # fmt: skip
+    src = image_dir / "rows.jsonl"
+    src.write_text(json.dumps(_row(reward_model={"ground_truth": truth})) + "\n")
+    out = tmp_path / "data.jsonl"
+    result = convert_file(src, out)
+    assert result.num_written == 1
+    assert [e.split(": ")[0] for e in result.errors] == [f"{src}:1:2", f"{src}:1:4", f"{src}:1:6"]
+    (example,) = load_jsonl(out, on_error="raise").examples
+    assert [(q.options, q.answer) for q in example.questions] == [
+        (("Red", "Blue", "Green"), 1),
+        (("1", "2", "3"), 2),
+        (("Red", "Blue", "Green"), 1),
+    ]  # question 1, question 3 (its "can not answer" dropped), question 5 ("B)"): nothing relabelled
+
+
+def test_trl_and_verl_read_questions_with_the_same_parser():
+    from caprl_core.integrations.verl import row_questions
+
+    rows = [TRUTH[0], {**TRUTH[0], "answer": "B)"}, {"question": "Where?", "choices": ["U.S.", "Canada"],
+                                                      "answer": "A"}]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"ground_truth:4: \"answer\": expected one letter"):
+        got = row_questions(rows + [{**TRUTH[0], "answer": "BC"}], None)
+    assert got == [parse_question(r) for r in rows]
+    assert got[2].options == ("U.S.", "Canada")
+    with pytest.raises(ValueError, match="no good question"):
+        row_questions([{**TRUTH[0], "answer": ""}], None)

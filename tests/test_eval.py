@@ -166,3 +166,34 @@ def test_help_runs_as_a_module():
                             timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--num-draws" in result.stdout and "--policy" in result.stdout
+
+
+def test_prism_preset_under_explicit_flags():
+    from caprl_core.eval import PRISM, _apply_preset, build_parser
+
+    assert PRISM == {"k": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}  # the official evaluation
+    argv = ["--preset", "prism", "--max-new-tokens", "8"]
+    args = build_parser().parse_args(argv)
+    _apply_preset(args, argv)
+    assert (args.k, args.temperature, args.top_p, args.max_new_tokens) == (4, 1.0, 1.0, 8)
+    plain = build_parser().parse_args([])
+    _apply_preset(plain, [])
+    assert (plain.temperature, plain.max_new_tokens) == (EvalConfig().temperature, EvalConfig().max_new_tokens)
+
+
+def test_recipe_reward_preset_reads_with_the_recipes_prompt(data, tmp_path, one_thread):
+    """--reward-preset recipe: every question read with the reward server's prompt and whole-vocabulary readout, as
+    a recipe-trained policy was rewarded (not the default prompt inside the reader's chat template)."""
+    from caprl_core.reward import RECIPE_TEMPLATE
+
+    policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
+    prompter = PolicyPrompter(tokenizer, image_processor)
+    evaluator = CaptionEvaluator(policy, prompter, reader, tokenizer, EvalConfig(k=K, max_new_tokens=8, num_draws=2),
+                                 reward_preset="recipe")  # fmt: skip
+    for reward in (evaluator.every_question, evaluator.train_reward):
+        assert reward.config.template == RECIPE_TEMPLATE and reward.config.readout == "vocab"
+        assert reward.config.cannot_answer_letter == "F" and not reward._chat
+    summary = main(_args(data, tmp_path / "out", "--reward-preset", "recipe", "--preset", "prism"))
+    assert summary["reward_preset"] == "recipe" and summary["config"]["temperature"] == 1.0
+    assert summary["config"]["max_new_tokens"] == 8 and summary["k"] == K  # explicit flags over the preset
+    assert 0 <= summary["mean_accuracy"] <= summary["best_of_k"] <= 1

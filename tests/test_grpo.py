@@ -322,3 +322,33 @@ def test_matches_trl_compute_loss(loss_type, aggregation, beta, eps_high, drop):
         pairs["kl"] = "kl"
     for name, trl_name in pairs.items():
         assert m[name].item() == pytest.approx(trl_m[trl_name], rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("advantage,scale", [("rloo", "none"), ("grpo", "group")])
+def test_recipe_advantages_equal_the_servers_formula(advantage, scale):
+    """Under --reward-preset recipe the server's score, accuracy + 0.2 x R_len (R_len = 1 up to 2,048 caption tokens,
+    linear to 0 at 3,072; the stop token not counted), is one score, normalised in the group: RLOO = the score minus
+    the mean of the group's others; GRPO = (score - group mean) / (unbiased group std + 1e-6). Two groups of 4: equal
+    accuracy with lengths 2,100-2,800 (the length term alone decides), and mixed accuracy and lengths."""
+    from caprl_core.config import parse_config
+    from caprl_core.train import _advantages_and_metrics
+
+    config, _ = parse_config(["--reward-preset", "recipe", "--group-size", "4", "--advantage", advantage,
+                              "--scale", scale])  # fmt: skip
+    accuracy = [0.5, 0.5, 0.5, 0.5, 0.25, 0.875, 0.625, 1.0]
+    tokens = [2100, 2300, 2500, 2800, 1500, 2048, 3000, 4000]  # caption tokens, stop token excluded
+    stopped = [True, False, True, True, False, True, True, False]
+    lengths = [n + s for n, s in zip(tokens, stopped, strict=True)]  # what the sampler returns: stop token included
+    every = {"accuracy": accuracy, "caption_tokens": tokens, "length": lengths,
+             "truncated": [not s for s in stopped], "captions": ["c"] * 8, "references": [None] * 8,
+             "kept": [1.0], "computed": 0, "prompt_tokens": 0}  # fmt: skip
+    _, advantages, _ = _advantages_and_metrics(every, config, step=0)
+    score = [a + 0.2 * min(1.0, max(0.0, (3072 - n) / 1024)) for a, n in zip(accuracy, tokens, strict=True)]
+    expect = []
+    for group in (score[:4], score[4:]):
+        mean = sum(group) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / 3)
+        for x in group:
+            expect.append(x - (sum(group) - x) / 3 if advantage == "rloo" else (x - mean) / (std + 1e-6))
+    torch.testing.assert_close(advantages.double(), torch.tensor(expect, dtype=torch.float64), atol=1e-6, rtol=0)
+    print(f"\n{advantage}/{scale}: equal-accuracy group's advantages {advantages[:4].tolist()}")

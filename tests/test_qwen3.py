@@ -73,3 +73,52 @@ def test_checkpoint_reloads_with_the_trained_weights_and_evaluates(dirs, trained
     summary = caprl_eval.main(argv)
     assert summary["num_images"] == 4 and summary["num_captions"] == 8
     assert 0 <= summary["mean_accuracy"] <= 1
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The launch settings each recipe file must resolve to (README, "The recipe files"), on top of the recipe's reward.
+RECIPE_TABLE = {
+    "caprl-1.0.toml": {"advantage": "rloo", "scale": "none", "beta": 0.0, "images_per_step": 128, "group_size": 8,
+                       "lr": 1e-6, "warmup_steps": 20, "schedule": "constant", "temperature": 1.0,
+                       "max_new_tokens": 4096, "num_iterations": 1, "length_weight": 0.0, "aggregation": "token-mean"},
+    "caprl-pp.toml": {"advantage": "rloo", "scale": "none", "beta": 0.0, "images_per_step": 128, "group_size": 8,
+                      "lr": 1e-5, "warmup_steps": 20, "schedule": "constant", "temperature": 1.0,
+                      "max_new_tokens": 4096, "num_iterations": 1, "length_weight": 0.2, "length_combine": "sum",
+                      "aggregation": "seq-mean-token-mean", "rollout_correction": "none"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(RECIPE_TABLE))
+def test_recipe_file_prints_the_launch_settings(name, capsys):
+    from caprl_core.config import parse_config
+
+    with pytest.raises(SystemExit) as stop:
+        parse_config(["--config", str(RECIPES / name), "--print-config"])
+    assert stop.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    flat = {k: v for section in printed.values() if isinstance(section, dict) for k, v in section.items()}
+    assert {k: flat[k] for k in RECIPE_TABLE[name]} == RECIPE_TABLE[name]
+    assert (flat["reward_preset"], flat["mode"], flat["reader_temperature"], flat["num_draws"]) == ("recipe", "soft",
+                                                                                                    0.6, 8)  # fmt: skip
+
+
+SMALL = ["--steps", "2", "--images-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--num-draws", "2",
+         "--synthetic-images", "4", "--kv-cache-tokens", "4096", "--progress", "false", "--checkpoint-every", "2",
+         "--micro-batch-size", "4", "--warmup-steps", "1"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPE_TABLE))
+def test_two_steps_with_each_recipe_file(name, tmp_path):
+    """Each file as launched, at small batch and length (the flags after --config override it), on directories laid
+    out like its models: CapRL 1.0 on Qwen2.5-VL-3B / Qwen2.5-3B, CapRL++ on Qwen3-VL-4B / Qwen3-4B."""
+    from caprl_core.models import write_real_format_dirs
+
+    write = write_real_format_dirs if name == "caprl-1.0.toml" else write_qwen3_format_dirs
+    policy, reader = write(tmp_path / "models", widths="test")
+    out, _ = train_to_checkpoint(policy, reader, tmp_path / "run", ["--config", str(RECIPES / name), *SMALL])
+    config = json.loads((out / "config.json").read_text())
+    assert config["reward"]["advantage"] == "rloo" and config["optim"]["lr"] == RECIPE_TABLE[name]["lr"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(v == v for r in rows for v in r.values() if isinstance(v, float))

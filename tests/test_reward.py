@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from caprl_core.data import MCQ
 from caprl_core.models import tiny_qwen2, tiny_qwen3, tiny_tokenizer
-from caprl_core.reward import LETTERS, CapRLReward, RewardConfig
+from caprl_core.reward import LETTERS, RECIPE_TEMPLATE, CapRLReward, RewardConfig, token_option_map
 
 CAPTIONS = [
     "A red circle in the top-left and a blue square in the bottom-right.",
@@ -215,9 +215,9 @@ def test_trl_reward_follows_the_trainer_step(tokenizer):
     assert at_7 == expect.tolist()
 
 
-def _letter_reader(tokenizer, seed: int, letters: str, scale: float):
-    """A tiny random reader whose every generated token is one of `letters` (lm_head bias -1e4 elsewhere), with its
-    weights scaled so that the letters' probabilities differ by question, caption and temperature."""
+def _biased_reader(tokenizer, seed: int, tokens: list[str], scale: float):
+    """A tiny random reader that only ever emits `tokens` (lm_head bias -1e4 on every other token), with its weights
+    scaled so that their probabilities differ sharply by question, caption and temperature."""
     reader = tiny_qwen2(tokenizer=tokenizer, seed=seed, num_layers=1)
     with torch.no_grad():
         for name, param in reader.named_parameters():
@@ -225,7 +225,8 @@ def _letter_reader(tokenizer, seed: int, letters: str, scale: float):
                 param.mul_(scale)
     weight = reader.lm_head.weight.detach()
     reader.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
-    ids = [tokenizer.convert_tokens_to_ids("Ġ" + x) for x in letters]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert tokenizer.unk_token_id not in ids and len(set(ids)) == len(tokens), tokens
     with torch.no_grad():
         reader.lm_head.weight.copy_(weight)
         reader.lm_head.bias.fill_(-1e4)
@@ -233,30 +234,120 @@ def _letter_reader(tokenizer, seed: int, letters: str, scale: float):
     return reader
 
 
-def test_soft_recipe_reward_is_the_expectation_of_the_recipes_sampled_reward(tokenizer):
-    """The recipe's server samples the reader's reply at T = 0.6 and parses its first letter A-I; the recipe preset
-    scores the soft reward at T = 0.6 instead. For a reader that answers with an option letter (as a trained reader
-    does after "The answer is"), the soft reward is the expectation of the sampled one: Monte-Carlo over 600 sampled
-    replies per prompt (the same draws and shuffles), within 3 standard errors per caption. The same samples are
-    more than 3 standard errors away from the soft reward at T = 1 and from the greedy reward, so the check would
-    notice a wrong temperature or a hard reward."""
-    questions = [[MCQ(q.question, (q.options + ("x", "y", "z"))[:4], q.answer) for q in qs] for qs in QUESTIONS]
-    reader = _letter_reader(tokenizer, seed=5, letters="ABCDE", scale=4.0)  # 4 options + "Can not answer"
-    config = RewardConfig.recipe(engine_kwargs={"kv_cache_tokens": 65536, "block_size": 16})
-    reward = CapRLReward(reader, tokenizer, config)
+_WORDS = ["Because", "Clearly", "Definitely", "Hence"]  # first tokens that are words starting with a capital A-I
+_SPACE_LETTERS = ["Ġ" + x for x in "ABCDEFGHI"]  # " A" .. " I" in the byte-level vocabulary
+# What each reader may emit (the stop token <|im_end|> always: a reply that ends with no letter scores 0).
+# out_of_range: all of A-I, on questions of 2-4 options, so C..I can be past the options (F is "cannot answer").
+# capital_words: words whose first capital (A, B, C, D, H) decides the reply, bare "C", "An", "Answer".
+# undecided: first tokens that decide nothing (" (", " the", " J", " Z", " "); the reply's later tokens decide.
+_READERS = {
+    "out_of_range": _SPACE_LETTERS,
+    "capital_words": _SPACE_LETTERS[:2] + _WORDS + ["An", "Answer", "C"],
+    "undecided": _SPACE_LETTERS[:6] + ["(", "Ġthe", "ĠJ", "ĠZ", "Ġ"],
+}
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    tok = tiny_tokenizer()
+    tok.add_tokens(_WORDS)
+    return tok
+
+
+@pytest.mark.slow  # 2,000 replies of up to 10 tokens for each of 24 prompts: about a minute per reader
+@pytest.mark.parametrize("kind", list(_READERS))
+def test_soft_recipe_reward_is_the_expectation_of_the_servers_sampled_reward(word_tokenizer, kind):
+    """The recipe's server samples the reader's reply at T = 0.6 (at most 10 tokens) and parses the first capital A-I
+    anywhere in it: a letter past the options, or no letter, scores 0. The recipe's soft reward is the probability of
+    that parse being right over the whole vocabulary. Monte-Carlo over 2,000 sampled replies per prompt
+    (`sample_by_generation`, the same draws and shuffles), questions unpadded (2-4 options, "cannot answer" = F):
+    the soft reward is within 3 standard errors of the sampled mean for every caption, and the soft reward at
+    T = 0.55 and at T = 0.65, and the old soft reward renormalised over the options, each miss it by more than 3
+    standard errors for some caption. For the reader whose first tokens may decide nothing, the soft reward counts
+    them 0: it is the expectation of the one-token reply exactly, and below the 10-token reply's by the measured gap
+    (printed; README, "The recipe's soft reward")."""
+    tokens = _READERS[kind] + ["<|im_end|>"]
+    reader = _biased_reader(word_tokenizer, seed=5, tokens=tokens, scale=8.0)
+    # The recipe's layout with a one-line header: the readout is what is tested, and short prompts decode faster.
+    config = RewardConfig.recipe(template=replace(RECIPE_TEMPLATE, header="<|im_start|>user\n"),
+                                 engine_kwargs={"kv_cache_tokens": 1 << 17, "max_num_seqs": 2048})  # fmt: skip
+    reward = CapRLReward(reader, word_tokenizer, config)
     assert (config.num_draws, config.temperature, config.answer_tokens) == (8, 0.6, 10)
-    soft, _ = reward.score(CAPTIONS, questions, step=7)
-    samples = reward.sample_by_generation(CAPTIONS, questions, step=7, num_samples=600, seed=11)  # [S, C]
+
+    def soft(**changes) -> torch.Tensor:
+        other = CapRLReward(reader, word_tokenizer, replace(config, **changes), engine=reward.engine)
+        return other.score(CAPTIONS, QUESTIONS, step=7)[0].cpu()
+
+    tokens_per_reply = 1 if kind == "undecided" else None  # None: the server's 10
+    samples = reward.sample_by_generation(CAPTIONS, QUESTIONS, step=7, num_samples=2000, seed=11,
+                                          max_new_tokens=tokens_per_reply)  # fmt: skip  # [S, C]
     estimate, se = samples.mean(0), samples.std(0) / samples.shape[0] ** 0.5
+    at_06 = soft()
     assert (se > 0).all()
-    assert ((estimate - soft.cpu()).abs() < 3 * se).all(), (estimate, se, soft)
-    at_t1, _ = CapRLReward(reader, tokenizer, replace(config, temperature=1.0), engine=reward.engine).score(
-        CAPTIONS, questions, step=7
-    )
-    greedy = reward.score_by_generation(CAPTIONS, questions, step=7)
-    assert ((estimate - at_t1.cpu()).abs() > 3 * se).any(), (estimate, se, at_t1)
-    assert ((estimate - greedy).abs() > 3 * se).any(), (estimate, se, greedy)
-    print(
-        f"\nrecipe MC: estimate {estimate.tolist()} se {se.tolist()} soft(T=0.6) {soft.tolist()} "
-        f"soft(T=1) {at_t1.tolist()} greedy {greedy.tolist()}"
-    )
+    assert ((estimate - at_06).abs() < 3 * se).all(), (estimate, se, at_06)
+    z = {}  # the largest distance, in standard errors, of each wrong definition from the samples
+    for name, changed in (("T=0.55", soft(temperature=0.55)), ("T=0.65", soft(temperature=0.65)),
+                          ("renormalised", soft(readout="options"))):  # fmt: skip
+        assert ((estimate - changed).abs() > 3 * se).any(), (name, estimate, se, changed)
+        z[name] = round(float(((estimate - changed).abs() / se).max()), 1)
+    print(f"\n{kind}: sampled {estimate.tolist()} se {se.tolist()} soft {at_06.tolist()} rejected (s.e.) {z}")
+    if kind == "undecided":  # the gap: replies whose first token decides nothing but a later one decides right
+        full = reward.sample_by_generation(CAPTIONS, QUESTIONS, step=7, num_samples=2000, seed=12)
+        gap = full.mean(0) - estimate
+        gap_se = (full.var(0) / full.shape[0] + se**2) ** 0.5  # two independent sample means
+        assert (gap > -3 * gap_se).all(), (gap, gap_se)  # counting them 0 can only be low
+        print(f"undecided gap (10-token sampled - soft): {gap.tolist()} se {gap_se.tolist()}")
+
+
+def test_token_option_map_reads_each_token_as_the_server_parses_a_reply_starting_with_it(word_tokenizer):
+    options = token_option_map(word_tokenizer, len(word_tokenizer) + 3)  # 3 ids of embedding padding
+    tokens = ["\u0120C", "C", "Because", "Hence", "An", "Answer", "(", "\u0120the", "\u0120J", "J", "<|im_end|>"]
+    slot = {t: int(options[word_tokenizer.convert_tokens_to_ids(t)]) for t in tokens}
+    assert slot == {"\u0120C": 2, "C": 2, "Because": 1, "Hence": 7, "An": 0, "Answer": 0, "(": -1, "\u0120the": -1,
+                    "\u0120J": -1, "J": -1, "<|im_end|>": -1}  # fmt: skip
+    assert (options[-3:] == -1).all()
+
+
+def test_recipe_soft_and_hard_rewards_equal_the_whole_vocabulary_reference(word_tokenizer):
+    """Soft: the softmax(logits / 0.6) mass, over the whole vocabulary, of the tokens whose first capital A-I is the
+    right letter; hard: that slot's mass strictly above every other slot's. From one plain HF forward per prompt."""
+    reader = tiny_qwen2(tokenizer=word_tokenizer, seed=2)
+    config = RewardConfig.recipe(engine_kwargs={"kv_cache_tokens": 32768, "block_size": 1})
+    soft, details = CapRLReward(reader, word_tokenizer, config).score(CAPTIONS, QUESTIONS, step=4)
+    hard, _ = CapRLReward(reader, word_tokenizer, replace(config, mode="hard")).score(CAPTIONS, QUESTIONS, step=4)
+    reward = CapRLReward(reader, word_tokenizer, config)
+    draws = reward.reader_prompts(CAPTIONS, QUESTIONS, step=4)
+    slots = reward.token_options
+    expect_soft, expect_hard = torch.zeros(len(CAPTIONS)), torch.zeros(len(CAPTIONS))
+    with torch.no_grad():
+        for ids, answer, c in zip(draws.prompts, draws.answers, draws.caption_index, strict=True):
+            probs = (reader(input_ids=torch.tensor([ids])).logits[0, -1].double() / 0.6).softmax(-1)  # [V]
+            mass = torch.stack([probs[slots == k].sum() for k in range(9)])  # [9] slots A-I
+            expect_soft[c] += float(mass[answer]) / 8
+            expect_hard[c] += float(bool((mass[answer] > torch.cat([mass[:answer], mass[answer + 1 :]])).all())) / 8
+    torch.testing.assert_close(soft.cpu(), expect_soft, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hard.cpu(), expect_hard, atol=0, rtol=0)
+    assert sum(details.correct_prob) < len(details.correct_prob)  # mass off the letters is not renormalised away
+    undecided = [1 - float(probs[slots >= 0].sum()) for probs in _next_token_probs(reader, draws.prompts, 0.6)]
+    torch.testing.assert_close(torch.tensor(details.undecided_prob), torch.tensor(undecided), atol=1e-5, rtol=0)
+
+
+def _next_token_probs(reader, prompts: list[list[int]], temperature: float) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [(reader(input_ids=torch.tensor([ids])).logits[0, -1].double() / temperature).softmax(-1)
+                for ids in prompts]  # fmt: skip
+
+
+def test_recipe_cannot_answer_is_always_f(word_tokenizer):
+    """The server's layout: options A, B, ... then "F) Can not answer based on the caption", E unused for 4-option
+    questions; a question with more options than fit before F gets the letter after its last."""
+    reader = tiny_qwen2(tokenizer=word_tokenizer, seed=2)
+    reward = CapRLReward(reader, word_tokenizer, RewardConfig.recipe(num_draws=1))
+    for n, letter in ((2, "F"), (4, "F"), (5, "F"), (6, "G")):
+        mcq = MCQ("Which?", tuple(f"option {i}" for i in range(n)), 0)
+        draws = reward.reader_prompts(["c"], [[mcq]], step=0)
+        text = word_tokenizer.decode(draws.prompts[0])
+        assert f"- {letter}) Can not answer based on the caption\n" in text, text
+        assert draws.num_options == ["ABCDEFGHI".index(letter) + 1]
+        if n < 5:
+            assert "- E)" not in text

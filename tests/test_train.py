@@ -285,9 +285,10 @@ def test_recipe_reward_preset_sets_the_servers_reward_under_explicit_options():
     config, _ = parse_config(["--reward-preset", "recipe"])
     g = config.reward
     assert (g.num_draws, g.mode, g.reader_temperature) == (8, "soft", 0.6)  # over the tiny run's 4 draws
-    assert (g.length_weight, g.length_l1, g.length_l2) == (0.2, 2048, 3072)
+    assert (g.length_weight, g.length_l1, g.length_l2, g.length_combine) == (0.2, 2048, 3072, "sum")
     made = reward_config(config, None)
     assert made.template == RECIPE_TEMPLATE and made.temperature == 0.6 and made.answer_letters == "ABCDEFGHI"
+    assert made.readout == "vocab" and made.cannot_answer_letter == "F"
     assert made.cannot_answer_text == "Can not answer based on the caption" and made.max_options == 9
     config, _ = parse_config(["--reward-preset", "recipe", "--reader-temperature", "0.9", "--num-draws", "3"])
     assert (config.reward.reader_temperature, config.reward.num_draws, config.reward.mode) == (0.9, 3, "soft")

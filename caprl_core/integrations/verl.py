@@ -18,7 +18,9 @@ The CapRL reward needs the image's MCQs and a reader model, so build one in that
 
 The MCQs of a row come from `extra_info[questions_key]`, else from `ground_truth`: a list of MCQ dicts or its JSON
 text. Both this project's rows ({"question", "options", "answer"}) and the released CapRL verl rows
-(`reward_model.ground_truth` = [{"question", "choices": ["A. ...", ...], "answer": "B"}]) are accepted. The batched
+(`reward_model.ground_truth` = [{"question", "choices": ["A. ...", ...], "answer": "B"}]) are accepted, read by the
+strict parser `caprl_core.convert` also uses (`caprl_core.qa_rows`: a bad question is left out with a warning naming
+it, "U.S." stays a choice). The batched
 variant scores all captions in one reader call (prefix sharing across them); prefer it.
 
 verl itself was installed here (`pip install --no-deps verl`, 0.9.1) but does not import without ray and its other
@@ -28,14 +30,12 @@ dependencies, so tests/test_verl_reward.py checks these functions against the ca
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from caprl_core.data import MCQ
-from caprl_core.reward import CapRLReward, _as_mcq
-
-_LETTER_PREFIX = re.compile(r"^\s*\(?[A-Z][.):]\s*")  # "A. red", "(B) blue", "C: green"
+from caprl_core.qa_rows import good_questions
+from caprl_core.reward import CapRLReward
 
 
 def make_compute_score(reward: CapRLReward, questions_key: str = "questions") -> Callable[..., float]:
@@ -84,12 +84,4 @@ def row_questions(ground_truth: Any, extra_info: Any, questions_key: str = "ques
         found = found.tolist()
     if not isinstance(found, list) or not found:
         raise ValueError(f"{source}: expected a non-empty list of MCQ dicts, got {type(found).__name__}")
-    return [_verl_mcq(q) for q in found]
-
-
-def _verl_mcq(q: Any) -> MCQ:
-    """An MCQ from {"question", "options", "answer"} or the released CapRL rows' {"question", "choices", "answer"},
-    whose choices carry their letters ("A. red")."""
-    if isinstance(q, dict) and "options" not in q and "choices" in q:
-        q = {**q, "options": [_LETTER_PREFIX.sub("", str(c), count=1) for c in q["choices"]]}
-    return _as_mcq(q)
+    return good_questions(found, source)
