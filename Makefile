@@ -39,7 +39,13 @@ $(VENV)/.installed-$(DEPS): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	@rm -f $(VENV)/.installed $(VENV)/.installed-*
+	@$(PY) -c "import torch; print(torch.__version__)" > $(VENV)/.torch-before
 	$(INSTALL)
+	@# The dependencies must fit the torch installed, never replace it (a lock conflict once swapped 2.14.1 for
+	@# 2.13.0+cpu without a word). DEPS=newest with a free TORCH_SPEC may upgrade it: that is what it asks for.
+	@test "$(DEPS)" = newest || $(PY) -c "import torch, sys; before = open('$(VENV)/.torch-before').read().strip(); \
+		sys.exit(0 if torch.__version__ == before else f'error: installing the dependencies replaced torch {before} \
+		with {torch.__version__}: the lock (constraints.txt) conflicts with this torch')"
 	@touch $@
 
 # Moves the lock forward to this venv's versions: run after `make test DEPS=newest VENV=...` passed with that VENV.

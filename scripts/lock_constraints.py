@@ -1,8 +1,9 @@
 """The lock (constraints.txt) as pip constraints for the torch installed here: `make setup` (DEPS=lock) runs this.
 
-A CUDA torch wheel pins some of its own dependencies exactly (torch 2.14.1: triton==3.8.0, nvidia-*); a lock line for
-such a package would make pip refuse the install, so those lines are left out and torch decides. Every other lock
-line is kept as it is.
+A CUDA torch wheel constrains some of its own dependencies tightly (torch 2.14.1: triton~=3.8.0, nvidia-*==...). A
+lock line that such a requirement of the installed torch rejects (the CPU wheel's venv locked triton 3.9.0) would make
+pip replace torch itself to satisfy the lock (seen: torch 2.14.1 silently swapped for 2.13.0+cpu), so those lines are
+left out and torch decides. Every other lock line is kept as it is.
 
 Use: python scripts/lock_constraints.py constraints.txt > .venv/constraints.txt
      python scripts/lock_constraints.py --write constraints.txt   (`make lock`: the lock := this venv's versions)
@@ -23,22 +24,34 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pinned_by_torch() -> set[str]:
-    """Names that the installed torch requires with an exact pin (==), environment markers ignored."""
+def torch_requirements() -> list:
+    """The installed torch's requirements that apply here (environment markers evaluated), as packaging
+    Requirements; none without torch."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # a fresh venv may not have it yet: pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
     try:
         requires = importlib.metadata.requires("torch") or []
     except importlib.metadata.PackageNotFoundError:
-        return set()
-    return {canonical(m.group(1)) for r in requires if "==" in r.split(";")[0] and (m := NAME.match(r))}
+        return []
+    parsed = [Requirement(r) for r in requires]
+    return [r for r in parsed if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 
-def constraints(lock_text: str, torch_pins: set[str]) -> str:
-    """The lock's lines, less the pins of packages that torch pins itself (comments and blank lines dropped)."""
+def constraints(lock_text: str, torch_requires: list) -> str:
+    """The lock's lines, less those whose version a requirement of torch rejects (comments and blank lines
+    dropped)."""
+    rejects = {canonical(r.name): r.specifier for r in torch_requires}
     kept = []
     for line in lock_text.splitlines():
-        match = NAME.match(line.split("#")[0])
-        if match and canonical(match.group(1)) not in torch_pins:
-            kept.append(line.strip())
+        pin = line.split("#")[0].strip()
+        if not NAME.match(pin):
+            continue
+        name, _, version = pin.partition("==")
+        spec = rejects.get(canonical(name))
+        if spec is None or spec.contains(version.strip(), prereleases=True):
+            kept.append(pin)
     return "\n".join(kept) + "\n"
 
 
@@ -60,6 +73,6 @@ if __name__ == "__main__":
         path = Path(args[1])
         path.write_text(frozen(path.read_text()))
     elif len(args) == 1:
-        sys.stdout.write(constraints(Path(args[0]).read_text(), pinned_by_torch()))
+        sys.stdout.write(constraints(Path(args[0]).read_text(), torch_requirements()))
     else:
         sys.exit("usage: python scripts/lock_constraints.py [--write] constraints.txt")

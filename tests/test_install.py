@@ -50,12 +50,18 @@ def test_the_triton_kernels_import_as_caprl_core_kernels():
     assert Path(result.stdout.strip()).name == "token_logprobs.py"
 
 
-def test_the_lock_leaves_to_torch_what_torch_pins_itself():
+def test_the_lock_leaves_to_torch_what_torch_constrains_otherwise():
+    """torch 2.14.1's CUDA wheel requires triton~=3.8.0; a lock of triton 3.9.0 made pip swap torch for 2.13.0+cpu."""
+    from packaging.requirements import Requirement
+
     from scripts import lock_constraints
 
-    lock = "# header\ntransformers==5.25.0\ntriton==3.9.0  # a comment\n\nKernels==0.19.1\n"
-    assert lock_constraints.constraints(lock, {"triton"}) == "transformers==5.25.0\nKernels==0.19.1\n"
-    assert lock_constraints.constraints(lock, set()).count("triton==3.9.0") == 1
+    lock = "# header\ntransformers==5.25.0\ntriton==3.9.0  # a comment\n\nKernels==0.19.1\nsympy==1.14.0\n"
+    torch_214 = [Requirement('triton~=3.8.0; platform_system == "Linux"'), Requirement("sympy>=1.13.3")]
+    expected = "transformers==5.25.0\nKernels==0.19.1\nsympy==1.14.0\n"  # sympy's pin is one torch accepts
+    assert lock_constraints.constraints(lock, torch_214) == expected
+    assert lock_constraints.constraints(lock, [Requirement("triton>=3.9")]).count("triton==3.9.0") == 1
+    assert lock_constraints.constraints(lock, []).count("triton==3.9.0") == 1
 
 
 def test_the_lock_pins_every_dependency_but_torch():
