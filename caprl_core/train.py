@@ -55,7 +55,7 @@ from caprl_core.distributed import (
 )
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
-from caprl_core.precision import MasterWeightOptimizer
+from caprl_core.precision import MasterWeightOptimizer, NonFiniteGradientError
 from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, PromptTemplate, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -359,6 +359,8 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     sums: dict[str, float] = {}
     first_pass: dict[int, torch.Tensor] = {}  # micro-batch start -> the trainer's log-probs [M, T] at rollout time
     counts = {"update_tokens": 0, "update_images": 0}  # what the policy's forwards ran, over all passes
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() below sets the next step's
+    skipped = 0
     policy.train()
     for iteration in range(o.num_iterations):
         optimizer.zero_grad()
@@ -397,6 +399,7 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
                 else:
                     sums[key] = sums.get(key, 0.0) + float(value) * share
         grad_norm = optimizer.step(o.max_grad_norm)
+        skipped += optimizer.last_step_skipped
     scheduler.step()
     policy.eval()
     sums = {
@@ -405,15 +408,11 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     }
     per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
     out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
-    out["grad_norm"] = float(_full(grad_norm))
+    out["grad_norm"] = float(grad_norm)
     out.update({k: int(v) for k, v in reduce_floats(counts, world).items()})
-    out["lr"] = optimizer.param_groups[0]["lr"]
+    out["lr"] = lr
+    out["skipped_steps"] = skipped  # optimizer steps skipped for a non-finite gradient norm (caprl_core.precision)
     return out
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's global value (the grad norm over sharded parameters); a plain tensor unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _share(aggregation: str, rows: list[int], lengths: torch.Tensor, keep: torch.Tensor, total_tokens: float,
@@ -687,6 +686,7 @@ def _train(config: TrainConfig, resume: bool, world: World) -> Path:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         progress.update(step, metrics)
+        _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
         last = step == config.steps - 1
         if (step + 1) % config.log.checkpoint_every == 0 or last:
             _save(run, step)
@@ -694,6 +694,15 @@ def _train(config: TrainConfig, resume: bool, world: World) -> Path:
     if main_rank:
         plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
+
+
+def _stop_on_skips(run: Run, step: int) -> None:
+    skips, limit = run.optimizer.consecutive_skips, run.config.optim.max_skipped_steps
+    if skips >= limit:
+        last = latest_checkpoint(run.output_dir)
+        raise NonFiniteGradientError(f"step {step}: {skips} optimizer steps in a row had a non-finite gradient norm "
+                                     f"and were skipped (--max-skipped-steps {limit}); the last good checkpoint is "
+                                     f"{last or 'none'}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, WorldSizeError) as e:  # the user's input (a directory, a batch size), not a crash
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as e:
+        print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
+        return 1
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)
     return 0
 
