@@ -386,6 +386,24 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     return config, args.resume
 
 
+def _is_world_policy(policy: str | None) -> bool:
+    """Whether `policy` is the miniature world's own (not given, or its shipped directory) or the tiny random one."""
+    from caprl_core.world import SHIPPED
+
+    return policy is None or policy == TINY_RANDOM or Path(policy).resolve() == (SHIPPED / "policy").resolve()
+
+
+def _check_world_defaults(config: TrainConfig) -> None:
+    """The shipped reader and the world's data are defaults for the world's own policy only: a real policy trained
+    against a 64-wide reader on the world's shapes would run without a word, and learn nothing it should."""
+    if _is_world_policy(config.model.policy):
+        return
+    for name in ("reader", "data"):
+        if _get(config, name) is None:
+            raise ValueError(f"{_flag(name)}: required with --policy {config.model.policy} (the shipped miniature "
+                             f"world's {name} is the default for its own policy and tiny-random only)")  # fmt: skip
+
+
 def validate(config: TrainConfig) -> None:
     """ValueError naming the first bad option."""
 
@@ -397,6 +415,7 @@ def validate(config: TrainConfig) -> None:
         value = _get(config, name)
         tiny = name != "data" and value == TINY_RANDOM  # the random pair: no directory
         need(value is None or tiny or Path(value).exists(), name, "path does not exist")
+    _check_world_defaults(config)
     r, o, g, lg = config.rollout, config.optim, config.reward, config.log
     need(r.group_size >= 2, "group_size", "must be >= 2 (advantages compare captions of one image)")
     need(r.images_per_step >= 1, "images_per_step", "must be >= 1")
