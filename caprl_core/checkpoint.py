@@ -36,7 +36,8 @@ import re
 import shutil
 import signal
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,47 @@ def save_checkpoint(
     _prune(root, keep_last, keep=name)
     _remove_stale(root)
     return final
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue in this run (weights or optimizer state that do not fit); one line."""
+
+
+@contextmanager
+def resume_errors(path: Path) -> Iterator[None]:
+    """A ValueError while resuming from checkpoint `path` becomes a one-line ResumeError naming --resume."""
+    try:
+        yield
+    except ResumeError:
+        raise
+    except ValueError as e:
+        raise ResumeError(f"--resume: {path}: {' '.join(str(e).split())}") from e
+
+
+def saved_parameters(path: str | Path, model, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors checkpoint `path` holds for `params` (parameters of `model`, in that order), in their saved dtype:
+    a torchrun run's fp32 weights, from which a low-precision process rebuilds its fp32 masters."""
+    path, model = Path(path), _unwrap(model)
+    files, key_map = _weight_files_or_none(path), _checkpoint_key_map(model)
+    if files is None or key_map is None:
+        raise ValueError(f"{path}: its weights cannot be read by parameter name")
+    saved = {key_map[k]: v for file in files for k, v in _read_tensors(file).items() if k in key_map}
+    names: dict[int, list[str]] = {}  # a tied parameter has several names; any saved one will do
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out = []
+    for p in params:
+        found = [saved[n] for n in names.get(id(p), []) if n in saved]
+        if not found:
+            raise ValueError(f"{path}: holds no weight for parameter {names.get(id(p), ['?'])[0]}")
+        out.append(found[0])
+    return out
+
+
+def saved_masters(path: str | Path) -> list[torch.Tensor | None]:
+    """The fp32 master copies in checkpoint `path`'s optimizer state (`MasterWeightOptimizer.state_dict()`), one per
+    trainable parameter, None where the parameter was its own master."""
+    return list(_load_tree(Path(path) / STATE_DIR, "optimizer").get("masters", []))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -88,6 +88,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (after warm-up)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    max_skipped_steps: int = 3  # optimizer steps in a row skipped for a non-finite gradient norm that stop the run
     micro_batch_size: int = 8
     # The update's forward packs each image's prompt once with its captions (caprl_core.shared_prefix); False runs
     # one padded prompt + caption row per caption (the reference). A micro-batch holds the same captions either way.
@@ -183,6 +184,8 @@ HELP = {
     "schedule": "learning rate after warm-up: constant, or cosine down to 0 at the last step",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping threshold (L2 norm over all parameters)",
+    "max_skipped_steps": "stop the run after this many optimizer steps in a row were skipped for a non-finite "
+                         "gradient norm (the last checkpoint stays the last good one)",
     "micro_batch_size": "captions per forward/backward pass of the update; with --shared-prefix a multiple of G "
                         "computes each prompt once (a group split between micro-batches computes it in each part)",
     "shared_prefix": "update forward: each image's prompt and image once, followed by its captions (each caption "
@@ -394,6 +397,24 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     return config, args.resume
 
 
+def _is_world_policy(policy: str | None) -> bool:
+    """Whether `policy` is the miniature world's own (not given, or its shipped directory) or the tiny random one."""
+    from caprl_core.world import SHIPPED
+
+    return policy is None or policy == TINY_RANDOM or Path(policy).resolve() == (SHIPPED / "policy").resolve()
+
+
+def _check_world_defaults(config: TrainConfig) -> None:
+    """The shipped reader and the world's data are defaults for the world's own policy only: a real policy trained
+    against a 64-wide reader on the world's shapes would run without a word, and learn nothing it should."""
+    if _is_world_policy(config.model.policy):
+        return
+    for name in ("reader", "data"):
+        if _get(config, name) is None:
+            raise ValueError(f"{_flag(name)}: required with --policy {config.model.policy} (the shipped miniature "
+                             f"world's {name} is the default for its own policy and tiny-random only)")  # fmt: skip
+
+
 def validate(config: TrainConfig) -> None:
     """ValueError naming the first bad option."""
 
@@ -405,6 +426,7 @@ def validate(config: TrainConfig) -> None:
         value = _get(config, name)
         tiny = name != "data" and value == TINY_RANDOM  # the random pair: no directory
         need(value is None or tiny or Path(value).exists(), name, "path does not exist")
+    _check_world_defaults(config)
     r, o, g, lg = config.rollout, config.optim, config.reward, config.log
     need(r.group_size >= 2, "group_size", "must be >= 2 (advantages compare captions of one image)")
     need(r.images_per_step >= 1, "images_per_step", "must be >= 1")
@@ -428,6 +450,7 @@ def validate(config: TrainConfig) -> None:
     need(o.schedule in ("constant", "cosine"), "schedule", "must be constant or cosine")
     need(o.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(o.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(o.max_skipped_steps >= 1, "max_skipped_steps", "must be >= 1")
     need(o.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     need(o.num_iterations >= 1, "num_iterations", "must be >= 1")
     need(o.epsilon > 0, "epsilon", "must be > 0")
@@ -445,3 +468,6 @@ def validate(config: TrainConfig) -> None:
     need(lg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(lg.keep_last >= 1, "keep_last", "must be >= 1")
     need(config.model.dtype in DTYPES, "dtype", f"one of {'|'.join(DTYPES)}")
+    # fp16 would need dynamic loss scaling: 51.6% of a tiny Qwen2's non-zero fp32 gradients underflowed to 0 at the
+    # recipe's per-token weights (issue 22). bf16 has fp32's range and runs wherever fp16 training is worth doing.
+    need(config.model.dtype != "float16", "dtype", "float16 trains without loss scaling; use bfloat16")

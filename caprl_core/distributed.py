@@ -195,18 +195,15 @@ def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Restore a `full_optimizer_state` (or one-process fp32) optimizer state into the sharded optimizer."""
+    """Restore a `full_optimizer_state` (or one-process) optimizer state into the sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = ["policy." + n for n in _trainable_names(root)]
     masters = saved.get("masters", [])
     if set(saved) != {"optimizer", "masters"} or len(masters) != len(names):
         raise ValueError(f"the saved optimizer state has {len(masters)} parameters, this policy {len(names)}")
-    if any(m is not None for m in masters):
-        raise ValueError(
-            "the saved optimizer state holds fp32 master copies (a one-process run with a bf16/fp16 "
-            "policy): resume it in one process, or load only its weights (--policy <checkpoint>)"
-        )
+    # fp32 master copies (a one-process low-precision run's) went into the full weights before sharding
+    # (train._load_full_weights): the sharded parameters are the masters.
     inner = saved["optimizer"]
     state = {names[int(i)]: s for i, s in inner["state"].items()}
     groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in inner["param_groups"]]

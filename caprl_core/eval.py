@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -222,12 +223,26 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def evaluate(evaluator: CaptionEvaluator, examples: list[Example], out_dir: Path, *, progress: bool = True) -> dict:
-    """Evaluate `examples` in batches, writing out_dir/details.jsonl as it goes; returns `summarize` of the rows."""
+    """Evaluate `examples` in batches; returns `summarize` of the rows. out_dir/details.jsonl is written as it goes
+    into a temporary file that replaces it only when complete: a crash leaves an earlier evaluation's files whole,
+    never a partial details.jsonl beside an older summary.json (which a new details.jsonl removes)."""
+    tmp = out_dir / f"details.jsonl.tmp-{os.getpid()}"
+    try:
+        rows = _evaluate_into(evaluator, examples, tmp, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    (out_dir / "summary.json").unlink(missing_ok=True)  # an older run's: it does not describe these details
+    os.replace(tmp, out_dir / "details.jsonl")
+    return summarize(rows)
+
+
+def _evaluate_into(evaluator: CaptionEvaluator, examples: list[Example], path: Path, progress: bool) -> list[dict]:
     from tqdm import tqdm  # a dependency of transformers, so always present
 
     size = evaluator.config.batch_size
     rows = []
-    with open(out_dir / "details.jsonl", "w", encoding="utf-8") as f, tqdm(
+    with open(path, "w", encoding="utf-8") as f, tqdm(
         total=len(examples), desc="eval", unit="img", file=sys.stderr, disable=not progress
     ) as bar:  # fmt: skip
         for b, start in enumerate(range(0, len(examples), size)):
@@ -238,7 +253,7 @@ def evaluate(evaluator: CaptionEvaluator, examples: list[Example], out_dir: Path
             rows += batch_rows
             bar.update(len(batch_rows))
             bar.set_postfix(acc=f"{np.mean([np.mean(r['accuracy']) for r in rows]):.3f}")
-    return summarize(rows)
+    return rows
 
 
 # --- command line ----------------------------------------------------------------------------------------------
@@ -386,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
         policy=str(args.policy or "shipped"), reader=str(args.reader or "shipped"),
         data=str(args.data or "world-heldout"), out=str(out),
     )  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp = out / f"summary.json.tmp-{os.getpid()}"  # written whole or not at all
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
     print(json.dumps({k: summary[k] for k in ("mean_accuracy", "best_of_k", "mean_caption_tokens", "train_reward",
                                               "fact_precision", "fact_recall", "num_images", "seconds",
                                               "out")}))  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from caprl_core.checkpoint import LATEST
+from caprl_core.checkpoint import LATEST, latest_checkpoint
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
@@ -186,9 +186,18 @@ def _check_dir(path: str | Path, what: str) -> Path:
         path = path.parent / path.read_text().strip()
     if not path.is_dir():
         raise ModelLoadError(f"{what} {path}: {'not a directory' if path.exists() else 'no such directory'}")
+    if (path / "checkpoints").is_dir():  # its config.json is the run's configuration, not a model's
+        raise ModelLoadError(f"{what} {path}: a training run directory, not a model; give one of its checkpoints, "
+                             f"{_latest_in_run(path)}")  # fmt: skip
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     return path
+
+
+def _latest_in_run(run: Path) -> str:
+    """Where a run directory's newest checkpoint is, for an error message."""
+    latest = latest_checkpoint(run)
+    return f"e.g. {latest}" if latest is not None else f"{run / 'checkpoints' / 'step-N'} (it has none yet)"
 
 
 def _load_tokenizer(path: Path, what: str):

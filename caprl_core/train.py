@@ -33,7 +33,16 @@ import numpy as np
 import torch
 
 from caprl_core import grpo, ops
-from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from caprl_core.checkpoint import (
+    ResumeError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    resume_errors,
+    save_checkpoint,
+    saved_masters,
+    saved_parameters,
+)
 from caprl_core.config import TrainConfig, parse_config
 from caprl_core.data import Example, load_image, load_jsonl
 from caprl_core.distributed import (
@@ -55,7 +64,7 @@ from caprl_core.distributed import (
 )
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import DTYPES, ModelLoadError, PolicyPrompter, _default_dtype, load_models
-from caprl_core.precision import MasterWeightOptimizer
+from caprl_core.precision import MasterWeightOptimizer, NonFiniteGradientError
 from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, PromptTemplate, RewardConfig
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
@@ -363,6 +372,8 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     sums: dict[str, float] = {}
     first_pass: dict[int, torch.Tensor] = {}  # micro-batch start -> the trainer's log-probs [M, T] at rollout time
     counts = {"update_tokens": 0, "update_images": 0}  # what the policy's forwards ran, over all passes
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() below sets the next step's
+    skipped = 0
     policy.train()
     for iteration in range(o.num_iterations):
         optimizer.zero_grad()
@@ -401,6 +412,7 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
                 else:
                     sums[key] = sums.get(key, 0.0) + float(value) * share
         grad_norm = optimizer.step(o.max_grad_norm)
+        skipped += optimizer.last_step_skipped
     scheduler.step()
     policy.eval()
     sums = {
@@ -409,15 +421,11 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
     }
     per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
     out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
-    out["grad_norm"] = float(_full(grad_norm))
+    out["grad_norm"] = float(grad_norm)
     out.update({k: int(v) for k, v in reduce_floats(counts, world).items()})
-    out["lr"] = optimizer.param_groups[0]["lr"]
+    out["lr"] = lr
+    out["skipped_steps"] = skipped  # optimizer steps skipped for a non-finite gradient norm (caprl_core.precision)
     return out
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's global value (the grad norm over sharded parameters); a plain tensor unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _share(aggregation: str, rows: list[int], lengths: torch.Tensor, keep: torch.Tensor, total_tokens: float,
@@ -577,12 +585,13 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
     device, dtype = _device_dtype(config)
     device = rank_device(device, world)
     # Models first: a directory that does not load must not leave a half-made run directory behind.
-    models = load_models(config.model.policy, config.model.reader, dtype=torch.float32 if world.distributed else dtype,
-                         device=device, seed=config.seed)  # fmt: skip
+    models = load_models(config.model.policy, config.model.reader, dtype=dtype, device=device, seed=config.seed)
     policy, tokenizer, image_processor = models.policy, models.tokenizer, models.image_processor
     reader, reader_tokenizer = models.reader, models.reader_tokenizer
     if world.distributed:
-        reader.to(dtype)  # the reader replica computes in the run's dtype; only the policy keeps fp32 masters
+        # Sharded, the fp32 parameters are the masters. Loaded in the compute dtype first, they start where one
+        # process's masters start (its weights rounded to that dtype), so N ranks step what one process steps.
+        policy.float()
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -597,7 +606,7 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
     root = TokenLogprobs(policy, policy_logprobs)
     if world.distributed:
         if weights_from is not None:
-            load_weights(weights_from, policy)  # into the full fp32 model, before it is split into shards
+            _load_full_weights(weights_from, root)  # into the full fp32 model, before it is split into shards
         shard_policy(root, world, dtype)
     with gathered(root):  # the engine reads the compute dtype off the gathered weights
         engine = Engine(policy, kv_cache_tokens=config.rollout.kv_cache_tokens)
@@ -610,6 +619,33 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _schedule(config))
     return Run(config, output_dir, device, policy, ref_policy, tokenizer, prompter, engine, reward, optimizer,
                scheduler, examples, models.processors, world, root if world.distributed else None)  # fmt: skip
+
+
+def _load_full_weights(ckpt: Path, root: TokenLogprobs) -> None:
+    """A checkpoint's weights into the (unsharded, fp32) policy; where a one-process low-precision run saved fp32
+    master copies, those, not its rounded weights."""
+    with resume_errors(ckpt):
+        load_weights(ckpt, root.policy)
+        params = [p for p in root.parameters() if p.requires_grad]  # MasterWeightOptimizer's order
+        masters = saved_masters(ckpt)
+        if len(masters) != len(params):
+            raise ValueError(f"its optimizer state has {len(masters)} parameters, this policy {len(params)}")
+        with torch.no_grad():
+            for p, m in zip(params, masters, strict=True):
+                if m is not None:
+                    p.copy_(m)
+
+
+class _OneProcessOptimizerLoader:
+    """What `load_checkpoint` restores the optimizer into in one process: masters a checkpoint lacks (a torchrun
+    run's, whose fp32 weights are its masters) are rebuilt from its fp32 weights."""
+
+    def __init__(self, run: Run, ckpt: Path) -> None:
+        self.run, self.ckpt = run, ckpt
+
+    def load_state_dict(self, state: dict) -> None:
+        optimizer = self.run.optimizer
+        optimizer.load_state_dict(state, lambda: saved_parameters(self.ckpt, self.run.policy, optimizer.params))
 
 
 class _FullOptimizerState:
@@ -652,10 +688,12 @@ def _save(run: Run, step: int) -> None:
 
 def _resume(run: Run, ckpt: Path) -> int:
     """Restore the optimizer, schedule and RNG of `ckpt` (and one process: the weights); returns the next step."""
-    if run.world.distributed:  # the weights went into the full model before sharding (setup)
-        state = load_checkpoint(ckpt, model=None, optimizer=_ShardedOptimizerLoader(run), scheduler=run.scheduler)
-    else:
-        state = load_checkpoint(ckpt, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler)
+    with resume_errors(ckpt):
+        if run.world.distributed:  # the weights went into the full model before sharding (setup)
+            state = load_checkpoint(ckpt, model=None, optimizer=_ShardedOptimizerLoader(run), scheduler=run.scheduler)
+        else:
+            state = load_checkpoint(ckpt, model=run.policy, optimizer=_OneProcessOptimizerLoader(run, ckpt),
+                                    scheduler=run.scheduler)  # fmt: skip
     return int(state["step"]) + 1
 
 
@@ -691,6 +729,7 @@ def _train(config: TrainConfig, resume: bool, world: World) -> Path:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         progress.update(step, metrics)
+        _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
         last = step == config.steps - 1
         if (step + 1) % config.log.checkpoint_every == 0 or last:
             _save(run, step)
@@ -698,6 +737,15 @@ def _train(config: TrainConfig, resume: bool, world: World) -> Path:
     if main_rank:
         plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
+
+
+def _stop_on_skips(run: Run, step: int) -> None:
+    skips, limit = run.optimizer.consecutive_skips, run.config.optim.max_skipped_steps
+    if skips >= limit:
+        last = latest_checkpoint(run.output_dir)
+        raise NonFiniteGradientError(f"step {step}: {skips} optimizer steps in a row had a non-finite gradient norm "
+                                     f"and were skipped (--max-skipped-steps {limit}); the last good checkpoint is "
+                                     f"{last or 'none'}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -711,9 +759,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = train(config, resume=resume)
-    except (ModelLoadError, WorldSizeError) as e:  # the user's input (a directory, a batch size), not a crash
+    except (ModelLoadError, WorldSizeError, ResumeError) as e:  # the user's input (a directory, a batch size, ...)
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as e:
+        print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
+        return 1
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)
     return 0
 

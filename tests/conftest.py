@@ -67,9 +67,13 @@ def pytest_collection_modifyitems(config, items) -> None:
         items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
 
 
-def train_to_checkpoint(policy, reader, out, run_args: list[str]):
-    """`python -m caprl_core.train` in this process on model directories: (run directory, its latest checkpoint)."""
+def train_to_checkpoint(policy, reader, out, run_args: list[str], num_images: int = 4):
+    """`python -m caprl_core.train` in this process on model directories: (run directory, its latest checkpoint).
+    The data (a real policy needs --data) are `num_images` of the world's train split, in the run's data/."""
     from caprl_core import train
+    from caprl_core.world import make_world_data
 
-    assert train.main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out), *run_args]) == 0
+    data = make_world_data(out / "data", "train", num_images)
+    argv = ["--policy", str(policy), "--reader", str(reader), "--data", str(data), "--output-dir", str(out)]
+    assert train.main([*argv, *run_args]) == 0
     return out, out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()

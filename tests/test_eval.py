@@ -5,6 +5,7 @@ result, and bad paths are argparse errors that name them."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -197,3 +198,44 @@ def test_recipe_reward_preset_reads_with_the_recipes_prompt(data, tmp_path, one_
     assert summary["reward_preset"] == "recipe" and summary["config"]["temperature"] == 1.0
     assert summary["config"]["max_new_tokens"] == 8 and summary["k"] == K  # explicit flags over the preset
     assert 0 <= summary["mean_accuracy"] <= summary["best_of_k"] <= 1
+
+
+def test_a_crash_leaves_the_earlier_evaluation_whole(run, data, tmp_path, monkeypatch):
+    """details.jsonl and summary.json are replaced only when complete: a crash in the second batch leaves the earlier
+    evaluation's files as they were (not a partial details.jsonl beside an older summary.json), and no temporary."""
+    _, _, first = run
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    before = {name: (out / name).read_text() for name in ("details.jsonl", "summary.json")}
+    evaluate_batch = CaptionEvaluator.evaluate_batch
+
+    def crash(self, examples, batch_index):
+        if batch_index == 1:
+            raise RuntimeError("killed in batch 1")
+        return evaluate_batch(self, examples, batch_index)
+
+    monkeypatch.setattr(CaptionEvaluator, "evaluate_batch", crash)
+    with pytest.raises(RuntimeError, match="killed in batch 1"):
+        main(_args(data, out))
+    assert {name: (out / name).read_text() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.iterdir())
+
+
+def test_a_run_directory_as_policy_is_named_as_one(tmp_path, capsys):
+    """A run directory has a config.json (the run's), so it looked like a model until the tokenizer failed: the
+    error now says it is a run and points at its checkpoints."""
+    from caprl_core.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}\n")
+    with pytest.raises(SystemExit):
+        main(["--policy", str(run_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"--policy {run_dir}: a training run directory, not a model; give one of its checkpoints, " in err
+    assert f"{run_dir / 'checkpoints' / 'step-N'} (it has none yet)" in err
+    _, reader, _, _ = tiny_policy_and_reader()
+    save_checkpoint(run_dir, 3, model=reader, trainer_state={"step": 3})
+    with pytest.raises(SystemExit):
+        main(["--policy", str(run_dir), "--out", str(tmp_path / "out")])
+    assert f"give one of its checkpoints, e.g. {run_dir / 'checkpoints' / 'step-000003'}" in capsys.readouterr().err

@@ -54,6 +54,70 @@ def test_small_updates_accumulate_in_the_masters_not_in_bf16():
     assert torch.equal(mixed.weight, master.to(torch.bfloat16))  # the model holds the rounded masters
 
 
+def _micro_batch_grads(k: int) -> tuple[torch.nn.Linear, list[torch.Tensor], torch.Tensor]:
+    """A bf16 Linear(256, 256), k micro-batches, and the fp32 sum of their bf16 weight gradients taken one by one."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256).to(torch.bfloat16)
+    xs = [torch.randn(16, 256, dtype=torch.bfloat16) for _ in range(k)]
+    expected = torch.zeros(256, 256)
+    for x in xs:
+        model.zero_grad(set_to_none=True)
+        model(x).float().pow(2).mean().backward()
+        expected += model.weight.grad.float()
+    model.zero_grad(set_to_none=True)
+    return model, xs, expected
+
+
+@pytest.mark.parametrize("k", [8, 32, 128])
+def test_micro_batch_gradients_accumulate_in_fp32_on_the_masters(k):
+    """Summed in the bf16 p.grad the accumulated gradient was off by 0.0035 / 0.0061 / 0.0112 (relative) for 8 / 32
+    / 128 micro-batches; on the masters it is the fp32 sum itself (measured 0.0), and p.grad is freed each time."""
+    model, xs, expected = _micro_batch_grads(k)
+    opt = MasterWeightOptimizer(model, _adamw(1e-3))
+    for x in xs:
+        model(x).float().pow(2).mean().backward()
+        assert model.weight.grad is None
+    master = dict(opt.master_state())[model.weight]
+    assert ((master.grad - expected).norm() / expected.norm()).item() <= 1e-6
+    opt.step(1.0)
+    assert all(m.grad is None and p.grad is None for p, m in opt.master_state())  # freed once stepped
+
+
+def test_a_non_finite_gradient_skips_the_step_and_the_next_one_steps():
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    opt = MasterWeightOptimizer(model, _adamw(1e-2))
+    before = [m.detach().clone() for _, m in opt.master_state()]
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
+    dict(opt.master_state())[model.weight].grad[0, 0] = float("inf")
+    assert not torch.isfinite(opt.step(1.0))
+    assert opt.last_step_skipped and opt.consecutive_skips == 1
+    assert all(torch.equal(m, b) for (_, m), b in zip(opt.master_state(), before, strict=True))
+    assert all(m.grad is None for _, m in opt.master_state())  # the bad gradient does not leak into the next step
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
+    assert torch.isfinite(opt.step(1.0)) and not opt.last_step_skipped and opt.consecutive_skips == 0
+    assert not torch.equal(dict(opt.master_state())[model.weight], before[0])
+
+
+def test_float16_is_refused_naming_the_dtype():
+    with pytest.raises(ValueError, match="float16 .*bfloat16"):
+        MasterWeightOptimizer(torch.nn.Linear(4, 3).to(torch.float16), _adamw(1e-3))
+    with pytest.raises(ValueError, match="--dtype: float16 trains without loss scaling; use bfloat16"):
+        parse_config(["--dtype", "float16"])
+
+
+def test_a_state_without_masters_rebuilds_them_from_fp32_weights():
+    """A torchrun (or fp32) run's state has no master copies: a bf16 process takes the checkpoint's fp32 weights."""
+    fp32 = torch.nn.Linear(4, 3)
+    state = MasterWeightOptimizer(fp32, _adamw(1e-3)).state_dict()
+    bf16 = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    opt = MasterWeightOptimizer(bf16, _adamw(1e-3))
+    with pytest.raises(ValueError, match="master 0: the checkpoint holds neither"):
+        opt.load_state_dict(state)
+    opt.load_state_dict(state, lambda: [p.detach() for p in fp32.parameters()])
+    assert all(torch.equal(m, p) for (_, m), p in zip(opt.master_state(), fp32.parameters(), strict=True))
+    assert torch.equal(bf16.weight, fp32.weight.to(torch.bfloat16))
+
+
 def _run(tmp_path: Path, dtype: str, *extra: str):
     config, _ = parse_config([*TINY, "--dtype", dtype, "--lr", "1e-6", "--warmup-steps", "0", "--output-dir",
                               str(tmp_path / dtype), *extra])  # fmt: skip
@@ -86,9 +150,10 @@ def test_bf16_policy_masters_track_an_fp32_run_at_lr_1e_6(tmp_path):
     )
     assert changed >= 0.99
     # Tolerance: bf16 forward/backward noise changes some gradient signs, so Adam's ~lr-sized steps differ there;
-    # measured on this setup: 0.997 sign agreement, 0.077 relative difference of the 20-step deltas, and 100% of the
-    # weights the fp32 run moved (88%: unused tokens' embedding rows get no gradient) changed in the masters.
-    assert agree >= 0.9 and rel <= 0.5
+    # measured on this setup (the shipped start policy): 0.9934 sign agreement, 0.121 relative difference of the
+    # 20-step deltas, 100% of the weights the fp32 run moved changed in the masters. The bounds leave a little room
+    # for thread-count noise and no more: a learning rate 1.3x off in the bf16 run gives a relative difference ~0.3.
+    assert agree >= 0.985 and rel <= 0.15
 
 
 def test_resumed_bf16_run_continues_bit_identically(tmp_path):

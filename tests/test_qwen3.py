@@ -18,7 +18,7 @@ from caprl_core.policy import PolicyPrompter, load_models
 from caprl_core.qwen3_dirs import QWEN3_VL_CHAT_TEMPLATE, write_qwen3_format_dirs
 
 RUN = ["--steps", "2", "--images-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--num-draws", "2",
-       "--synthetic-images", "4", "--kv-cache-tokens", "4096", "--progress", "false", "--reward-preset", "recipe",
+       "--kv-cache-tokens", "4096", "--progress", "false", "--reward-preset", "recipe",
        "--checkpoint-every", "2"]  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from caprl_core.models import QWEN_VL_CHAT_TEMPLATE, REAL_VOCAB, qwen_id_tokeniz
 from caprl_core.policy import load_models
 
 RUN = ["--steps", "2", "--images-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--num-draws", "2",
-       "--synthetic-images", "4", "--kv-cache-tokens", "4096", "--progress", "false"]  # fmt: skip
+       "--kv-cache-tokens", "4096", "--progress", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_eval_on_the_checkpoint(dirs, trained, tmp_path):
 
 def test_a_run_started_from_a_checkpoint_trains(dirs, trained, tmp_path):
     """--policy <checkpoint> in train: the checkpoint is a start directory like any other."""
-    _, ckpt = trained
+    first, ckpt = trained
     out = tmp_path / "second"
-    assert train.main(["--policy", str(ckpt), "--reader", str(dirs[1]), "--output-dir", str(out), *RUN]) == 0
+    argv = ["--policy", str(ckpt), "--reader", str(dirs[1]), "--data", str(first / "data" / "data.jsonl")]
+    assert train.main([*argv, "--output-dir", str(out), *RUN]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -219,16 +219,41 @@ def test_model_load_error_is_one_line_naming_the_flag_and_makes_no_run_dir(tmp_p
     """A policy directory whose weights file is corrupt: exit 2 with one line, not a traceback, and no run dir."""
     from caprl_core.models import write_real_format_dirs
     from caprl_core.train import main
+    from caprl_core.world import make_world_data
 
     policy, reader = write_real_format_dirs(tmp_path / "models", widths="test")
     (policy / "model.safetensors").write_bytes(b"not a safetensors file")
+    data = make_world_data(tmp_path / "data", "train", 2)
     out = tmp_path / "run"
     capsys.readouterr()  # drop the builder's progress bars
-    assert main(["--policy", str(policy), "--reader", str(reader), "--output-dir", str(out)]) == 2
+    assert main(["--policy", str(policy), "--reader", str(reader), "--data", str(data), "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"python -m caprl_core.train: error: --policy {policy}: cannot load the model"), err
     assert len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("missing", ["--reader", "--data"])
+def test_a_real_policy_without_reader_or_data_is_an_error_naming_the_flag(missing, tmp_path, capsys):
+    """The shipped reader and the world's data are defaults for the world's own policy only: a policy directory of
+    the user's without --reader (or --data) is a one-line error, exit 2, before any run directory exists."""
+    from caprl_core.models import write_real_format_dirs
+    from caprl_core.train import main
+    from caprl_core.world import SHIPPED, make_world_data
+
+    policy, reader = write_real_format_dirs(tmp_path / "models", widths="test")
+    given = {"--reader": str(reader), "--data": str(make_world_data(tmp_path / "data", "train", 2))}
+    del given[missing]
+    out = tmp_path / "run"
+    capsys.readouterr()
+    argv = ["--policy", str(policy), *[x for kv in given.items() for x in kv], "--output-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"python -m caprl_core.train: error: {missing}: required with --policy {policy}"), err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    # the world's own policy, named by its directory, keeps the world's defaults
+    config, _ = parse_config(["--policy", str(SHIPPED / "policy"), "--output-dir", str(out)])
+    assert config.model.reader is None and config.data.data is None
 
 
 def test_dtype_applies_to_the_builtin_models(tmp_path):
