@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from caprl_core.data import load_jsonl
-from caprl_core.eval import CaptionEvaluator, EvalConfig, main
+from caprl_core.eval import main
+from caprl_core.evaluator import CaptionEvaluator, EvalConfig
 from caprl_core.policy import PolicyPrompter, tiny_policy_and_reader
 from caprl_core.world.scenes import make_synthetic_dataset
 
