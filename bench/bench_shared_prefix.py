@@ -5,7 +5,7 @@
 One image with G = 8 captions, shapes where the prompt matters: a Qwen2.5-VL policy with hidden 256 (2 layers, 8
 heads, 2 KV heads, vocabulary 4,096; the tiny 2-block vision tower), a prompt of 1,026 tokens (960 image tokens of a
 60 x 64 patch grid, their 2 markers, 64 text tokens) and captions of 230 to 270 tokens (1,997 in all). One
-micro-batch of the 8 captions, `train.update` (forward, fused log-probs, GRPO loss, backward, AdamW on fp32
+micro-batch of the 8 captions, `rl.update.update` (forward, fused log-probs, GRPO loss, backward, AdamW on fp32
 masters). Both sides warm: one update first (Adam state, allocator). `test_update_time`: the best of `ROUNDS`
 updates per side, the two sides' rounds alternated. `test_update_peak_memory`: each side in a fresh process, with
 glibc told to unmap freed blocks (`_release_freed_memory`), the peak extra memory of one more update (RSS high-water
@@ -24,10 +24,11 @@ import pytest
 import torch
 from conftest import best_seconds, machine, peak_extra_bytes
 
-from caprl_core import train as train_mod
 from caprl_core.config import parse_config
 from caprl_core.models import tiny_qwen2_5_vl, vl_prompt_inputs
 from caprl_core.precision import MasterWeightOptimizer
+from caprl_core.rl.rollout import Rollout
+from caprl_core.rl.update import update
 from caprl_core.sampler.sequence import Completion
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,12 +52,12 @@ def _setup():
     lengths = [230 + 40 * j // (GROUP_SIZE - 1) for j in range(GROUP_SIZE)]  # 230 .. 270
     completions = [Completion(torch.randint(0, VOCAB, (n,), generator=gen).tolist(), [-8.0] * n, "stop", [-8.0] * n)
                    for n in lengths]  # fmt: skip
-    ro = train_mod.Rollout([prompt], completions, [""] * GROUP_SIZE, torch.zeros(GROUP_SIZE, dtype=torch.bool))
+    ro = Rollout([prompt], completions, [""] * GROUP_SIZE, torch.zeros(GROUP_SIZE, dtype=torch.bool))
     return policy.to(DEVICE), ro
 
 
 def _update_fn(shared: bool):
-    """A warm `train.update` of the benchmark's batch (one update already run: Adam state, allocator) and its
+    """A warm `rl.update.update` of the benchmark's batch (one update already run: Adam state, allocator) and its
     metrics."""
     config, _ = parse_config(["--group-size", str(GROUP_SIZE), "--micro-batch-size", str(GROUP_SIZE),
                               "--max-new-tokens", "512", "--shared-prefix", str(shared).lower()])  # fmt: skip
@@ -66,7 +67,7 @@ def _update_fn(shared: bool):
     advantages = torch.linspace(-1, 1, GROUP_SIZE)
 
     def step() -> dict:
-        return train_mod.update(policy, None, optimizer, scheduler, ro, advantages, config, DEVICE)
+        return update(policy, None, optimizer, scheduler, ro, advantages, config, DEVICE)
 
     metrics = step()
     info = {"machine": machine(), "prompt_tokens": len(ro.prompts[0]["input_ids"]),

@@ -22,10 +22,12 @@ import pytest
 import torch
 from conftest import machine, peak_extra_bytes
 
-from caprl_core import train as train_mod
 from caprl_core.config import parse_config
 from caprl_core.models import tiny_qwen2
 from caprl_core.precision import MasterWeightOptimizer
+from caprl_core.rl.rollout import Rollout
+from caprl_core.rl.setup import setup
+from caprl_core.rl.update import update
 from caprl_core.sampler.sequence import Completion
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,7 +39,7 @@ def test_train_step(benchmark, backends: str, tmp_path, monkeypatch) -> None:
         monkeypatch.setenv("CAPRL_BACKEND", "torch")
         monkeypatch.setenv("CAPRL_ATTENTION_BACKEND", "reference")
     config, _ = parse_config(["--output-dir", str(tmp_path), "--progress", "false"])
-    run = train_mod.setup(config)
+    run = setup(config)
     run.step(0)  # warm-up (JIT build, caches)
     steps, history = iter(range(1, 100)), []
     benchmark.pedantic(lambda: history.append(run.step(next(steps))), rounds=5, iterations=1)
@@ -47,12 +49,12 @@ def test_train_step(benchmark, backends: str, tmp_path, monkeypatch) -> None:
     print(f"\n{backends}: {split}")
 
 
-def _rollout(vocab: int, samples: int = 32, prompt_len: int = 32, new: int = 64) -> train_mod.Rollout:
+def _rollout(vocab: int, samples: int = 32, prompt_len: int = 32, new: int = 64) -> Rollout:
     gen = torch.Generator().manual_seed(0)
     prompts = [{"input_ids": torch.randint(0, vocab, (prompt_len,), generator=gen)} for _ in range(samples // 4)]
     completions = [Completion(torch.randint(0, vocab, (new,), generator=gen).tolist(), [-5.0] * new, "length",
                               [-5.0] * new) for _ in range(samples)]  # fmt: skip
-    return train_mod.Rollout(prompts, completions, [""] * samples, torch.ones(samples, dtype=torch.bool))
+    return Rollout(prompts, completions, [""] * samples, torch.ones(samples, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -68,7 +70,7 @@ def test_update_peak_memory_vs_vocab(benchmark, vocab: int, backend: str, monkey
     advantages = torch.randn(len(ro.completions))
 
     def step():
-        return train_mod.update(policy, None, optimizer, scheduler, ro, advantages, config, DEVICE)
+        return update(policy, None, optimizer, scheduler, ro, advantages, config, DEVICE)
 
     step()  # Adam state exists from here on: the peak below is the step's own working memory
     peak = peak_extra_bytes(step, DEVICE)
@@ -87,7 +89,7 @@ def test_update_peak_memory_reader_cache(benchmark, reader_cache: str, tmp_path,
     from caprl_core.reward import CapRLReward
 
     config, _ = parse_config(["--output-dir", str(tmp_path), "--progress", "false"])
-    run = train_mod.setup(config)
+    run = setup(config)
     reader = tiny_qwen2(hidden_size=256, num_layers=36, num_heads=2, num_kv_heads=2, tokenizer=run.tokenizer)
     run.reward = CapRLReward(reader.to(DEVICE), run.tokenizer, run.reward.config)
     if reader_cache == "kept":

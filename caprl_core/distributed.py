@@ -52,6 +52,9 @@ class World:
         return self.rank == 0
 
 
+ONE_PROCESS = World()  # the default of functions that also run under torchrun: no process group
+
+
 def init_world(device_type: str) -> World:
     """The process group and mesh from torchrun's environment (nccl on CUDA, gloo on CPU); one process without it."""
     if "WORLD_SIZE" not in os.environ:
@@ -203,7 +206,7 @@ def load_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
     if set(saved) != {"optimizer", "masters"} or len(masters) != len(names):
         raise ValueError(f"the saved optimizer state has {len(masters)} parameters, this policy {len(names)}")
     # fp32 master copies (a one-process low-precision run's) went into the full weights before sharding
-    # (train._load_full_weights): the sharded parameters are the masters.
+    # (rl.state.load_full_weights): the sharded parameters are the masters.
     inner = saved["optimizer"]
     state = {names[int(i)]: s for i, s in inner["state"].items()}
     groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in inner["param_groups"]]

@@ -103,7 +103,8 @@ TINY_TRAIN = ["--images-per-step", "2", "--group-size", "2", "--max-new-tokens",
 def bench_train(args: argparse.Namespace) -> dict:
     """Three steps of `python -m caprl_core.train` (the built-in tiny models; on CUDA in bf16), per-step time split
     into rollout / reward / update from the run's metrics.jsonl."""
-    from caprl_core.train import TIMING_KEYS, main
+    from caprl_core.rl.progress import TIMING_KEYS
+    from caprl_core.train import main
 
     argv = ["--steps", "3", "--output-dir", str(args.out), "--progress", "false", "--checkpoint-every", "3"]
     argv += TINY_TRAIN if args.tiny else ["--device", "cuda"]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from caprl_core.checkpoint import COMPLETE
 from caprl_core.distributed import World, local_images
-from caprl_core.train import TIMING_KEYS
+from caprl_core.rl.progress import TIMING_KEYS
 
 # The tiny random pair (this file checks the machinery, not learning) at the learning rate of its old default run.
 SMALL = ["--policy", "tiny-random", "--reader", "tiny-random", "--lr", "2e-4", "--warmup-steps", "2",

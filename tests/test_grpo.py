@@ -331,7 +331,7 @@ def test_recipe_advantages_equal_the_servers_formula(advantage, scale):
     the mean of the group's others; GRPO = (score - group mean) / (unbiased group std + 1e-6). Two groups of 4: equal
     accuracy with lengths 2,100-2,800 (the length term alone decides), and mixed accuracy and lengths."""
     from caprl_core.config import parse_config
-    from caprl_core.train import _advantages_and_metrics
+    from caprl_core.rl.scoring import advantages_and_metrics
 
     config, _ = parse_config(["--reward-preset", "recipe", "--group-size", "4", "--advantage", advantage,
                               "--scale", scale])  # fmt: skip
@@ -342,7 +342,7 @@ def test_recipe_advantages_equal_the_servers_formula(advantage, scale):
     every = {"accuracy": accuracy, "caption_tokens": tokens, "length": lengths,
              "truncated": [not s for s in stopped], "captions": ["c"] * 8, "references": [None] * 8,
              "kept": [1.0], "computed": 0, "prompt_tokens": 0}  # fmt: skip
-    _, advantages, _ = _advantages_and_metrics(every, config, step=0)
+    _, advantages, _ = advantages_and_metrics(every, config, step=0)
     score = [a + 0.2 * min(1.0, max(0.0, (3072 - n) / 1024)) for a, n in zip(accuracy, tokens, strict=True)]
     expect = []
     for group in (score[:4], score[4:]):

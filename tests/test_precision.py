@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 
 from caprl_core.config import parse_config
 from caprl_core.precision import MasterWeightOptimizer
-from caprl_core.train import rollout, setup, train, update
+from caprl_core.rl.rollout import rollout
+from caprl_core.rl.setup import setup
+from caprl_core.rl.update import update
+from caprl_core.train import train
 
 TINY = ["--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2",
         "--synthetic-images", "8", "--progress", "false"]  # fmt: skip

@@ -14,7 +14,9 @@ import torch
 
 from caprl_core import grpo
 from caprl_core.config import parse_config
-from caprl_core.train import rollout, setup, update
+from caprl_core.rl.rollout import rollout
+from caprl_core.rl.setup import setup
+from caprl_core.rl.update import update
 
 # The tiny random pair: its flat next-token distributions make the sampling filters remove real mass.
 TINY = ["--policy", "tiny-random", "--reader", "tiny-random", "--images-per-step", "2", "--group-size", "4",

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caprl_core import train as train_mod
 from caprl_core.config import parse_config
 from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, tiny_qwen3_vl, vl_prompt_inputs
 from caprl_core.precision import MasterWeightOptimizer
+from caprl_core.rl.batches import policy_logprobs, training_batch
+from caprl_core.rl.rollout import Rollout
+from caprl_core.rl.update import update
 from caprl_core.sampler.sequence import Completion
 from caprl_core.shared_prefix import Group, block_mask, shared_prefix_inputs
 
@@ -36,7 +38,7 @@ def _prompts(model, kind: str) -> list[dict]:
             vl_prompt_inputs(model, [3], [[1, 4, 6]], [8], seed=1)]  # fmt: skip
 
 
-def _rollout(model, kind: str, group_size: int, lengths: list[int] | None = None, seed: int = 0) -> train_mod.Rollout:
+def _rollout(model, kind: str, group_size: int, lengths: list[int] | None = None, seed: int = 0) -> Rollout:
     """Captions of ragged lengths (1 token included), every other one truncated, with made-up sampler log-probs."""
     prompts = _prompts(model, kind)
     gen = torch.Generator().manual_seed(seed)
@@ -48,15 +50,15 @@ def _rollout(model, kind: str, group_size: int, lengths: list[int] | None = None
         logp = (-torch.rand(length, generator=gen) * 5).tolist()
         completions.append(Completion(tokens, logp, "length" if i % 2 else "stop", logp))
     truncated = torch.tensor([c.finish_reason == "length" for c in completions])
-    return train_mod.Rollout(prompts, completions, [""] * n, truncated)
+    return Rollout(prompts, completions, [""] * n, truncated)
 
 
 def _logp_and_grads(model, ro, group_size: int, shared: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Log-probs of every caption in one micro-batch and the gradient of a random weighting of them."""
     model.zero_grad(set_to_none=True)
     rows = list(range(len(ro.completions)))
-    batch = train_mod._training_batch(ro, rows, group_size, CPU, model, shared)
-    logp, _ = train_mod.policy_logprobs(model, batch, temperature=0.9)
+    batch = training_batch(ro, rows, group_size, CPU, model, shared)
+    logp, _ = policy_logprobs(model, batch, temperature=0.9)
     weights = torch.randn(logp.shape, generator=torch.Generator().manual_seed(3))
     (logp * weights * batch.mask).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -81,7 +83,7 @@ def test_logprobs_and_gradients_equal_the_unshared_forward(kind: str, group_size
 
 
 def _update(model, ro, group_size: int, shared: bool, *extra: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """train.update's metrics and the gradients it stepped with."""
+    """update's metrics and the gradients it stepped with."""
     config, _ = parse_config(["--group-size", str(group_size), "--shared-prefix", str(shared).lower(),
                               "--max-new-tokens", "16", *extra])  # fmt: skip
     optimizer = MasterWeightOptimizer(model, lambda params: torch.optim.SGD(params, lr=0.0))
@@ -95,7 +97,7 @@ def _update(model, ro, group_size: int, shared: bool, *extra: str) -> tuple[dict
 
     optimizer.step = capture
     advantages = torch.randn(len(ro.completions), generator=torch.Generator().manual_seed(5))
-    metrics = train_mod.update(model, None, optimizer, scheduler, ro, advantages, config, CPU)
+    metrics = update(model, None, optimizer, scheduler, ro, advantages, config, CPU)
     return metrics, grads
 
 

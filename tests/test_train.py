@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from caprl_core.config import TrainConfig, parse_config
-from caprl_core.train import TIMING_KEYS
+from caprl_core.rl.progress import TIMING_KEYS
 
 SMALL = ["--steps", "5", "--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8",
          "--num-draws", "2", "--synthetic-images", "8", "--checkpoint-every", "2", "--sample-every", "2",
@@ -192,13 +192,14 @@ def test_a_bad_reader_is_an_error_naming_the_flag_and_makes_no_run_dir(tmp_path,
 def test_control_and_shared_draw_options_are_wired(tmp_path):
     """--shuffle-rewards feeds each caption another caption's reward (the logged rewards stay the true ones);
     --shared-draws gives the G captions of an image the same questions."""
-    from caprl_core.train import rewards_and_advantages, setup
+    from caprl_core.rl.scoring import rewards_and_advantages
+    from caprl_core.rl.setup import setup
 
     config, _ = parse_config(["--output-dir", str(tmp_path / "run"), "--synthetic-images", "4", "--group-size", "4",
                               "--images-per-step", "2", "--max-new-tokens", "8", "--shared-draws", "true"])  # fmt: skip
     run = setup(config)
     batch = run.examples[:2]
-    from caprl_core.train import rollout
+    from caprl_core.rl.rollout import rollout
 
     ro = rollout(run.engine, run.prompter, run.tokenizer, batch, config, 0)
     seen = []
@@ -257,7 +258,7 @@ def test_a_real_policy_without_reader_or_data_is_an_error_naming_the_flag(missin
 
 
 def test_dtype_applies_to_the_builtin_models(tmp_path):
-    from caprl_core.train import setup
+    from caprl_core.rl.setup import setup
 
     config, _ = parse_config(["--dtype", "bfloat16", "--output-dir", str(tmp_path / "run"), "--synthetic-images", "2"])
     run = setup(config)
@@ -305,7 +306,7 @@ def test_shared_prefix_run_reproduces_the_unshared_run(tmp_path):
 
 def test_recipe_reward_preset_sets_the_servers_reward_under_explicit_options():
     from caprl_core.reward import RECIPE_TEMPLATE
-    from caprl_core.train import reward_config
+    from caprl_core.rl.scoring import reward_config
 
     config, _ = parse_config(["--reward-preset", "recipe"])
     g = config.reward

@@ -18,7 +18,12 @@ from caprl_core import grpo
 from caprl_core import train as train_mod
 from caprl_core.config import parse_config
 from caprl_core.precision import MasterWeightOptimizer
-from caprl_core.train import Rollout, rollout, setup, update
+from caprl_core.rl import batches
+from caprl_core.rl import setup as setup_mod
+from caprl_core.rl import update as update_mod
+from caprl_core.rl.rollout import Rollout, rollout
+from caprl_core.rl.setup import setup
+from caprl_core.rl.update import update
 
 TINY = ["--policy", "tiny-random", "--reader", "tiny-random", "--images-per-step", "2", "--group-size", "3",
         "--max-new-tokens", "8", "--num-draws", "2", "--synthetic-images", "8", "--progress", "false"]  # fmt: skip
@@ -126,7 +131,7 @@ def test_beta_changes_the_gradient_against_a_reference_that_differs(tmp_path):
 def _poison_step(monkeypatch, steps: set[int]) -> None:
     """Make the gradient of every micro-batch of the given steps inf/NaN (one micro-batch per step here)."""
     calls = {"n": 0}
-    logprobs = train_mod.policy_logprobs
+    logprobs = batches.policy_logprobs
 
     def poisoned(policy, batch, temperature):
         logp, entropy = logprobs(policy, batch, temperature)
@@ -135,7 +140,8 @@ def _poison_step(monkeypatch, steps: set[int]) -> None:
         calls["n"] += 1
         return logp, entropy
 
-    monkeypatch.setattr(train_mod, "policy_logprobs", poisoned)
+    for module in (setup_mod, update_mod):  # where the step looks it up
+        monkeypatch.setattr(module, "policy_logprobs", poisoned)
 
 
 def _metrics(out: Path) -> list[dict]:
