@@ -109,3 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[caprl_core.train] done: {out}", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
