@@ -87,7 +87,7 @@ gpu-check: setup
 	$(PY) -m scripts.gpu_check $(if $(filter 1,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)
 
 # The default run: the shipped miniature world (its reader, start policy and train split), ~2 minutes on a CPU; its
-# captions go from one statement to four (README, "The miniature world"). ARGS passes options,
+# captions go from one statement to four (docs/world.md). ARGS passes options,
 # e.g. make train ARGS="--policy DIR --reader DIR --data FILE".
 ARGS ?=
 train: setup build

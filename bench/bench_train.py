@@ -2,16 +2,19 @@
 
     .venv/bin/python -m pytest bench/bench_train.py --benchmark-only -s
 
-1. `test_train_step`: one step of the built-in default run with no cache settings (tiny Qwen2.5-VL policy and Qwen2
-   reader, 4 images x G = 4 captions of up to 24 tokens, N = 4 draws), the medians over 5 steps of rollout / reward /
-   update, with the project's kernels (default backends) and with the PyTorch references everywhere
-   (`CAPRL_BACKEND=torch` for the ops, `CAPRL_ATTENTION_BACKEND=reference` for the sampler's attention).
+1. `test_train_step`: a step of the default run, `python -m caprl_core.train` with no model or cache options: the
+   shipped miniature world's start policy (Qwen2.5-VL, hidden 64, 4 layers) and trained reader (Qwen2, hidden 64,
+   4 layers) on its train split, 8 images x G = 8 captions of up to 32 tokens, N = 4 question draws per caption
+   (`config.WORLD_DEFAULTS`). After one warm-up step (JIT build, caches), the medians over 5 steps of rollout /
+   reward / update / whole step, with the project's kernels (default backends) and with the PyTorch references
+   everywhere (`CAPRL_BACKEND=torch` for the ops, `CAPRL_ATTENTION_BACKEND=reference` for the sampler's attention).
 2. `test_update_peak_memory_vs_vocab`: peak extra memory of the update phase (forward + backward of 32 captions of
    64 tokens, text policy with hidden 256) at V = 32,000 and V = 151,936, fused log-probs against the reference
    backend that materialises the [tokens, vocab] logits. The fused step's growth with V is the lm_head weight and
    its gradient and Adam state; the reference also grows by the logits and their gradient.
-3. `test_update_peak_memory_reader_cache`: peak memory of the update phase with the reader's KV cache released after
-   scoring (the trainer's way) and kept through the backward.
+3. `test_update_peak_memory_reader_cache`: peak memory of the update phase (the default run's policy and batch, as
+   in 1) beside a reader with Qwen2.5-3B's KV geometry, with the reader's KV cache released after scoring (the
+   trainer's way) and kept through the backward.
 """
 
 from __future__ import annotations

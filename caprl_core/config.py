@@ -133,8 +133,9 @@ class TrainConfig:
 SECTIONS = ("model", "data", "rollout", "reward", "optim", "log")
 # The miniature world's run (no --policy: the shipped start policy, reader and train split): batches and captions
 # sized to the world (a full caption is 19 tokens), and the reward mode, learning rate and steps measured best there
-# (README, "The miniature world": the soft reward kept precision within 0.02 of the start on all three seeds, the hard
-# one on one of three; lr 1e-4 as fast as 2e-4 with less drift, 5e-4 lost precision; 40 steps reach the plateau).
+# (docs/world.md, "How the defaults were chosen": the soft reward kept precision within 0.02 of the start on all three
+# seeds, the hard one on one of three; lr 1e-4 as fast as 2e-4 with less drift, 5e-4 lost precision; 40 steps reach
+# the plateau).
 WORLD_DEFAULTS = {
     "images_per_step": 8, "max_new_tokens": 32, "num_draws": 4, "mode": "soft", "lr": 1e-4, "warmup_steps": 2,
     "micro_batch_size": 64, "synthetic_images": 256, "steps": 40, "sample_every": 5, "checkpoint_every": 10,

@@ -129,7 +129,7 @@ class TokenLogprobs(torch.nn.Module):
 
 def shard_policy(root: TokenLogprobs, world: World, compute_dtype: torch.dtype) -> None:
     """fully_shard the whole policy as one parameter group (one all-gather per forward: the models here are a few
-    billion parameters, where the gathered policy fits beside its shards; see README, "Several GPUs").
+    billion parameters, where the gathered policy fits beside its shards; see docs/distributed.md, "Memory plan").
     Parameters stay fp32 (the masters); compute in `compute_dtype`; gradients reduced in fp32 and summed."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

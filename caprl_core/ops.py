@@ -5,7 +5,7 @@
     adv = ops.group_advantages(rewards, group_size=8, method="rloo")
     rewards, option_logprobs = ops.mcq_rewards(h, reader.lm_head.weight, letter_ids, answers, caption_index, C)
 
-Contracts are in DESIGN.md ("The fused ops") and the docstrings below; `caprl_core.reference` is their
+Contracts are in docs/ops.md and the docstrings below; `caprl_core.reference` is their
 executable definition. Every op takes `backend=` ("triton", "cuda", "cpu", "torch"; default by device, or the
 CAPRL_BACKEND environment variable), see `caprl_core.backends`. Outputs are fp32 (fp64 for fp64 inputs).
 """

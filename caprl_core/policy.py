@@ -5,7 +5,7 @@
                               #  "mm_token_type_ids" [L]}: one prompt of `Engine.generate`
 
 Qwen2.5-VL's own processor (and so `AutoProcessor`) cannot be built without torchvision, which the CPU path must not
-need (DESIGN.md, "Environment facts"). So the prompt is made from the two parts that do work without it, as the
+need (docs/install.md). So the prompt is made from the two parts that do work without it, as the
 processor itself does: the image processor turns the image into patches and a [t, h, w] grid, and the tokenizer's
 single `<|image_pad|>` is expanded to t*h*w / merge**2 placeholders (one per merged 2x2 patch group), which the
 model then replaces with the vision tower's output. Users with a full processor pass it to `from_processor`.

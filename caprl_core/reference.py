@@ -1,6 +1,6 @@
 """Plain PyTorch reference of every fused op: the ground truth the tests trust, and the slow fallback.
 
-Each function here is the *definition* of its op (see DESIGN.md, "The fused ops"): readable in one screen,
+Each function here is the *definition* of its op (see docs/ops.md): readable in one screen,
 differentiable by autograd, and computed in fp32 (fp64 for fp64 inputs). The kernels in `kernels/`, `csrc/cpu`
 and `csrc/cuda` must agree with these. Arguments are assumed valid: `caprl_core.ops` checks them first.
 """

@@ -20,7 +20,7 @@ Two definitions of the soft reward, by `RewardConfig.readout`:
   (" (", " the", " J", a space) is counted 0, though the server reads on: that is an approximation, low by the
   probability of such a start followed by the right letter. Measured (tests/test_reward.py, the "undecided"
   reader, 5 of its 12 tokens deciding nothing): 0.000-0.012 below the sampled 10-token reward, the soft reward
-  0.07-0.23; README, "The recipe's soft reward".
+  0.07-0.23; docs/reward.md, "Two definitions of the soft reward".
 
 Prompt layout, shared part first so the sampler's prefix cache computes it once:
     [header: instruction + few-shot examples] [caption part] [question part + answer cue]

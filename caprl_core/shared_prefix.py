@@ -55,7 +55,7 @@ def _prompt_positions(policy, prompt: dict) -> torch.Tensor:
     if "pixel_values" not in prompt:
         return torch.arange(len(input_ids))[None]
     types = prompt.get("mm_token_type_ids")
-    if types is None:  # without it Qwen2.5-VL would fall back to 1-D positions (DESIGN.md): derive it
+    if types is None:  # without it Qwen2.5-VL would fall back to 1-D positions (docs/sampler.md): derive it
         types = (input_ids == policy.config.image_token_id).int()
     device = policy.device
     positions, _ = policy.model.get_rope_index(input_ids[None].to(device), types.reshape(1, -1).to(device),

@@ -1,4 +1,4 @@
-"""Bad input to every public op is a ValueError that names the offending argument (DESIGN.md, "The fused ops").
+"""Bad input to every public op is a ValueError that names the offending argument (docs/ops.md, "Contracts").
 
 The checks run on the host before dispatch, so one backend ("torch") is enough to exercise them; a test of the
 dispatcher below confirms that every backend sees the same checks.

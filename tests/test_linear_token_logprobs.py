@@ -1,6 +1,6 @@
 """ops.linear_token_logprobs on every backend against caprl_core.reference in fp64: forward (log-probs, entropy)
 and backward (hidden, weight, bias) with random upstream gradients, gradcheck in fp64, and the odd shapes of
-DESIGN.md (V = 151,936 and primes, N = 1, H not a multiple of 16, strided and transposed inputs, batch dims).
+docs/install.md (V = 151,936 and primes, N = 1, H not a multiple of 16, strided and transposed inputs, batch dims).
 
 Run: pytest tests/test_linear_token_logprobs.py -k "torch or triton" --durations=10
 """

@@ -76,7 +76,7 @@ def test_checkpoint_reloads_with_the_trained_weights_and_evaluates(dirs, trained
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-# The launch settings each recipe file must resolve to (README, "The recipe files"), on top of the recipe's reward.
+# The launch settings each recipe file must resolve to (docs/reward.md), on top of the recipe's reward.
 RECIPE_TABLE = {
     "caprl-1.0.toml": {"advantage": "rloo", "scale": "none", "beta": 0.0, "images_per_step": 128, "group_size": 8,
                        "lr": 1e-6, "warmup_steps": 20, "schedule": "constant", "temperature": 1.0,

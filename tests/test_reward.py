@@ -265,7 +265,7 @@ def test_soft_recipe_reward_is_the_expectation_of_the_servers_sampled_reward(wor
     T = 0.55 and at T = 0.65, and the old soft reward renormalised over the options, each miss it by more than 3
     standard errors for some caption. For the reader whose first tokens may decide nothing, the soft reward counts
     them 0: it is the expectation of the one-token reply exactly, and below the 10-token reply's by the measured gap
-    (printed; README, "The recipe's soft reward")."""
+    (printed; docs/reward.md, "Two definitions of the soft reward")."""
     tokens = _READERS[kind] + ["<|im_end|>"]
     reader = _biased_reader(word_tokenizer, seed=5, tokens=tokens, scale=8.0)
     # The recipe's layout with a one-line header: the readout is what is tested, and short prompts decode faster.

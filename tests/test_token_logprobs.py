@@ -1,5 +1,5 @@
 """ops.token_logprobs on every backend against caprl_core.reference in fp64: forward (log-probs and entropy) and
-backward with random upstream gradients, gradcheck in fp64, and the odd shapes of DESIGN.md (V = 151,936 and
+backward with random upstream gradients, gradcheck in fp64, and the odd shapes of docs/install.md (V = 151,936 and
 primes, N = 1, strided rows, leading batch dims, all-negative logits, ignored tokens, T != 1).
 
 Run: pytest tests/test_token_logprobs.py -k "torch or triton" --durations=10

@@ -183,7 +183,7 @@ class ModelAdapter:
                 f"image_grid_thw implies {counts} (t*h*w / spatial_merge_size**2 per image)"
             )
         type_ids = prompt.get("mm_token_type_ids")
-        if type_ids is None:  # without it Qwen2.5-VL silently falls back to 1-D positions (DESIGN.md)
+        if type_ids is None:  # without it Qwen2.5-VL silently falls back to 1-D positions (docs/sampler.md)
             type_ids = is_image.int()
         type_ids = torch.as_tensor(type_ids).reshape(1, -1).to(self.device)
         positions, delta = self.vision.get_rope_index(

@@ -14,8 +14,8 @@ complete captions of the grammar (the synthetic shapes data are).
 CapRLReward's own prompts) and a start policy (`world.policy`: a small Qwen2.5-VL fine-tuned to terse captions) and
 writes them as Hugging Face directories with a card of measured figures. The package ships the build of the default
 BuildConfig in `SHIPPED` (caprl_core/world/shipped: reader/, policy/, card.json); `python -m caprl_core.train` and
-`python -m caprl_core.eval` use them, and this world's data, when given no models and no data (README, "The miniature
-world", has the figures).
+`python -m caprl_core.eval` use them, and this world's data, when given no models and no data (docs/world.md has the
+figures).
 
 Data splits are fixed by seed (`SPLIT_SEEDS`): the trainer's images, the held-out images of evaluations, and the
 scene streams the reader and the policy are trained on never overlap by seed.
