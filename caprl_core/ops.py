@@ -277,6 +277,33 @@ def _mcq_vocab_args(token_options, num_options, p: int, vocab: int, device) -> t
     return token_options.long().contiguous(), counts, k
 
 
+def _check_reader_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """mcq_rewards' hidden [P, H], weight [V, H] and bias [V] checked: floating, the same dtype and device, P >= 1."""
+    hidden, weight = check.floating("hidden", hidden), check.floating("weight", weight)
+    check.ndim("hidden", hidden, 2)
+    check.ndim("weight", weight, 2)
+    if hidden.shape[0] < 1:
+        raise ValueError("hidden: expected at least one prompt (P >= 1), got 0")
+    check.shape("weight", weight, (weight.shape[0], hidden.shape[1]), "[V, H] with H = hidden.shape[1]")
+    check.same_dtype("weight", weight, "hidden", hidden)
+    check.same_device([("hidden", hidden), ("weight", weight), ("bias", bias)])
+    if bias is not None:
+        check.floating("bias", bias)
+        check.shape("bias", bias, (weight.shape[0],), "[V]")
+        check.same_dtype("bias", bias, "hidden", hidden)
+    return hidden, weight
+
+
+def _prompts_per_caption(caption_index: torch.Tensor, num_captions: int) -> torch.Tensor:
+    """[C] prompts of each caption; every caption must have one (caption_index checked to lie in [0, C))."""
+    check.index_range("caption_index", caption_index, num_captions)
+    per_caption = torch.bincount(caption_index.long(), minlength=num_captions)
+    if bool((per_caption == 0).any()):
+        missing = int((per_caption == 0).nonzero()[0])
+        raise ValueError(f"caption_index: caption {missing} of num_captions={num_captions} has no prompts")
+    return per_caption
+
+
 def mcq_rewards(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -309,20 +336,8 @@ def mcq_rewards(
     Returns (rewards [C], mean score over each caption's prompts; option_logprobs [P, K]). Every caption must have
     at least one prompt. Not differentiable (the reader is frozen).
     """
-    hidden, weight = check.floating("hidden", hidden), check.floating("weight", weight)
-    check.ndim("hidden", hidden, 2)
-    check.ndim("weight", weight, 2)
-    p, h = hidden.shape
-    if p < 1:
-        raise ValueError("hidden: expected at least one prompt (P >= 1), got 0")
-    check.shape("weight", weight, (weight.shape[0], h), "[V, H] with H = hidden.shape[1]")
-    check.same_dtype("weight", weight, "hidden", hidden)
-    vocab = weight.shape[0]
-    check.same_device([("hidden", hidden), ("weight", weight), ("bias", bias)])
-    if bias is not None:
-        check.floating("bias", bias)
-        check.shape("bias", bias, (vocab,), "[V]")
-        check.same_dtype("bias", bias, "hidden", hidden)
+    hidden, weight = _check_reader_head(hidden, weight, bias)
+    (p, h), vocab = hidden.shape, weight.shape[0]
     check.choice("normalize", normalize, reference.MCQ_NORMALIZE)
     if normalize == "vocab":
         ids, counts, num_slots = _mcq_vocab_args(option_token_ids, num_options, p, vocab, hidden.device)
@@ -334,11 +349,7 @@ def mcq_rewards(
     check.shape("caption_index", caption_index, (p,), "[P]")
     check.same_device([("hidden", hidden), ("answers", answers), ("caption_index", caption_index)])
     check.index_range("answers", answers, counts)
-    check.index_range("caption_index", caption_index, num_captions)
-    per_caption = torch.bincount(caption_index.long(), minlength=num_captions)
-    if bool((per_caption == 0).any()):
-        missing = int((per_caption == 0).nonzero()[0])
-        raise ValueError(f"caption_index: caption {missing} of num_captions={num_captions} has no prompts")
+    per_caption = _prompts_per_caption(caption_index, num_captions)
     temperature = check.temperature(temperature)
     check.choice("mode", mode, reference.MCQ_MODES)
     op = "mcq_rewards_vocab" if normalize == "vocab" else "mcq_rewards"

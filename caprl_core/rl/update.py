@@ -15,7 +15,7 @@ from caprl_core.distributed import (
     reduce_floats,
 )
 from caprl_core.precision import MasterWeightOptimizer
-from caprl_core.rl.batches import policy_logprobs, training_batch
+from caprl_core.rl.batches import TrainingBatch, policy_logprobs, training_batch
 from caprl_core.rl.rollout import Rollout
 
 
@@ -55,50 +55,73 @@ def update(policy, ref_policy, optimizer: MasterWeightOptimizer, scheduler, ro: 
             batch = training_batch(ro, rows, G, device, policy, o.shared_prefix)
             counts["update_tokens"] += batch.num_tokens
             counts["update_images"] += batch.num_images
-            sampler_logp, mask = batch.sampler_logp, batch.mask
             logp, entropy = root(batch, config.rollout.temperature)
-            ref = None
-            if ref_policy is not None:
-                with torch.no_grad():
-                    ref, _ = policy_logprobs(ref_policy, batch, config.rollout.temperature)
-            m: dict[str, torch.Tensor] = {}
             if iteration == 0:
                 first_pass[start] = logp.detach()
-                m.update(_sampler_gap(logp.detach(), sampler_logp, mask))
-            if o.rollout_correction == "none":
-                old, weights = sampler_logp, None
-            else:
-                old = first_pass[start]
-                weights, wm = grpo.rollout_correction_weights(old, sampler_logp, mask, mode=o.rollout_correction,
-                                                              level=o.rollout_correction_level,
-                                                              cap=o.rollout_correction_cap)  # fmt: skip
-                m.update(wm)
-            loss, lm = grpo.policy_loss(logp, old, advantages[rows].to(device), mask, loss_config, ref_logp=ref,
-                                        truncated=ro.truncated[rows].to(device), entropy=entropy,
-                                        weights=weights)  # fmt: skip
-            m.update(lm, loss=loss.detach())
+            loss, m = _micro_batch_loss(logp, entropy, first_pass[start], batch, rows, ro, advantages, config,
+                                        loss_config, ref_policy, first=iteration == 0)  # fmt: skip
             share = _share(o.aggregation, rows, lengths, keep, total_tokens, total_seqs, int(totals["n"]))
             (loss * share).backward()
-            for key, value in m.items():
-                if key == "sampler_max_abs_diff":
-                    sums[key] = max(sums.get(key, 0.0), float(value))
-                else:
-                    sums[key] = sums.get(key, 0.0) + float(value) * share
+            _accumulate(sums, m, share)
         grad_norm = optimizer.step(o.max_grad_norm)
         skipped += optimizer.last_step_skipped
     scheduler.step()
     policy.eval()
-    sums = {
-        **reduce_floats({k: v for k, v in sums.items() if k != "sampler_max_abs_diff"}, world),
-        **reduce_floats({k: v for k, v in sums.items() if k == "sampler_max_abs_diff"}, world, op="max"),
-    }
-    per_pass = ("sampler_kl", "sampler_max_abs_diff")  # measured on the first pass only
-    out = {k: v if k in per_pass else v / o.num_iterations for k, v in sums.items() if k != "num_tokens"}
+    out = _pass_means(sums, o.num_iterations, world)
     out["grad_norm"] = float(grad_norm)
     out.update({k: int(v) for k, v in reduce_floats(counts, world).items()})
     out["lr"] = lr
     out["skipped_steps"] = skipped  # optimizer steps skipped for a non-finite gradient norm (caprl_core.precision)
     return out
+
+
+def _micro_batch_loss(
+    logp: torch.Tensor, entropy: torch.Tensor, first_logp: torch.Tensor, batch: TrainingBatch, rows: list[int],
+    ro: Rollout, advantages: torch.Tensor, config: TrainConfig, loss_config: grpo.LossConfig, ref_policy, *,
+    first: bool,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """The clipped loss of one micro-batch and its metrics, from the policy's log-probs `logp` [M, T] now and on the
+    first pass (`first_logp`); `first`: this is the first pass, which also measures the sampler's gap."""
+    o, device = config.optim, logp.device
+    sampler_logp, mask = batch.sampler_logp, batch.mask
+    ref = None
+    if ref_policy is not None:
+        with torch.no_grad():
+            ref, _ = policy_logprobs(ref_policy, batch, config.rollout.temperature)
+    m: dict[str, torch.Tensor] = _sampler_gap(first_logp, sampler_logp, mask) if first else {}
+    if o.rollout_correction == "none":
+        old, weights = sampler_logp, None
+    else:
+        old = first_logp
+        weights, wm = grpo.rollout_correction_weights(old, sampler_logp, mask, mode=o.rollout_correction,
+                                                      level=o.rollout_correction_level,
+                                                      cap=o.rollout_correction_cap)  # fmt: skip
+        m.update(wm)
+    loss, lm = grpo.policy_loss(logp, old, advantages[rows].to(device), mask, loss_config, ref_logp=ref,
+                                truncated=ro.truncated[rows].to(device), entropy=entropy,
+                                weights=weights)  # fmt: skip
+    m.update(lm, loss=loss.detach())
+    return loss, m
+
+
+def _accumulate(sums: dict[str, float], metrics: dict, share: float) -> None:
+    """Add a micro-batch's metrics, weighted by its loss share (the largest for sampler_max_abs_diff)."""
+    for key, value in metrics.items():
+        if key == "sampler_max_abs_diff":
+            sums[key] = max(sums.get(key, 0.0), float(value))
+        else:
+            sums[key] = sums.get(key, 0.0) + float(value) * share
+
+
+def _pass_means(sums: dict[str, float], num_iterations: int, world: World) -> dict[str, float]:
+    """The step's metrics over all ranks: sums (max for sampler_max_abs_diff) divided by the passes, except the
+    sampler's gap, measured on the first pass only."""
+    sums = {
+        **reduce_floats({k: v for k, v in sums.items() if k != "sampler_max_abs_diff"}, world),
+        **reduce_floats({k: v for k, v in sums.items() if k == "sampler_max_abs_diff"}, world, op="max"),
+    }
+    per_pass = ("sampler_kl", "sampler_max_abs_diff")
+    return {k: v if k in per_pass else v / num_iterations for k, v in sums.items() if k != "num_tokens"}
 
 
 def _share(aggregation: str, rows: list[int], lengths: torch.Tensor, keep: torch.Tensor, total_tokens: float,
