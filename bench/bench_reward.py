@@ -27,7 +27,8 @@ import torch
 from conftest import machine, synced
 
 from caprl_core.models import tiny_qwen2, tiny_tokenizer
-from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
 from caprl_core.world.scenes import describe, scene_questions, synthetic_scene
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

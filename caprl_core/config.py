@@ -19,12 +19,7 @@ from typing import Any
 
 from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
 from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES, TINY_RANDOM
-from caprl_core.reward import (
-    RECIPE_LENGTH_L1,
-    RECIPE_LENGTH_L2,
-    RECIPE_LENGTH_WEIGHT,
-    RECIPE_READER_TEMPERATURE,
-)
+from caprl_core.reward_recipe import RECIPE_LENGTH_L1, RECIPE_LENGTH_L2, RECIPE_LENGTH_WEIGHT, RECIPE_READER_TEMPERATURE
 
 
 @dataclass
@@ -58,9 +53,9 @@ class RolloutConfig:
 
 @dataclass
 class RewardSection:
-    # "recipe" = the published CapRL reward server (caprl_core.reward.RewardConfig.recipe): its prompt, the reader at
-    # T = 0.6, soft mode over the whole vocabulary, and accuracy + 0.2 x (1 up to 2,048 caption tokens, 0 from 3,072)
-    # as one score; explicit options win.
+    # "recipe" = the published CapRL reward server (caprl_core.reward_config.RewardConfig.recipe): its prompt, the
+    # reader at T = 0.6, soft mode over the whole vocabulary, and accuracy + 0.2 x (1 up to 2,048 caption tokens, 0
+    # from 3,072) as one score; explicit options win.
     reward_preset: str = "default"
     num_draws: int = 8  # N: questions drawn per caption
     mode: str = "hard"  # hard | soft
@@ -210,7 +205,7 @@ HELP = {
     "steps": "training steps",
     "seed": "seed of data order, sampling, question draws and the tiny models",
 }  # fmt: skip
-# What --reward-preset recipe sets (caprl_core.reward's RECIPE_* constants), under the options given explicitly.
+# What --reward-preset recipe sets (caprl_core.reward_recipe's RECIPE_* constants), under the options given explicitly.
 RECIPE_PRESET = {
     "num_draws": 8, "mode": "soft", "reader_temperature": RECIPE_READER_TEMPERATURE,
     "length_weight": RECIPE_LENGTH_WEIGHT, "length_l1": RECIPE_LENGTH_L1, "length_l2": RECIPE_LENGTH_L2,

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=d.seed, metavar="INT", help=f"seed of sampling, option shuffles and the tiny "
         f"models (default: {d.seed})")  # fmt: skip
     add("--reward-preset", choices=["default", "recipe"], default="default", help="the reader's prompt and readout: "
-        "recipe = the published reward server's (caprl_core.reward.RewardConfig.recipe), as a recipe-trained "
+        "recipe = the published reward server's (caprl_core.reward_config.RewardConfig.recipe), as a recipe-trained "
         "policy was rewarded; default = the reader directory's or this project's (default: default)")  # fmt: skip
     add("--preset", choices=["none", "prism"], default="none", help="prism = the official Prism evaluation: "
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRISM.items())

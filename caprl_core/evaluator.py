@@ -15,7 +15,9 @@ import numpy as np
 
 from caprl_core.data import MAX_OPTIONS, Example, load_image
 from caprl_core.policy import PolicyPrompter, caption_tokens, stop_token_ids
-from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, RewardConfig
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
+from caprl_core.reward_prompts import DEFAULT_TEMPLATE
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import Completion, SamplingParams
 from caprl_core.world.grammar import caption_fact_counts

@@ -306,7 +306,7 @@ class Models:
     reader_tokenizer: object
     builtin: bool
     chat_template_files: ChatTemplateFiles = field(default_factory=ChatTemplateFiles)
-    reader_template: object = None  # the reader directory's reward prompt (reward.PromptTemplate), if it has one
+    reader_template: object = None  # the reader directory's reward prompt (reward_prompts.PromptTemplate) if any
 
     @property
     def processors(self) -> list:
@@ -340,7 +340,7 @@ def load_models(
     reader = shipped_dir("reader") if reader is None else reader
     policy_model, tokenizer, image_processor = load_policy(policy, dtype=dtype, device=device, what="--policy")
     reader_model, reader_tokenizer = load_reader(reader, dtype=dtype, device=device, what="--reader")
-    from caprl_core.reward import load_prompt_template
+    from caprl_core.reward_prompts import load_prompt_template
 
     try:
         template = load_prompt_template(reader)

@@ -14,269 +14,36 @@ Two definitions of the soft reward, by `RewardConfig.readout`:
   letters (the letters' lm_head rows only).
 - "vocab" (`RewardConfig.recipe()`): the server's expected reward. The server samples the reply at T = 0.6 and
   parses its first capital A-I; a letter past the options, or no letter, scores 0. Every vocabulary token is mapped
-  to the letter a reply starting with it is parsed as (`token_option_map`: " C", "C", "(C", "Because" -> B, ...),
-  and soft = the softmax(logits / T) mass, over the whole vocabulary, of the tokens mapped to the right letter.
-  Exact for replies whose first token decides the parse or ends the reply. A first token that decides nothing
-  (" (", " the", " J", a space) is counted 0, though the server reads on: that is an approximation, low by the
-  probability of such a start followed by the right letter. Measured (tests/test_reward.py, the "undecided"
-  reader, 5 of its 12 tokens deciding nothing): 0.000-0.012 below the sampled 10-token reward, the soft reward
-  0.07-0.23; docs/reward.md, "Two definitions of the soft reward".
+  to the letter a reply starting with it is parsed as (`caprl_core.reward_recipe.token_option_map`: " C", "C",
+  "(C", "Because" -> B, ...), and soft = the softmax(logits / T) mass, over the whole vocabulary, of the tokens
+  mapped to the right letter. Exact for replies whose first token decides the parse or ends the reply. A first
+  token that decides nothing (" (", " the", " J", a space) is counted 0, though the server reads on: that is an
+  approximation, low by the probability of such a start followed by the right letter. Measured
+  (tests/test_reward.py, the "undecided" reader, 5 of its 12 tokens deciding nothing): 0.000-0.012 below the
+  sampled 10-token reward, the soft reward 0.07-0.23; docs/reward.md, "Two definitions of the soft reward".
 
-Prompt layout, shared part first so the sampler's prefix cache computes it once:
-    [header: instruction + few-shot examples] [caption part] [question part + answer cue]
-Each part is tokenised on its own and the ids concatenated, so the header's ids are identical in every prompt and
-a caption's ids identical in its N prompts (tokenising the joined string could merge tokens across the seams). With
-the reader's chat template the header starts the user turn and the answer cue starts the assistant turn.
+The settings are `caprl_core.reward_config.RewardConfig`; the reader's prompt (its layout and templates) is
+`caprl_core.reward_prompts`; the recipe server's answerer and its parse are `caprl_core.reward_recipe`.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from caprl_core import ops
-from caprl_core.data import MAX_OPTIONS, MCQ
+from caprl_core.data import MCQ
 from caprl_core.qa_rows import good_questions
+from caprl_core.reward_config import RewardConfig
+from caprl_core.reward_prompts import LETTERS
+from caprl_core.reward_recipe import cached_token_option_map, first_capital_letter
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
-__all__ = ["MCQ", "PromptTemplate", "RewardConfig", "RewardDetails", "CapRLReward", "RECIPE_TEMPLATE"]
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """The reader's prompt, in four pieces (see the module docstring for the layout).
-
-    header: the instruction and few-shot examples, shared by every prompt.
-    caption: must contain "{caption}".
-    question: must contain "{question}" and "{options}"; options are rendered one per line with `option`.
-    option: must contain "{letter}" and "{text}".
-    answer_cue: ends the prompt; the option letter follows it as the next token (" A", " B", ... as the tokenizer
-    splits them after the cue).
-    """
-
-    header: str
-    caption: str = "Caption:\n{caption}\n\n"
-    question: str = "Question: {question}\nOptions:\n{options}\n"
-    option: str = "{letter}. {text}"
-    answer_cue: str = "Answer:"
-
-    def __post_init__(self) -> None:
-        for name, keys in (("caption", ("{caption}",)), ("question", ("{question}", "{options}")),
-                           ("option", ("{letter}", "{text}"))):  # fmt: skip
-            for key in keys:
-                if key not in getattr(self, name):
-                    raise ValueError(f"PromptTemplate.{name} must contain {key}, got {getattr(self, name)!r}")
-
-
-# Written for this project, following the structure the CapRL paper describes for its reader: an instruction to
-# answer from the caption only, worked examples (one of them unanswerable), then the caption and the question.
-DEFAULT_HEADER = """You will read a caption of an image and answer a multiple-choice question about the image. \
-You cannot see the image: use only what the caption says. If the caption does not say enough to answer, choose \
-the option saying that the question cannot be answered from the caption. Reply with the letter of one option.
-
-Example 1
-Caption:
-A brown dog sleeps on a red sofa next to a window.
-Question: What colour is the sofa?
-Options:
-A. Blue
-B. Red
-C. Green
-D. The question cannot be answered from the caption.
-Answer: B
-
-Example 2
-Caption:
-Two children fly a kite on a beach.
-Question: What colour is the kite?
-Options:
-A. Yellow
-B. White
-C. The question cannot be answered from the caption.
-Answer: C
-
-Now the real task.
-"""
-DEFAULT_TEMPLATE = PromptTemplate(header=DEFAULT_HEADER)
-CANNOT_ANSWER = "The question cannot be answered from the caption."
-# A reader directory may carry the prompt it was trained with (the miniature world's reader does): a JSON object of
-# PromptTemplate fields; the ones it leaves out keep their defaults.
-PROMPT_FILE = "caprl_prompt.json"
-
-
-# The published CapRL reward server's prompt layout (CapRL 1.0 and CapRL++ share it): the caption between
-# "<Caption Start>" / "<Caption End>" markers, options as "- A) text" lines, the shuffled options followed by
-# "Can not answer based on the caption", and the assistant turn opened with "The answer is" so that the reply starts
-# with the letter; "cannot answer" is always F, so E stays unused for 4-option questions (RECIPE_CANNOT_ANSWER_LETTER).
-# The instruction and the two worked examples are written for this project in the same structure
-# (answer from the caption only, one example answerable, one not); a reader directory may carry another wording in
-# caprl_prompt.json.
-RECIPE_CANNOT_ANSWER = "Can not answer based on the caption"
-RECIPE_HEADER = """You are given a caption that describes an image, and one multiple-choice question about that image.
-Answer using only what the caption states or clearly implies, even when the answer looks obvious from general \
-knowledge or from the question itself. Make no assumptions beyond the caption.
-
-Example 1:
-Caption: <Caption Start> A man in a yellow raincoat rides a green bicycle along a canal. <Caption End>
-Question: What colour is the bicycle?
-- A) Red
-- B) Green
-- C) Yellow
-- D) Black
-- F) Can not answer based on the caption
-
-The answer is B.
-
-Example 2:
-Caption: <Caption Start> A girl holds a paper lantern at a night market. <Caption End>
-Question: What shape is the lantern?
-- A) Round
-- B) Square
-- C) Star-shaped
-- D) Oval
-- F) Can not answer based on the caption
-
-The answer is F.
-
-Now answer the question from the following caption:
-
-"""
-# The server writes the Qwen chat turns itself, without a system message and without the reader's chat template
-# (Qwen3's would add thinking tags): the preset does the same (use_chat_template=False).
-RECIPE_TEMPLATE = PromptTemplate(
-    header="<|im_start|>user\n" + RECIPE_HEADER,
-    caption="Caption: <Caption Start> {caption} <Caption End>\n",
-    question="Question: {question}\n{options}\n",
-    option="- {letter}) {text}",
-    answer_cue="<|im_end|>\n<|im_start|>assistant\nThe answer is",
-)
-# The recipe's answerer: sampled at T = 0.6, at most 10 new tokens, the first of the letters A-I in the reply.
-RECIPE_READER_TEMPERATURE = 0.6
-RECIPE_ANSWER_TOKENS = 10
-RECIPE_ANSWER_LETTERS = "ABCDEFGHI"
-# The server drops the data's own "can not answer" line and always appends "F) Can not answer based on the caption".
-RECIPE_CANNOT_ANSWER_LETTER = "F"
-# The recipe's caption-length term (CapRL++ launch scripts): 1 up to 2,048 tokens, linear to 0 at 3,072, weight 0.2.
-RECIPE_LENGTH_WEIGHT = 0.2
-RECIPE_LENGTH_L1 = 2048
-RECIPE_LENGTH_L2 = 3072
-
-
-def save_prompt_template(template: PromptTemplate, directory) -> None:
-    """Write `template` as directory/caprl_prompt.json."""
-    (Path(directory) / PROMPT_FILE).write_text(json.dumps(asdict(template), indent=2) + "\n")
-
-
-def load_prompt_template(directory) -> PromptTemplate | None:
-    """The template in directory/caprl_prompt.json, or None when there is none. ValueError naming the file when it is
-    not a JSON object of PromptTemplate's string fields (or misses a placeholder)."""
-    path = Path(directory) / PROMPT_FILE
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    names = {f.name for f in fields(PromptTemplate)}
-    if not isinstance(raw, dict) or not set(raw) <= names or not all(isinstance(v, str) for v in raw.values()):
-        raise ValueError(f"{path}: expected a JSON object of strings with keys among {sorted(names)}")
-    raw.setdefault("header", DEFAULT_HEADER)
-    try:
-        return PromptTemplate(**raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """num_draws: questions drawn per caption (with replacement). mode: "hard" (right/wrong per draw) or "soft"
-    (probability of the right letter). cannot_answer: append the "cannot be answered" option to every question.
-    temperature: the reader's softmax temperature (soft mode). seed: with the step number, fixes every draw and
-    shuffle. use_chat_template: None = use the reader tokenizer's chat template when it has one.
-    kv_cache_tokens: the reader's KV cache size in tokens; None = sized by each call's need (see `Engine`).
-    engine_kwargs: passed to the reader's `Engine` (block size, ...).
-    answer_letters: the letters the generate-and-parse ways look for in a reply (the first one found is the
-    answer). answer_tokens: the tokens those ways let the reader generate.
-    readout: how `score` reads the reader's answer off the next-token distribution. "options" (the default preset):
-    the option letters' logits only, renormalised over the question's options. "vocab" (the recipe): the whole
-    vocabulary, each token counted for the option its first capital among answer_letters names (see
-    `token_option_map`); mass on tokens that decide no option, or a letter past the options, counts as wrong.
-    cannot_answer_letter: the letter of the appended "cannot answer" option; None = the letter after the last
-    option. The recipe's server always writes "F" (E stays unused for 4-option questions); a question with more
-    options than that letter leaves room for gets the letter after its last option instead.
-    `RewardConfig.recipe()` is the published reward server's setting."""
-
-    num_draws: int = 8
-    mode: str = "hard"
-    cannot_answer: bool = True
-    cannot_answer_text: str = CANNOT_ANSWER
-    temperature: float = 1.0
-    seed: int = 0
-    template: PromptTemplate = DEFAULT_TEMPLATE
-    use_chat_template: bool | None = None
-    # Option letters per question, "cannot answer" included (their tokens are checked at start). The default fits
-    # every question `caprl_core.data` validates: A-I, as the official reward parses.
-    max_options: int = MAX_OPTIONS + 1
-    kv_cache_tokens: int | None = None
-    engine_kwargs: dict = field(default_factory=dict)
-    answer_letters: str = LETTERS
-    answer_tokens: int = RECIPE_ANSWER_TOKENS
-    readout: str = "options"
-    cannot_answer_letter: str | None = None
-
-    @classmethod
-    def recipe(cls, **overrides) -> RewardConfig:
-        """The CapRL reward server's setting: 8 draws with replacement, shuffled lettered options plus "Can not
-        answer based on the caption", Qwen chat turns written out (no system message, no chat template), the
-        assistant's turn opened with "The answer is", the reader at T = 0.6, soft mode (the
-        expectation of the server's sampled reward: `CapRLReward.sample_by_generation` draws that reward itself, at
-        most 10 tokens, first letter A-I, read over the whole vocabulary), "cannot answer" always "F". `overrides`
-        replace any field."""
-        values = dict(num_draws=8, mode="soft", temperature=RECIPE_READER_TEMPERATURE, cannot_answer=True,
-                      cannot_answer_text=RECIPE_CANNOT_ANSWER, template=RECIPE_TEMPLATE, use_chat_template=False,
-                      max_options=len(RECIPE_ANSWER_LETTERS), answer_letters=RECIPE_ANSWER_LETTERS,
-                      answer_tokens=RECIPE_ANSWER_TOKENS, readout="vocab",
-                      cannot_answer_letter=RECIPE_CANNOT_ANSWER_LETTER)  # fmt: skip
-        values.update(overrides)
-        return cls(**values)
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.num_draws, int) and self.num_draws >= 1):
-            raise ValueError(f"RewardConfig.num_draws must be an integer >= 1, got {self.num_draws!r}")
-        if self.mode not in ("hard", "soft"):
-            raise ValueError(f"RewardConfig.mode must be 'hard' or 'soft', got {self.mode!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"RewardConfig.temperature must be > 0, got {self.temperature!r}")
-        if not (2 <= self.max_options <= len(LETTERS)):
-            raise ValueError(f"RewardConfig.max_options must be in [2, 26], got {self.max_options!r}")
-        if not (self.answer_letters and set(self.answer_letters) <= set(LETTERS)):
-            raise ValueError(f"RewardConfig.answer_letters must be capital letters A-Z, got {self.answer_letters!r}")
-        if self.readout not in ("options", "vocab"):
-            raise ValueError(f"RewardConfig.readout must be 'options' or 'vocab', got {self.readout!r}")
-        letter = self.cannot_answer_letter
-        if letter is not None and not (len(letter) == 1 and letter in LETTERS[1 : self.max_options]):
-            raise ValueError(f"RewardConfig.cannot_answer_letter must be None or one of "
-                             f"{LETTERS[1 : self.max_options]!r}, got {letter!r}")  # fmt: skip
-        if not (isinstance(self.answer_tokens, int) and self.answer_tokens >= 1):
-            raise ValueError(f"RewardConfig.answer_tokens must be an integer >= 1, got {self.answer_tokens!r}")
-        if self.kv_cache_tokens is not None:
-            if not (isinstance(self.kv_cache_tokens, int) and self.kv_cache_tokens >= 1):
-                raise ValueError(f"RewardConfig.kv_cache_tokens must be None or an integer >= 1, "
-                                 f"got {self.kv_cache_tokens!r}")  # fmt: skip
-            sizes = {"num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_fraction"} & set(self.engine_kwargs)
-            if sizes:
-                raise ValueError(f"RewardConfig.kv_cache_tokens is given: engine_kwargs must not size the cache "
-                                 f"too, got {sorted(sizes)}")  # fmt: skip
+__all__ = ["RewardDetails", "CapRLReward"]
 
 
 @dataclass
@@ -346,7 +113,7 @@ class CapRLReward:
             self.letter_ids = self._letter_token_ids()  # [max_options] token id of each letter after the cue
         else:  # [V] the option slot each vocabulary token decides, or -1
             vocab_size = self.lm_head.weight.shape[0]
-            self.token_options = _cached_token_option_map(reader_tokenizer, vocab_size, self.config.answer_letters)
+            self.token_options = cached_token_option_map(reader_tokenizer, vocab_size, self.config.answer_letters)
 
     # --- prompt construction ------------------------------------------------------------------------------------
 
@@ -578,47 +345,6 @@ class CapRLReward:
             return rewards.tolist()
 
         return caprl_reward
-
-
-def first_capital_letter(text: str, letters: str = LETTERS) -> str | None:
-    """The recipe's parse: the first of `letters` (capitals) in a reply, or None. The recipe's server looks for
-    A-I only, so a reply "Not sure: B" is B there (the N is skipped), while with A-Z it would be N."""
-    match = re.search(f"[{re.escape(letters)}]", text)
-    return match.group(0) if match else None
-
-
-def token_option_map(tokenizer, vocab_size: int, letters: str = RECIPE_ANSWER_LETTERS) -> torch.Tensor:
-    """[vocab_size] int64: for each token id, the option slot (index in LETTERS) that a reply starting with that
-    token is parsed as by the server's rule (the first of `letters` anywhere in the reply), or -1 when the token
-    decides nothing. A token decides when its text holds one of `letters` ("C", " C", "(C", "Because" -> slot of
-    C, A, B): the reply's first such letter is then inside it. Special tokens (EOS and the chat markers) and ids
-    past the tokenizer (embedding padding) decide nothing: a stop token ends the reply with no letter (score 0), and
-    the others are dropped from the decoded reply."""
-    if not (letters and set(letters) <= set(LETTERS)):
-        raise ValueError(f"letters: expected capitals A-Z, got {letters!r}")
-    out = torch.full((vocab_size,), -1, dtype=torch.int64)
-    known = min(vocab_size, len(tokenizer))
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    pattern = re.compile(f"[{re.escape(letters)}]")
-    texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False)
-    for i, text in enumerate(texts):
-        match = pattern.search(text)
-        if match is not None and i not in special:
-            out[i] = LETTERS.index(match.group(0))
-    return out
-
-
-# Decoding Qwen's 151,936 tokens one by one takes ~10 s (2-core CPU): rewards sharing a tokenizer (eval builds two)
-# share its map.
-_TOKEN_OPTION_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cached_token_option_map(tokenizer, vocab_size: int, letters: str) -> torch.Tensor:
-    maps = _TOKEN_OPTION_MAPS.setdefault(tokenizer, {})
-    if (vocab_size, letters) not in maps:
-        maps[(vocab_size, letters)] = token_option_map(tokenizer, vocab_size, letters)
-    return maps[(vocab_size, letters)]
 
 
 def _completion_text(completion) -> str:

@@ -259,7 +259,8 @@ def test_every_question_the_validator_accepts_can_be_scored(tmp_path):
     accepts, each answer in the last place, are scored by the reward as train builds it (default RewardConfig, with
     "cannot answer" appended); one option more is a file:line error, not a crash mid-run."""
     from caprl_core.models import tiny_qwen2, tiny_tokenizer
-    from caprl_core.reward import CapRLReward, RewardConfig
+    from caprl_core.reward import CapRLReward
+    from caprl_core.reward_config import RewardConfig
 
     _write_images(tmp_path)
     sizes = range(2, data.MAX_OPTIONS + 1)

@@ -463,7 +463,8 @@ def test_prefill_shared_prefix_keeps_only_the_prefix_computed_alone():
 def test_reward_config_kv_cache_tokens_sizes_the_readers_engine():
     """RewardConfig.kv_cache_tokens reaches the reader's Engine (None: sized by need); sizing it twice is an error."""
     from caprl_core.models import tiny_tokenizer
-    from caprl_core.reward import CapRLReward, RewardConfig
+    from caprl_core.reward import CapRLReward
+    from caprl_core.reward_config import RewardConfig
 
     tok = tiny_tokenizer()
     reader = tiny_qwen2(tokenizer=tok)

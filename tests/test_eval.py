@@ -127,7 +127,7 @@ def test_models_from_directories_match_the_shipped_defaults(run, data, tmp_path,
 
 def test_a_reader_directory_gives_its_prompt(data, tmp_path, one_thread):
     """A reader directory with caprl_prompt.json is prompted with it: the reader's prompts start with its header."""
-    from caprl_core.reward import PromptTemplate, save_prompt_template
+    from caprl_core.reward_prompts import PromptTemplate, save_prompt_template
 
     policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
     for name, model in (("policy", policy), ("reader", reader)):
@@ -186,7 +186,7 @@ def test_prism_preset_under_explicit_flags():
 def test_recipe_reward_preset_reads_with_the_recipes_prompt(data, tmp_path, one_thread):
     """--reward-preset recipe: every question read with the reward server's prompt and whole-vocabulary readout, as
     a recipe-trained policy was rewarded (not the default prompt inside the reader's chat template)."""
-    from caprl_core.reward import RECIPE_TEMPLATE
+    from caprl_core.reward_prompts import RECIPE_TEMPLATE
 
     policy, reader, tokenizer, image_processor = tiny_policy_and_reader(seed=0)
     prompter = PolicyPrompter(tokenizer, image_processor)

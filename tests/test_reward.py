@@ -12,7 +12,10 @@ from transformers import PreTrainedTokenizerFast
 
 from caprl_core.data import MCQ
 from caprl_core.models import tiny_qwen2, tiny_qwen3, tiny_tokenizer
-from caprl_core.reward import LETTERS, RECIPE_TEMPLATE, CapRLReward, RewardConfig, token_option_map
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
+from caprl_core.reward_prompts import LETTERS, RECIPE_TEMPLATE
+from caprl_core.reward_recipe import token_option_map
 
 CAPTIONS = [
     "A red circle in the top-left and a blue square in the bottom-right.",

@@ -305,7 +305,7 @@ def test_shared_prefix_run_reproduces_the_unshared_run(tmp_path):
 
 
 def test_recipe_reward_preset_sets_the_servers_reward_under_explicit_options():
-    from caprl_core.reward import RECIPE_TEMPLATE
+    from caprl_core.reward_prompts import RECIPE_TEMPLATE
     from caprl_core.rl.scoring import reward_config
 
     config, _ = parse_config(["--reward-preset", "recipe"])

@@ -22,7 +22,8 @@ trl = pytest.importorskip("trl", reason="the test runs TRL's GRPOTrainer")
 
 from caprl_core.data import load_jsonl  # noqa: E402
 from caprl_core.models import tiny_qwen2, tiny_tokenizer  # noqa: E402
-from caprl_core.reward import CapRLReward, RewardConfig  # noqa: E402
+from caprl_core.reward import CapRLReward  # noqa: E402
+from caprl_core.reward_config import RewardConfig  # noqa: E402
 from caprl_core.world.scenes import make_synthetic_dataset  # noqa: E402
 
 NUM_PROMPTS = 2

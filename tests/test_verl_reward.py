@@ -17,7 +17,8 @@ import torch
 from caprl_core.data import load_jsonl
 from caprl_core.integrations.verl import make_batch_compute_score, make_compute_score, row_questions
 from caprl_core.models import tiny_qwen2, tiny_tokenizer
-from caprl_core.reward import CapRLReward, RewardConfig
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
 from caprl_core.world.scenes import make_synthetic_dataset
 
 CAPTIONS = ["a red circle left of a blue square", "two green triangles", "nothing at all"]

@@ -110,7 +110,8 @@ def test_world_data_splits_are_fixed_by_seed(tmp_path):
 
 def test_shared_draws_give_the_captions_of_a_key_the_same_prompts_but_their_own_captions():
     from caprl_core.models import tiny_qwen2, tiny_tokenizer
-    from caprl_core.reward import CapRLReward, RewardConfig
+    from caprl_core.reward import CapRLReward
+    from caprl_core.reward_config import RewardConfig
 
     tok = tiny_tokenizer()
     reward = CapRLReward(tiny_qwen2(tokenizer=tok), tok, RewardConfig(num_draws=3))
@@ -157,7 +158,7 @@ def test_a_small_build_learns_and_is_deterministic(tmp_path):
 
 
 def test_a_reader_directory_carries_its_prompt(tmp_path):
-    from caprl_core.reward import (
+    from caprl_core.reward_prompts import (
         DEFAULT_HEADER,
         PROMPT_FILE,
         PromptTemplate,

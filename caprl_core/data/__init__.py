@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # how an answer may be given in a dataset line ("B")
 # The letters the reward gives options: the official CapRL reward server parses the first letter A-I of the reader's
 # reply, and the reward appends "cannot be answered from the caption" as the last option, so a question brings at
-# most 8 options of its own. The validator and `reward.RewardConfig.max_options` both derive from this: every
+# most 8 options of its own. The validator and `reward_config.RewardConfig.max_options` both derive from this: every
 # dataset that validates can be scored.
 REWARD_LETTERS = "ABCDEFGHI"
 MAX_OPTIONS = len(REWARD_LETTERS) - 1

@@ -18,7 +18,9 @@ from caprl_core.distributed import (
     World,
     all_gather_objects,
 )
-from caprl_core.reward import DEFAULT_TEMPLATE, CapRLReward, PromptTemplate, RewardConfig
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
+from caprl_core.reward_prompts import DEFAULT_TEMPLATE, PromptTemplate
 from caprl_core.rl.rollout import Rollout
 from caprl_core.world.grammar import caption_fact_counts
 

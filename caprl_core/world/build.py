@@ -20,7 +20,7 @@ import torch
 
 from caprl_core.models import TINY_CHAT_TEMPLATE, tiny_tokenizer
 from caprl_core.policy import PolicyPrompter, tiny_image_processor
-from caprl_core.reward import save_prompt_template
+from caprl_core.reward_prompts import save_prompt_template
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 from caprl_core.world import IMAGE_SIZE, SPLIT_SEEDS

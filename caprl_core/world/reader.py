@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from caprl_core.data import MAX_OPTIONS, MCQ
-from caprl_core.reward import CapRLReward, PromptTemplate, RewardConfig
+from caprl_core.reward import CapRLReward
+from caprl_core.reward_config import RewardConfig
+from caprl_core.reward_prompts import PromptTemplate
 from caprl_core.world.grammar import implied_answer, parse_caption
 from caprl_core.world.scenes import (
     COLOURS,
@@ -41,7 +43,7 @@ from caprl_core.world.scenes import statement as render_statement
 # The world reader's prompt: CapRLReward's layout with a one-line instruction instead of the few-shot header (310
 # tokens a fresh model must learn to ignore), the caption on the cue's line (so its first cell word is " top", the
 # token the question uses, not "top"), and option lines " A. red circle": the letter is then the same token as the one
-# after the answer cue, so answering is copying it. The reader directory carries it (reward.PROMPT_FILE), so
+# after the answer cue, so answering is copying it. The reader directory carries it (reward_prompts.PROMPT_FILE), so
 # train and eval prompt the reader the way it was trained.
 WORLD_TEMPLATE = PromptTemplate(
     header="Answer from the caption only.\n", caption="Caption: {caption}\n\n", option=" {letter}. {text}"
