@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import best_seconds, machine, peak_extra_bytes
 
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.models import tiny_qwen2_5_vl, vl_prompt_inputs
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.rl.rollout import Rollout

@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import machine, peak_extra_bytes
 
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.models import tiny_qwen2
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.rl.rollout import Rollout

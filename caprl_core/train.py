@@ -15,7 +15,8 @@ By default the update's forward packs each image's prompt once followed by its c
 `prompt + caption` row per caption, the reference it equals.
 
 The phases live in caprl_core/rl/ (rollout, scoring, batches, update; `Run.step` in rl/step.py runs them top to
-bottom); this module runs the loop (step -> log -> checkpoint) and the command line.
+bottom); this module runs the loop (step -> log -> checkpoint) and the command (its flags and --config file:
+`caprl_core.config_cli`).
 
 Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
 checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
@@ -28,7 +29,8 @@ import sys
 from pathlib import Path
 
 from caprl_core.checkpoint import ResumeError, latest_checkpoint
-from caprl_core.config import TrainConfig, parse_config
+from caprl_core.config import TrainConfig
+from caprl_core.config_cli import parse_config
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError

@@ -330,7 +330,7 @@ def test_recipe_advantages_equal_the_servers_formula(advantage, scale):
     linear to 0 at 3,072; the stop token not counted), is one score, normalised in the group: RLOO = the score minus
     the mean of the group's others; GRPO = (score - group mean) / (unbiased group std + 1e-6). Two groups of 4: equal
     accuracy with lengths 2,100-2,800 (the length term alone decides), and mixed accuracy and lengths."""
-    from caprl_core.config import parse_config
+    from caprl_core.config_cli import parse_config
     from caprl_core.rl.scoring import advantages_and_metrics
 
     config, _ = parse_config(["--reward-preset", "recipe", "--group-size", "4", "--advantage", advantage,

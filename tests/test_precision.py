@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.rl.rollout import rollout
 from caprl_core.rl.setup import setup

@@ -90,7 +90,7 @@ RECIPE_TABLE = {
 
 @pytest.mark.parametrize("name", list(RECIPE_TABLE))
 def test_recipe_file_prints_the_launch_settings(name, capsys):
-    from caprl_core.config import parse_config
+    from caprl_core.config_cli import parse_config
 
     with pytest.raises(SystemExit) as stop:
         parse_config(["--config", str(RECIPES / name), "--print-config"])

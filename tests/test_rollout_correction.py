@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from caprl_core import grpo
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.rl.rollout import rollout
 from caprl_core.rl.setup import setup
 from caprl_core.rl.update import update

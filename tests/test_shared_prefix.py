@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, tiny_qwen3_vl, vl_prompt_inputs
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.rl.batches import policy_logprobs, training_batch

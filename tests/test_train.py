@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from caprl_core.config import TrainConfig, parse_config
+from caprl_core.config import TrainConfig
+from caprl_core.config_cli import parse_config
 from caprl_core.rl.progress import TIMING_KEYS
 
 SMALL = ["--steps", "5", "--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8",
@@ -266,7 +267,8 @@ def test_dtype_applies_to_the_builtin_models(tmp_path):
 
 
 def test_help_describes_every_option_and_print_config_resolves(capsys):
-    from caprl_core.config import FIELDS, HELP, build_parser
+    from caprl_core.config import FIELDS
+    from caprl_core.config_cli import HELP, build_parser
 
     assert set(HELP) == set(FIELDS)
     text = build_parser().format_help()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from caprl_core import grpo
 from caprl_core import train as train_mod
-from caprl_core.config import parse_config
+from caprl_core.config_cli import parse_config
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.rl import batches
 from caprl_core.rl import setup as setup_mod
