@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from caprl_core.checkpoint import LATEST, latest_checkpoint
+from caprl_core.checkpoint import LATEST
+from caprl_core.resume import latest_checkpoint
 
 __all__ = [
     "DEFAULT_INSTRUCTION",

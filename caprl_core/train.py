@@ -28,13 +28,13 @@ import json
 import sys
 from pathlib import Path
 
-from caprl_core.checkpoint import ResumeError, latest_checkpoint
 from caprl_core.config import TrainConfig
 from caprl_core.config_cli import parse_config
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
+from caprl_core.resume import ResumeError, latest_checkpoint
 from caprl_core.rl import state
 from caprl_core.rl.progress import Progress, trim_metrics
 from caprl_core.rl.setup import device_and_dtype, setup

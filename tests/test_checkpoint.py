@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from caprl_core import checkpoint
-from caprl_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from caprl_core import checkpoint, resume
+from caprl_core.checkpoint import save_checkpoint
 from caprl_core.models import tiny_qwen2, tiny_qwen2_5_vl, tiny_tokenizer
+from caprl_core.resume import latest_checkpoint, load_checkpoint
 
 VOCAB = 512
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,7 @@ def test_fallback_through_from_pretrained(tmp_path, monkeypatch):
     """Layouts that are not a renaming of the module names are read by transformers' own loader."""
     model = _tied_qwen2(0)
     path = save_checkpoint(tmp_path, 0, model=model, trainer_state={})
-    monkeypatch.setattr(checkpoint, "_checkpoint_key_map", lambda model: None)
+    monkeypatch.setattr(resume, "_checkpoint_key_map", lambda model: None)
     fresh = _tied_qwen2(1)
     load_checkpoint(path, model=fresh)
     _assert_same_weights(fresh, model)

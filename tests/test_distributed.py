@@ -190,8 +190,8 @@ def two_ranks_bf16(tmp_path_factory) -> Path:
 def _fp32_masters(out: Path) -> list[torch.Tensor]:
     """The fp32 masters of a bf16 run's step-2 checkpoint, in parameter order: one process saves them as copies in its
     optimizer state (its weights are bf16), N ranks as the weights themselves."""
-    from caprl_core.checkpoint import saved_masters, saved_parameters
     from caprl_core.policy import tiny_policy_and_reader
+    from caprl_core.resume import saved_masters, saved_parameters
 
     ckpt = out / "checkpoints" / "step-000002"
     masters = saved_masters(ckpt)

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import torch
 
-from caprl_core.checkpoint import (
-    load_checkpoint,
-    load_weights,
-    resume_errors,
-    save_checkpoint,
-    saved_masters,
-    saved_parameters,
-)
+from caprl_core.checkpoint import save_checkpoint
 from caprl_core.distributed import (
     TokenLogprobs,
     barrier,
@@ -23,6 +16,7 @@ from caprl_core.distributed import (
     full_optimizer_state,
     load_optimizer_state,
 )
+from caprl_core.resume import load_checkpoint, load_weights, resume_errors, saved_masters, saved_parameters
 from caprl_core.rl.step import Run
 
 
