@@ -57,18 +57,25 @@ AdvantageScale parse_scale(const std::string& scale) {
   return AdvantageScale::kNone;
 }
 
-void check_mcq_args(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
-                    const at::Tensor& option_ids, const at::Tensor& answers, const at::Tensor& num_options,
-                    const at::Tensor& prompt_order, const at::Tensor& caption_offsets) {
-  const char* op = "mcq_rewards";
+// The reader head both mcq ops read: hidden [P, H], a CUDA floating tensor, and weight [V, H] of its dtype and
+// device. Returns the dtype.
+at::ScalarType check_reader_head(const char* op, const at::Tensor& hidden, const at::Tensor& weight) {
   TORCH_CHECK(hidden.is_cuda(), op, ": hidden must be a CUDA tensor, got ", hidden.device());
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden must be [P, H] and weight [V, H], got ",
               hidden.sizes(), " and ", weight.sizes());
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": hidden must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_cuda_tensor(op, "weight", weight, hidden, dtype, {weight.size(0), hidden.size(1)});
+  return dtype;
+}
+
+void check_mcq_args(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
+                    const at::Tensor& option_ids, const at::Tensor& answers, const at::Tensor& num_options,
+                    const at::Tensor& prompt_order, const at::Tensor& caption_offsets) {
+  const char* op = "mcq_rewards";
+  const auto dtype = check_reader_head(op, hidden, weight);
   const int64_t P = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  check_cuda_tensor(op, "weight", weight, hidden, dtype, {V, H});
   TORCH_CHECK(hidden.stride(1) == 1 || H <= 1, op, ": hidden must have a unit stride along H");
   TORCH_CHECK(weight.stride(1) == 1 || H <= 1, op, ": weight must have a unit stride along H");
   if (bias) {
@@ -161,15 +168,9 @@ void check_vocab_args(const at::Tensor& hidden, const at::Tensor& weight, const 
                       const at::Tensor& token_options, const at::Tensor& answers, const at::Tensor& prompt_order,
                       const at::Tensor& caption_offsets, int64_t num_slots) {
   const char* op = "mcq_rewards_vocab";
-  TORCH_CHECK(hidden.is_cuda(), op, ": hidden must be a CUDA tensor, got ", hidden.device());
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden must be [P, H] and weight [V, H], got ",
-              hidden.sizes(), " and ", weight.sizes());
-  const auto dtype = hidden.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": hidden must be float32, float64, bfloat16 or float16, got ", dtype);
-  const int64_t P = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto dtype = check_reader_head(op, hidden, weight);
+  const int64_t P = hidden.size(0), V = weight.size(0);
   TORCH_CHECK(P >= 1 && V >= 1, op, ": expected P >= 1 and V >= 1, got ", P, " and ", V);
-  check_cuda_tensor(op, "weight", weight, hidden, dtype, {V, H});
   if (bias) check_cuda_tensor(op, "bias", *bias, hidden, dtype, {V});
   TORCH_CHECK(num_slots >= 1 && num_slots <= kMcqMaxVocabSlots, op, ": num_slots must lie in [1, ",
               kMcqMaxVocabSlots, "], got ", num_slots);
