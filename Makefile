@@ -6,7 +6,7 @@
 # VENV names the virtual environment, so that two sets of versions can live side by side.
 # DEPS picks the versions of everything but torch: `lock` (default) installs the tested set in constraints.txt, so a
 # release upstream cannot break `make test` or `make train`; `newest` installs what pip resolves today, torch included
-# when TORCH_SPEC leaves it free (.ci/run's second pass), e.g.
+# when TORCH_SPEC leaves it free (.ci/run's second pass pins the CPU wheel, CI_NEWEST_TORCH=1 frees it), e.g.
 #     make test DEPS=newest VENV=.venv-newest
 # PYTEST_ARGS goes to pytest (.ci/run: -p scripts.ci_strict_skips).
 PYTHON ?= python3
