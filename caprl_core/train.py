@@ -25,62 +25,94 @@ checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `late
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from caprl_core.config import TrainConfig
-from caprl_core.config_cli import parse_config
+from caprl_core.config_cli import parse_command
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
-from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
 from caprl_core.rl import state
+from caprl_core.rl.lifecycle import (
+    METRICS,
+    RESUMES,
+    SAMPLES,
+    Interrupted,
+    Plotter,
+    RunDirError,
+    changes,
+    no_interrupts,
+    open_run_dir,
+    plan,
+    saved_config,
+)
 from caprl_core.rl.progress import Progress, trim_metrics
 from caprl_core.rl.setup import device_and_dtype, setup
 from caprl_core.rl.step import Run
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs.
+    resume: continue from the last checkpoint in config.log.output_dir (ResumeError when there is none); overwrite:
+    delete the run already there (`caprl_core.rl.lifecycle`); neither with a run there: RunDirError."""
     device, _ = device_and_dtype(config)
     world = init_world(device.type)
     try:
         local_images(config.rollout.images_per_step, world)  # before any model loads: a batch that cannot split
-        return _train(config, resume, world)
+        return _train(config, resume, overwrite, world)
     finally:
         close_world(world)
 
 
-def _train(config: TrainConfig, resume: bool, world: World) -> Path:
-    ckpt = latest_checkpoint(config.log.output_dir) if resume and config.log.output_dir else None
+def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> Path:
+    out = Path(config.log.output_dir) if config.log.output_dir else None
+    ckpt = open_run_dir(out, resume, overwrite, world) if out is not None else None
+    before = saved_config(out) if ckpt is not None else None  # before setup writes this run's config.json
     run = setup(config, world, weights_from=ckpt)
     output_dir, main_rank = run.output_dir, world.is_main
     start = 0
-    metrics_path = output_dir / "metrics.jsonl"
     if ckpt is not None:
         start = state.resume(run, ckpt)
         if main_rank:
-            trim_metrics(metrics_path, start - 1)
-            print(f"[caprl_core.train] resumed from {ckpt} at step {start}", file=sys.stderr)
-    elif metrics_path.exists() and main_rank:
-        metrics_path.unlink()  # a fresh run in an existing directory starts a fresh log
-
+            _continue_logs(output_dir, ckpt, start, changes(before, config))
+    plotter = Plotter(output_dir, main_rank)
     progress = Progress(config.steps, start, config.log.progress and main_rank)
-    for step in range(start, config.steps):
-        metrics = run.step(step)
-        if main_rank:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        progress.update(step, metrics)
-        _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
-        last = step == config.steps - 1
-        if (step + 1) % config.log.checkpoint_every == 0 or last:
-            state.save(run, step)
-    progress.close()
-    if main_rank:
-        plot_metrics(metrics_path, output_dir / "plot.png")
+    step = start
+    try:
+        for step in range(start, config.steps):
+            metrics = run.step(step)
+            if main_rank:
+                with (output_dir / METRICS).open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            progress.update(step, metrics)
+            _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
+            checkpoint = (step + 1) % config.log.checkpoint_every == 0 or step == config.steps - 1
+            if checkpoint:
+                state.save(run, step)
+            if checkpoint if config.log.plot_every is None else (step + 1) % config.log.plot_every == 0:
+                plotter.draw()
+    except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; a resume redoes it from the checkpoint
+        raise Interrupted(step, output_dir, main_rank) from None
+    finally:  # plot.png shows every logged step, whatever ended the run
+        progress.close()
+        with no_interrupts():
+            plotter.draw()
     return output_dir
+
+
+def _continue_logs(output_dir: Path, ckpt: Path, start: int, changed: dict[str, list]) -> None:
+    """A resumed run's logs: lines past its checkpoint go (the run writes them again), and resumes.jsonl and stderr
+    say where it resumed and which options it changed."""
+    for log in (METRICS, SAMPLES):
+        trim_metrics(output_dir / log, start - 1)
+    with (output_dir / RESUMES).open("a") as f:
+        f.write(json.dumps({"step": start, "checkpoint": str(ckpt), "changed": changed}) + "\n")
+    what = "; ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+    print(f"[caprl_core.train] resumed from {ckpt} at step {start}" + (f"; changed {what}" if what else ""),
+          file=sys.stderr)  # fmt: skip
 
 
 def _stop_on_skips(run: Run, step: int) -> None:
@@ -93,17 +125,32 @@ def _stop_on_skips(run: Run, step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 done, 1 stopped by non-finite gradients, 2 a bad flag, directory or checkpoint (one line),
+    130 Ctrl-C (one line: the step abandoned, the last checkpoint, how to resume; rank 0 only)."""
+    try:
+        return _main(argv)
+    except Interrupted as e:
+        if e.is_main:
+            print(e.message, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # while parsing, loading models or closing: no step was in progress
+        if os.environ.get("RANK", "0") == "0":
+            print("[caprl_core.train] interrupted (no training step was in progress)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would print bars of their own between the run's
     try:
-        config, resume = parse_config(argv)
+        config, resume, overwrite = plan(parse_command(argv))  # a resume: the run's saved config, checked flags
     except ValueError as e:
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     try:
-        out = train(config, resume=resume)
-    except (ModelLoadError, WorldSizeError, ResumeError) as e:  # the user's input (a directory, a batch size, ...)
+        out = train(config, resume=resume, overwrite=overwrite)
+    except (ModelLoadError, WorldSizeError, ResumeError, RunDirError) as e:  # the user's input (a directory, ...)
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as e:
