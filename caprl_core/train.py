@@ -2,7 +2,7 @@
 
     python -m caprl_core.train                                   # the shipped miniature world, a few CPU minutes
     python -m caprl_core.train --policy Qwen2.5-VL-3B-Instruct --reader Qwen2.5-3B-Instruct --data train.jsonl
-    python -m caprl_core.train --output-dir runs/x --resume      # continue from the last complete checkpoint
+    python -m caprl_core.train --output-dir runs/x --resume      # continue the run: its saved config and checkpoint
 
 One step: (1) rollout: the policy samples G captions for each of B images through the paged sampler (the policy
 object itself, no weight sync), with the log-probs it sampled them with; (2) reward: the reader scores every caption
@@ -15,10 +15,12 @@ By default the update's forward packs each image's prompt once followed by its c
 `prompt + caption` row per caption, the reference it equals.
 
 The phases live in caprl_core/rl/ (rollout, scoring, batches, update; `Run.step` in rl/step.py runs them top to
-bottom); this module runs the loop (step -> log -> checkpoint) and the command (its flags and --config file:
-`caprl_core.config_cli`).
+bottom); this module runs the loop (step -> log -> checkpoint -> plot) and the command (its flags and --config file:
+`caprl_core.config_cli`). What a run may do to its directory (a resume keeps the saved configuration, a fresh run
+never mixes with an old one, --overwrite, Ctrl-C: one line and exit 130) is `caprl_core.rl.lifecycle`.
 
-Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
+Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png (every
+--plot-every steps, default at each checkpoint, and at exit), config.json, resumes.jsonl (what each resume changed),
 checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
 """
 
@@ -29,7 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-from caprl_core.config import TrainConfig
+from caprl_core.config import TrainConfig, _flag
 from caprl_core.config_cli import parse_command
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
 from caprl_core.policy import ModelLoadError
@@ -110,7 +112,7 @@ def _continue_logs(output_dir: Path, ckpt: Path, start: int, changed: dict[str, 
         trim_metrics(output_dir / log, start - 1)
     with (output_dir / RESUMES).open("a") as f:
         f.write(json.dumps({"step": start, "checkpoint": str(ckpt), "changed": changed}) + "\n")
-    what = "; ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+    what = "; ".join(f"{_flag(name)} {old} -> {new}" for name, (old, new) in changed.items())
     print(f"[caprl_core.train] resumed from {ckpt} at step {start}" + (f"; changed {what}" if what else ""),
           file=sys.stderr)  # fmt: skip
 

@@ -66,6 +66,26 @@ def test_resume_keeps_the_runs_configuration_and_refuses_a_change(tmp_path, caps
     assert (out / "config.json").read_bytes() == before  # never rewritten before the checks pass
 
 
+def test_which_options_a_resume_may_change(tmp_path):
+    """Without training: a saved configuration, and what a resume makes of options given over it."""
+    from caprl_core.config import TrainConfig
+    from caprl_core.resume import ResumeError
+    from caprl_core.rl.lifecycle import resumed_config
+
+    saved = TrainConfig()
+    saved.optim.lr, saved.model.policy = 2e-4, "tiny-random"
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    config = resumed_config(tmp_path, {"steps": 500, "keep_last": 1, "lr": 2e-4, "output_dir": "elsewhere"})
+    assert (config.steps, config.log.keep_last, config.optim.lr) == (500, 1, 2e-4)
+    assert config.log.output_dir == str(tmp_path)  # where the run is now
+    with pytest.raises(ResumeError, match="^--seed 1: the run in .* was started with --seed 0"):
+        resumed_config(tmp_path, {"seed": 1})
+    saved.optim.schedule = "cosine"  # its decay ends at --steps: another length changes the steps to come
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    with pytest.raises(ResumeError, match="^--steps 500: .*cosine schedule"):
+        resumed_config(tmp_path, {"steps": 500})
+
+
 @pytest.mark.parametrize("where", ["missing", "empty", "no-checkpoint"])
 def test_resume_with_nothing_to_resume_is_one_line_unless_if_exists(where, tmp_path, capsys):
     out = tmp_path / "run"
@@ -114,13 +134,13 @@ def test_samples_are_trimmed_on_resume_like_metrics(tmp_path):
     samples = (out / "samples.jsonl").read_text()
     shutil.rmtree(out / "checkpoints" / "step-000002")  # as if the run had stopped after its step-1 checkpoint
     (out / "checkpoints" / "latest").write_text("step-000001\n")
-    assert _main(out, "--resume") == 0
+    assert _main(out, "--resume", "--steps", "3", "--checkpoint-every", "1", "--sample-every", "1") == 0
     assert [r["step"] for r in _rows(out / "samples.jsonl")] == [0, 0, 1, 1, 2, 2]
     assert (out / "samples.jsonl").read_text() == samples  # step 2 written again, the same captions
 
 
 def test_plot_is_redrawn_on_its_cadence_and_a_failing_plot_never_stops_training(tmp_path, monkeypatch, capsys):
-    from caprl_core.rl import lifecycle
+    from caprl_core import plot
 
     drawn: list[int] = []
 
@@ -128,7 +148,7 @@ def test_plot_is_redrawn_on_its_cadence_and_a_failing_plot_never_stops_training(
         drawn.append(len(_rows(Path(metrics_path))))
         raise RuntimeError("no disk left")
 
-    monkeypatch.setattr(lifecycle, "plot_metrics", failing_plot)
+    monkeypatch.setattr(plot, "plot_metrics", failing_plot)
     assert _main(tmp_path / "every2", "--steps", "3", "--checkpoint-every", "1", "--plot-every", "2") == 0
     assert drawn == [2, 3]  # after step 1, and at exit
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "plot.png not drawn" in ln]

@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from caprl_core import plot
 from caprl_core.checkpoint import _STEP_RE, _TMP_RE, CHECKPOINTS_DIR, LATEST
 from caprl_core.config import FIELDS, SECTIONS, TrainConfig, _flag, _get, _set, validate
 from caprl_core.config_cli import Command
 from caprl_core.distributed import World, barrier
-from caprl_core.plot import plot_metrics
 from caprl_core.policy import TINY_RANDOM
 from caprl_core.resume import ResumeError, latest_checkpoint
 
@@ -217,7 +217,7 @@ class Plotter:
         if not self.enabled or not self.metrics.exists():
             return
         try:
-            plot_metrics(self.metrics, self.png)
+            plot.plot_metrics(self.metrics, self.png)
         except Exception as e:  # noqa: BLE001 - a figure is never worth the run
             if not self.warned:
                 print(f"[caprl_core.train] warning: {PLOT} not drawn ({type(e).__name__}: {' '.join(str(e).split())}); "
