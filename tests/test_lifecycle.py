@@ -163,7 +163,7 @@ def _command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "caprl_core.train", *small, "--output-dir", str(out), *extra]
 
 
-@pytest.mark.slow  # three runs in their own processes: 196 s on the shared 2-core machine
+@pytest.mark.slow  # three runs in their own processes: 45 s alone, 196 s on the loaded shared 2-core machine
 def test_ctrl_c_stops_cleanly_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     clean = tmp_path / "clean"
