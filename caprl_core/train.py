@@ -82,9 +82,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
             _continue_logs(output_dir, ckpt, start, changes(before, config))
     plotter = Plotter(output_dir, main_rank)
     progress = Progress(config.steps, start, config.log.progress and main_rank)
-    step = start
+    in_progress = start  # the step a Ctrl-C abandons: the next one once a step's checkpoint is written
     try:
         for step in range(start, config.steps):
+            in_progress = step
             metrics = run.step(step)
             if main_rank:
                 with (output_dir / METRICS).open("a") as f:
@@ -94,10 +95,11 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
             checkpoint = (step + 1) % config.log.checkpoint_every == 0 or step == config.steps - 1
             if checkpoint:
                 state.save(run, step)
+                in_progress = step + 1
             if checkpoint if config.log.plot_every is None else (step + 1) % config.log.plot_every == 0:
                 plotter.draw()
     except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; a resume redoes it from the checkpoint
-        raise Interrupted(step, output_dir, main_rank) from None
+        raise Interrupted(in_progress, output_dir, main_rank) from None
     finally:  # plot.png shows every logged step, whatever ended the run
         progress.close()
         with no_interrupts():
