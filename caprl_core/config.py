@@ -108,6 +108,7 @@ class LogConfig:
     sample_every: int = 5
     checkpoint_every: int = 10
     keep_last: int = 3
+    plot_every: int | None = None  # redraw plot.png every this many steps; None = at each checkpoint (and at exit)
     progress: bool = True
 
 
@@ -293,6 +294,7 @@ def validate(config: TrainConfig) -> None:
     need(lg.sample_every >= 1, "sample_every", "must be >= 1")
     need(lg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(lg.keep_last >= 1, "keep_last", "must be >= 1")
+    need(lg.plot_every is None or lg.plot_every >= 1, "plot_every", "must be >= 1")
     need(config.model.dtype in DTYPES, "dtype", f"one of {'|'.join(DTYPES)}")
     # fp16 would need dynamic loss scaling: 51.6% of a tiny Qwen2's non-zero fp32 gradients underflowed to 0 at the
     # recipe's per-token weights (issue 22). bf16 has fp32's range and runs wherever fp16 training is worth doing.

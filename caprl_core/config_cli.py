@@ -1,5 +1,6 @@
 """The training command line: `build_parser` (the flags of `python -m caprl_core.train`, with their --help) and
-`parse_config`, which resolves a `caprl_core.config.TrainConfig` from defaults < a TOML/JSON --config file < flags.
+`parse_command` (`parse_config`: its config and --resume), which resolves a `caprl_core.config.TrainConfig` from
+defaults < a TOML/JSON --config file < flags, and remembers which options the user set.
 
 A config file holds the same names as the flags (with underscores), flat or under their section
 (`[rollout] group_size = 8`); each value must have its field's type. Flags are parsed as text into the field's type.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,7 @@ HELP = {
     "sample_every": "write sample captions to samples.jsonl every this many steps",
     "checkpoint_every": "save a checkpoint every this many steps (and at the last step)",
     "keep_last": "checkpoints kept",
+    "plot_every": "redraw plot.png every this many steps (and at exit); not given: at each checkpoint",
     "progress": "show the progress bar",
     "steps": "training steps",
     "seed": "seed of data order, sampling, question draws and the tiny models",
@@ -165,7 +168,7 @@ def _checked(name: str, value: Any, where: str) -> Any:
 
 def _parse_value(name: str, text: str) -> Any:
     default = _get(TrainConfig(), name)
-    kind = type(default) if default is not None else (int if name.endswith("kv_cache_tokens") else float)
+    kind = type(default) if default is not None else next(t for t in FIELD_TYPES[name] if t is not type(None))
     if name in ("policy", "reader", "data", "output_dir"):
         kind = str
     if kind is bool:
@@ -210,8 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
         "override the file.",
     )
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML or JSON file of options")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in "
-                        "--output-dir")  # fmt: skip
+    parser.add_argument("--resume", nargs="?", const="always", default=None, metavar="if-exists",
+                        help="continue the run in --output-dir from its last complete checkpoint, with the run's saved "
+                        "configuration (flags may change only what does not change the run: --steps, logging, "
+                        "checkpoint and plot cadence); no checkpoint there is an error, unless `--resume if-exists`, "
+                        "which then starts a fresh run")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="delete the run already in --output-dir (its logs, "
+                        "plot, config.json and checkpoints; nothing else) and start a fresh one")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON "
                         "and exit")  # fmt: skip
     groups = {section: parser.add_argument_group(section or "run") for section in (*SECTIONS, None)}
@@ -221,9 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """(config, resume) from the command line; ValueError naming the option on a bad value. With --print-config,
-    prints the resolved configuration as JSON and exits (SystemExit 0)."""
+@dataclass
+class Command:
+    """What the command line asks for. resume: None, "always" (--resume) or "if-exists"; given: the options the
+    user set (flags and --config file), parsed; a resumed run may change only some (`caprl_core.rl.lifecycle`)."""
+
+    config: TrainConfig
+    resume: str | None
+    overwrite: bool
+    given: dict[str, Any]
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """(config, resume) from the command line (see `parse_command`)."""
+    command = parse_command(argv)
+    return command.config, command.resume
+
+
+def parse_command(argv: list[str] | None = None) -> Command:
+    """The resolved config and run options from the command line; ValueError naming the option on a bad value. With
+    --print-config, prints the resolved configuration as JSON and exits (SystemExit 0)."""
     args = build_parser().parse_args(argv)
     values = _read_file(args.config) if args.config is not None else {}
     for name in FIELDS:
@@ -245,7 +270,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         print(f"# defaults: {defaults} ({why})", file=sys.stderr)  # stdout stays JSON that --config reads back
         print(json.dumps(config.to_dict(), indent=2))
         raise SystemExit(0)
+    if args.resume not in (None, "always", "if-exists"):
+        raise ValueError(f"--resume: expected no value or if-exists, got {args.resume!r}")
     if args.resume and config.log.output_dir is None:
         raise ValueError("--resume: needs --output-dir (the run directory to continue); without it a fresh run would "
                          "start in a new runs/<date-time>")  # fmt: skip
-    return config, args.resume
+    if args.resume and args.overwrite:
+        raise ValueError("--overwrite: cannot be combined with --resume (one deletes the run the other continues)")
+    return Command(config, args.resume, args.overwrite, values)

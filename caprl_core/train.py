@@ -2,7 +2,7 @@
 
     python -m caprl_core.train                                   # the shipped miniature world, a few CPU minutes
     python -m caprl_core.train --policy Qwen2.5-VL-3B-Instruct --reader Qwen2.5-3B-Instruct --data train.jsonl
-    python -m caprl_core.train --output-dir runs/x --resume      # continue from the last complete checkpoint
+    python -m caprl_core.train --output-dir runs/x --resume      # continue the run: its saved config and checkpoint
 
 One step: (1) rollout: the policy samples G captions for each of B images through the paged sampler (the policy
 object itself, no weight sync), with the log-probs it sampled them with; (2) reward: the reader scores every caption
@@ -15,74 +15,110 @@ By default the update's forward packs each image's prompt once followed by its c
 `prompt + caption` row per caption, the reference it equals.
 
 The phases live in caprl_core/rl/ (rollout, scoring, batches, update; `Run.step` in rl/step.py runs them top to
-bottom); this module runs the loop (step -> log -> checkpoint) and the command (its flags and --config file:
-`caprl_core.config_cli`).
+bottom); this module runs the loop (step -> log -> checkpoint -> plot) and the command (its flags and --config file:
+`caprl_core.config_cli`). What a run may do to its directory (a resume keeps the saved configuration, a fresh run
+never mixes with an old one, --overwrite, Ctrl-C: one line and exit 130) is `caprl_core.rl.lifecycle`.
 
-Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
+Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png (every
+--plot-every steps, default at each checkpoint, and at exit), config.json, resumes.jsonl (what each resume changed),
 checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from caprl_core._cli import plain_warnings
-from caprl_core.config import TrainConfig
-from caprl_core.config_cli import parse_config
+from caprl_core.config import TrainConfig, _flag
+from caprl_core.config_cli import parse_command
 from caprl_core.data import DataError
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
-from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
 from caprl_core.rl import state
+from caprl_core.rl.lifecycle import (
+    METRICS,
+    RESUMES,
+    SAMPLES,
+    Interrupted,
+    Plotter,
+    RunDirError,
+    changes,
+    no_interrupts,
+    open_run_dir,
+    plan,
+    saved_config,
+)
 from caprl_core.rl.progress import Progress, trim_metrics
 from caprl_core.rl.setup import DeviceError, device_and_dtype, setup
 from caprl_core.rl.step import Run
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs.
+    resume: continue from the last checkpoint in config.log.output_dir (ResumeError when there is none); overwrite:
+    delete the run already there (`caprl_core.rl.lifecycle`); neither with a run there: RunDirError."""
     device, _ = device_and_dtype(config)
     world = init_world(device.type)
     try:
         local_images(config.rollout.images_per_step, world)  # before any model loads: a batch that cannot split
-        return _train(config, resume, world)
+        return _train(config, resume, overwrite, world)
     finally:
         close_world(world)
 
 
-def _train(config: TrainConfig, resume: bool, world: World) -> Path:
-    ckpt = latest_checkpoint(config.log.output_dir) if resume and config.log.output_dir else None
+def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> Path:
+    out = Path(config.log.output_dir) if config.log.output_dir else None
+    ckpt = open_run_dir(out, resume, overwrite, world) if out is not None else None
+    before = saved_config(out) if ckpt is not None else None  # before setup writes this run's config.json
     run = setup(config, world, weights_from=ckpt)
     output_dir, main_rank = run.output_dir, world.is_main
     start = 0
-    metrics_path = output_dir / "metrics.jsonl"
     if ckpt is not None:
         start = state.resume(run, ckpt)
         if main_rank:
-            trim_metrics(metrics_path, start - 1)
-            print(f"[caprl_core.train] resumed from {ckpt} at step {start}", file=sys.stderr)
-    elif metrics_path.exists() and main_rank:
-        metrics_path.unlink()  # a fresh run in an existing directory starts a fresh log
-
+            _continue_logs(output_dir, ckpt, start, changes(before, config))
+    plotter = Plotter(output_dir, main_rank)
     progress = Progress(config.steps, start, config.log.progress and main_rank)
-    for step in range(start, config.steps):
-        metrics = run.step(step)
-        if main_rank:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        progress.update(step, metrics)
-        _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
-        last = step == config.steps - 1
-        if (step + 1) % config.log.checkpoint_every == 0 or last:
-            state.save(run, step)
-    progress.close()
-    if main_rank:
-        plot_metrics(metrics_path, output_dir / "plot.png")
+    in_progress = start  # the step a Ctrl-C abandons: the next one once a step's checkpoint is written
+    try:
+        for step in range(start, config.steps):
+            in_progress = step
+            metrics = run.step(step)
+            if main_rank:
+                with (output_dir / METRICS).open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            progress.update(step, metrics)
+            _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
+            checkpoint = (step + 1) % config.log.checkpoint_every == 0 or step == config.steps - 1
+            if checkpoint:
+                state.save(run, step)
+                in_progress = step + 1
+            if checkpoint if config.log.plot_every is None else (step + 1) % config.log.plot_every == 0:
+                plotter.draw()
+    except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; a resume redoes it from the checkpoint
+        raise Interrupted(in_progress, output_dir, main_rank) from None
+    finally:  # plot.png shows every logged step, whatever ended the run
+        progress.close()
+        with no_interrupts():
+            plotter.draw()
     return output_dir
+
+
+def _continue_logs(output_dir: Path, ckpt: Path, start: int, changed: dict[str, list]) -> None:
+    """A resumed run's logs: lines past its checkpoint go (the run writes them again), and resumes.jsonl and stderr
+    say where it resumed and which options it changed."""
+    for log in (METRICS, SAMPLES):
+        trim_metrics(output_dir / log, start - 1)
+    with (output_dir / RESUMES).open("a") as f:
+        f.write(json.dumps({"step": start, "checkpoint": str(ckpt), "changed": changed}) + "\n")
+    what = "; ".join(f"{_flag(name)} {old} -> {new}" for name, (old, new) in changed.items())
+    print(f"[caprl_core.train] resumed from {ckpt} at step {start}" + (f"; changed {what}" if what else ""),
+          file=sys.stderr)  # fmt: skip
 
 
 def _stop_on_skips(run: Run, step: int) -> None:
@@ -95,18 +131,33 @@ def _stop_on_skips(run: Run, step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 done, 1 stopped by non-finite gradients, 2 a bad flag, directory or checkpoint (one line),
+    130 Ctrl-C (one line: the step abandoned, the last checkpoint, how to resume; rank 0 only)."""
+    try:
+        return _main(argv)
+    except Interrupted as e:
+        if e.is_main:
+            print(e.message, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # while parsing, loading models or closing: no step was in progress
+        if os.environ.get("RANK", "0") == "0":
+            print("[caprl_core.train] interrupted (no training step was in progress)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would print bars of their own between the run's
     plain_warnings()
     try:
-        config, resume = parse_config(argv)
+        config, resume, overwrite = plan(parse_command(argv))  # a resume: the run's saved config, checked flags
     except ValueError as e:
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     try:
-        out = train(config, resume=resume)
-    except (ModelLoadError, WorldSizeError, ResumeError, DataError, DeviceError) as e:  # the user's input
+        out = train(config, resume=resume, overwrite=overwrite)
+    except (ModelLoadError, WorldSizeError, ResumeError, RunDirError, DataError, DeviceError) as e:  # the user's input
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as e:

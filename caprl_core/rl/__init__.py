@@ -8,6 +8,7 @@
     setup     models, data, sampler, reward, optimizer and schedule of a run
     state     checkpoints and resume, one process or several ranks
     progress  peak memory per phase, the progress bar, the metrics log
+    lifecycle the run directory: a resume's saved config, --overwrite, plot cadence, Ctrl-C
 
 caprl_core/train.py runs the loop (step -> log -> checkpoint) and the command line.
 """

@@ -1,5 +1,5 @@
 """What a run shows while it trains: per-phase peak memory, the progress bar, and the metrics log kept in step with
-the checkpoints.
+the checkpoints (and samples.jsonl with it).
 """
 
 from __future__ import annotations
@@ -45,11 +45,18 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past `last_step` (written after the checkpoint a resumed run restarts from)."""
+    """Drop the lines of a step log (metrics.jsonl, samples.jsonl) past `last_step`: those written after the checkpoint
+    a resumed run restarts from, which it writes again. A line cut short (the process killed mid-write) goes too."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class Progress:
