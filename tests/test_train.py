@@ -276,7 +276,7 @@ def test_help_describes_every_option_and_print_config_resolves(capsys):
     text = build_parser().format_help()
     for name in FIELDS:
         assert HELP[name].split()[0] in text, name
-    assert "(default: 8; without --policy 4)" in " ".join(text.split())  # num_draws: the default that applies
+    assert "(default: 8; a miniature-world policy: 4)" in " ".join(text.split())  # num_draws: the default that applies
     assert "{grpo,rloo}" in text and "{token,sequence}" in text
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--print-config", "--lr", "3e-4"])
