@@ -31,7 +31,6 @@ distribution of per-image accuracy and accuracy against caption length.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -45,11 +44,11 @@ import torch
 from caprl_core.data import DataError, Example, load_jsonl
 from caprl_core.evaluator import (
     PRISM,
-    SMALL_MODEL_PARAMETERS,
-    TINY_MODEL_THREADS,
     CaptionEvaluator,
     EvalConfig,
     evaluate,
+    threads_for,
+    torch_threads,
 )
 from caprl_core.plot import plot_eval
 from caprl_core.policy import (
@@ -161,18 +160,6 @@ def _examples(parser, data: Path, limit: int | None) -> tuple[list[Example], int
     return result.examples[:limit], result.num_skipped
 
 
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None):
-    """Run the block on `num_threads` intra-op threads (None: leave as is), then restore the previous setting."""
-    before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation from command-line arguments; returns the summary (also written to OUT/summary.json)."""
     parser = build_parser()
@@ -183,9 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     models = _models(parser, args)
     prompter = PolicyPrompter(models.tokenizer, models.image_processor)
-    size = sum(p.numel() for m in (models.policy, models.reader) for p in m.parameters())
-    threads = TINY_MODEL_THREADS if size < SMALL_MODEL_PARAMETERS else None
-    with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
+    threads = threads_for(models.policy, models.reader)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
         data = args.data or make_world_data(tmp, "heldout")
         examples, skipped = _examples(parser, data, config.limit)
         # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.

@@ -47,10 +47,10 @@ class Panel:
 PANELS = (
     Panel("Reward (mean over captions)", "reward", (("reward_mean", "reward"),)),
     Panel("Reader accuracy", "fraction right", (("accuracy", "training captions"),), drop_if_same_as="reward_mean"),
-    Panel("Held-out accuracy", "fraction right", (("eval_accuracy", "held-out"),)),
+    Panel("Held-out accuracy", "fraction right", (("heldout_accuracy", "held-out (--eval-every)"),)),
     Panel("Fact precision and recall", "fraction",
           (("fact_precision", "precision (train)"), ("fact_recall", "recall (train)"),
-           ("eval_fact_precision", "precision (held-out)"), ("eval_fact_recall", "recall (held-out)"))),
+           ("heldout_precision", "precision (held-out)"), ("heldout_recall", "recall (held-out)"))),
     Panel("Caption length", "tokens", (("caption_length", "mean"),)),
     Panel("Truncated captions", "fraction of captions", (("truncation_rate", "hit max_new_tokens"),)),
     Panel("Policy entropy", "nats / token", (("entropy", "entropy"),)),
@@ -58,7 +58,8 @@ PANELS = (
     Panel("Clipped ratio share", "fraction of tokens", (("clip_fraction", "clipped"),)),
     Panel("Gradient norm (before clipping)", "L2 norm", (("grad_norm", "grad norm"),)),
     Panel("Time per phase", "seconds",
-          (("time_rollout", "rollout"), ("time_reward", "reward"), ("time_update", "update"), ("time_eval", "eval"))),
+          (("time_rollout", "rollout"), ("time_reward", "reward"), ("time_update", "update"),
+           ("time_heldout", "held-out"))),
 )  # fmt: skip
 PANEL_COLUMNS = 3
 

@@ -18,8 +18,10 @@ The phases live in caprl_core/rl/ (rollout, scoring, batches, update; `Run.step`
 bottom); this module runs the loop (step -> log -> checkpoint) and the command (its flags and --config file:
 `caprl_core.config_cli`).
 
-Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png, config.json,
-checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
+Output directory: metrics.jsonl (one line per step; with --eval-every the held-out evaluation's heldout_* keys on its
+steps: caprl_core.rl.heldout), samples.jsonl (captions every few steps), plot.png, config.json, checkpoints/step-*/
+(Hugging Face format with safetensors + trainer state; `latest` names the newest complete one); with --report-to,
+tensorboard/ or wandb/ (caprl_core.rl.report).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
-from caprl_core.rl import state
+from caprl_core.rl import report, state
+from caprl_core.rl.heldout import HeldOut
 from caprl_core.rl.progress import Progress, trim_metrics
 from caprl_core.rl.setup import device_and_dtype, setup
 from caprl_core.rl.step import Run
@@ -43,6 +46,7 @@ from caprl_core.rl.step import Run
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs."""
+    report.require(config.log.report_to)  # a missing package stops the run before any model loads
     device, _ = device_and_dtype(config)
     world = init_world(device.type)
     try:
@@ -66,18 +70,24 @@ def _train(config: TrainConfig, resume: bool, world: World) -> Path:
     elif metrics_path.exists() and main_rank:
         metrics_path.unlink()  # a fresh run in an existing directory starts a fresh log
 
+    heldout = HeldOut(run) if config.log.eval_every else None
+    reporters = report.Reporters(config, output_dir, start, enabled=main_rank)
     progress = Progress(config.steps, start, config.log.progress and main_rank)
     for step in range(start, config.steps):
         metrics = run.step(step)
+        if heldout is not None and heldout.due(step):  # after the update: the policy checkpoint step-N holds
+            metrics.update(heldout.evaluate(run))
         if main_rank:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        reporters.log(metrics)  # beside metrics.jsonl, never instead of it
         progress.update(step, metrics)
         _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
         last = step == config.steps - 1
         if (step + 1) % config.log.checkpoint_every == 0 or last:
             state.save(run, step)
     progress.close()
+    reporters.close()
     if main_rank:
         plot_metrics(metrics_path, output_dir / "plot.png")
     return output_dir
@@ -103,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = train(config, resume=resume)
-    except (ModelLoadError, WorldSizeError, ResumeError) as e:  # the user's input (a directory, a batch size, ...)
+    except (ModelLoadError, WorldSizeError, ResumeError, report.ReportError) as e:  # the user's input (a directory,
+        # a batch size, a package --report-to needs, ...)
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as e:
