@@ -106,3 +106,29 @@ def test_the_heldout_panels_show_only_when_the_keys_exist():
                  for r in plain]  # fmt: skip
     titles = {ax.get_title() for ax in metrics_figure(evaluated).axes}
     assert {"Held-out accuracy", "Fact precision and recall"} <= titles
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_what_one_process_evaluates(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU) with --eval-every: 20 held-out images make two batches of eval's 16,
+    one per rank; the gathered numbers equal one process's, and neither run waits on the other rank."""
+    import os
+    import subprocess
+    import sys
+
+    heldout = make_world_data(tmp_path / "heldout", "heldout", 20)
+    argv = ["-m", "caprl_core.train", "--policy", "tiny-random", "--reader", "tiny-random", *SMALL,
+            "--eval-every", "2", "--eval-data", str(heldout)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for ranks in (1, 2):
+        launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        out = tmp_path / f"ranks-{ranks}"
+        done = subprocess.run([sys.executable, *launcher, *argv, "--output-dir", str(out)], capture_output=True,
+                              text=True, env=env, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[ranks] = [r for r in _metrics(out) if "heldout_accuracy" in r]
+    assert [r["step"] for r in rows[2]] == [r["step"] for r in rows[1]] == [0, 2]
+    for one, two in zip(rows[1], rows[2], strict=True):
+        assert two["heldout_accuracy"] == pytest.approx(one["heldout_accuracy"], abs=1e-9)
+        assert two["heldout_caption_length"] == pytest.approx(one["heldout_caption_length"], abs=1e-9)
