@@ -99,13 +99,15 @@ def test_eval_every_with_own_data_needs_eval_data(tmp_path):
 
 
 def test_the_heldout_panels_show_only_when_the_keys_exist():
-    plain = [{"step": s, "reward_mean": 0.1 * s, "time_rollout": 1.0} for s in range(5)]
+    plain = [{"step": s, "reward_mean": 0.1 * s, "time_rollout": 1.0} for s in range(10)]
     titles = {ax.get_title() for ax in metrics_figure(plain).axes}
     assert "Held-out accuracy" not in titles and "Fact precision and recall" not in titles
-    evaluated = [dict(r, heldout_accuracy=0.3, heldout_precision=0.9, heldout_recall=0.4) if r["step"] % 2 == 0 else r
-                 for r in plain]  # fmt: skip
-    titles = {ax.get_title() for ax in metrics_figure(evaluated).axes}
-    assert {"Held-out accuracy", "Fact precision and recall"} <= titles
+    evaluated = [dict(r, heldout_accuracy=0.3 + r["step"] / 100, heldout_precision=0.9, heldout_recall=0.4)
+                 if is_due(r["step"], 5, 10) else r for r in plain]  # fmt: skip
+    axes = {ax.get_title(): ax for ax in metrics_figure(evaluated).axes}
+    assert {"Held-out accuracy", "Fact precision and recall"} <= axes.keys()
+    (line,) = axes["Held-out accuracy"].lines  # evaluations every 5 steps: drawn as measured, not averaged
+    assert list(line.get_xdata()) == [0, 5, 9] and list(line.get_ydata()) == [0.3, 0.35, 0.39]
 
 
 @pytest.mark.slow
