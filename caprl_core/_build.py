@@ -31,6 +31,8 @@ Run `python -m caprl_core._build` to build ahead of time and print where the ext
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import logging
@@ -133,21 +135,43 @@ def _build(with_cuda: bool) -> ModuleType:
     name = _name(with_cuda, cflags + cuda_flags)
     verbose = os.environ.get("CAPRL_BUILD_VERBOSE", "0") != "0"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))  # torch's: TORCH_EXTENSIONS_DIR/<name>
-    stage = _staged(build_dir)
-    if not any(build_dir.glob(f"{name}*.so")):
-        print(f"caprl_core: building the C++ kernels{' with CUDA' if with_cuda else ''}, once for these sources "
-              f"(about a minute or two on 2 cores) into {build_dir}", file=sys.stderr, flush=True)  # fmt: skip
-    return cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in _sources(with_cuda, stage)],
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags or None,  # no -std: torch adds its own
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(stage)],
-        build_directory=str(build_dir),
-        with_cuda=with_cuda,
-        verbose=verbose,
-    )
+    with _build_lock(build_dir):
+        stage = _staged(build_dir)
+        if not any(build_dir.glob(f"{name}*.so")):
+            print(f"caprl_core: building the C++ kernels{' with CUDA' if with_cuda else ''}, once for these sources "
+                  f"(about a minute or two on 2 cores) into {build_dir}", file=sys.stderr, flush=True)  # fmt: skip
+        return cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in _sources(with_cuda, stage)],
+            extra_cflags=cflags,
+            extra_cuda_cflags=cuda_flags or None,  # no -std: torch adds its own
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(stage)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One build per directory at a time, and no wait on a dead build. torch's own lock is a plain file (`<dir>/lock`)
+    that a build killed mid-way (Ctrl-C, SIGKILL, a test's timeout) leaves behind, and every later process then waits
+    on it forever. This flock is released by the kernel when its holder exits however it exits, so while we hold it
+    no live build of ours is running there and a `lock` file found is a dead one's: it is removed, with a word."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "caprl.flock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"caprl_core: waiting for another process that is building the same C++ kernels ({build_dir})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"caprl_core: removing {stale}, left by a build that was killed", file=sys.stderr, flush=True)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 class _NoCudaRuntimeNotice(logging.Filter):

@@ -12,6 +12,8 @@ sets. `FIELDS` maps every settable name to its section and field; `validate` rej
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,11 +183,53 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _is_world_policy(policy: str | None) -> bool:
-    """Whether `policy` is the miniature world's own (not given, or its shipped directory) or the tiny random one."""
+def policy_defaults(policy: str | None) -> tuple[str, str]:
+    """Which defaults a run of `policy` takes, "world" or "recipe", and why (--print-config says it).
+
+    The world's defaults (`WORLD_DEFAULTS`, the shipped reader and data) belong to the miniature world's policies: none
+    given, the shipped start policy, or a checkpoint of a run that trained one. A checkpoint carries its run's
+    configuration in trainer_state/state.json, the marker followed here (through checkpoints of checkpoints); any other
+    model, tiny-random included, gets the real-model recipe's defaults.
+    """
+    from caprl_core.checkpoint import STATE_DIR
     from caprl_core.world import SHIPPED
 
-    return policy is None or policy == TINY_RANDOM or Path(policy).resolve() == (SHIPPED / "policy").resolve()
+    start = policy
+    for _ in range(16):  # a chain of resumed-from checkpoints; a longer one is not a world run anyone made
+        if policy is None:
+            why = "no --policy" if start is None else f"--policy {start} is a checkpoint of a miniature-world run"
+            return "world", f"{why}: the miniature world's batch sizes, reward and learning rate"
+        if policy == TINY_RANDOM:
+            break
+        path = Path(policy)
+        if path.name == "latest" and path.is_file():  # a run's checkpoints/latest names its newest checkpoint
+            path = path.parent / path.read_text().strip()
+        if path.resolve() == (SHIPPED / "policy").resolve():
+            policy = None
+            continue
+        state = path / STATE_DIR / "state.json"
+        if not state.is_file():
+            break
+        try:
+            saved = json.loads(state.read_text())
+            if saved.get("policy_defaults") in ("world", "recipe"):  # written by rl/state.py since issue 23
+                return _checkpoint_defaults(saved["policy_defaults"], start)
+            policy = saved["config"]["model"]["policy"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            break
+    return "recipe", f"--policy {start} is not a miniature-world policy: the CapRL recipe's defaults for real models"
+
+
+def _checkpoint_defaults(kind: str, policy: str | None) -> tuple[str, str]:
+    if kind == "world":
+        return "world", (f"--policy {policy} is a checkpoint of a miniature-world run: the miniature world's batch "
+                         "sizes, reward and learning rate")  # fmt: skip
+    return "recipe", f"--policy {policy} is a checkpoint of a real-model run: the CapRL recipe's defaults"
+
+
+def _is_world_policy(policy: str | None) -> bool:
+    """Whether `policy` is the miniature world's own (`policy_defaults`) or the tiny random one."""
+    return policy == TINY_RANDOM or policy_defaults(policy)[0] == "world"
 
 
 def _check_world_defaults(config: TrainConfig) -> None:
@@ -211,6 +255,10 @@ def validate(config: TrainConfig) -> None:
         tiny = name != "data" and value == TINY_RANDOM  # the random pair: no directory
         need(value is None or tiny or Path(value).exists(), name, "path does not exist")
     _check_world_defaults(config)
+    device, out = config.model.device, config.log.output_dir
+    need(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None, "device",
+         "one of auto, cpu, cuda, cuda:N")  # fmt: skip
+    need(out is None or not Path(out).exists() or Path(out).is_dir(), "output_dir", "exists and is not a directory")
     r, o, g, lg = config.rollout, config.optim, config.reward, config.log
     need(r.group_size >= 2, "group_size", "must be >= 2 (advantages compare captions of one image)")
     need(r.images_per_step >= 1, "images_per_step", "must be >= 1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from caprl_core.config import (
     _flag,
     _get,
     _set,
+    policy_defaults,
     validate,
 )
 from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
@@ -205,7 +207,7 @@ def _default_text(name: str) -> str:
         return ""
     text = str(value).lower() if isinstance(value, bool) else str(value)
     if name in WORLD_DEFAULTS:
-        text += f"; without --policy {WORLD_DEFAULTS[name]}"
+        text += f"; a miniature-world policy: {WORLD_DEFAULTS[name]}"
     return f" (default: {text})"
 
 
@@ -239,7 +241,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         if text is not None:
             values[name] = _parse_value(name, text)
     config = TrainConfig()
-    if values.get("policy") is None:
+    defaults, why = policy_defaults(values.get("policy"))
+    if defaults == "world":
         for name, value in WORLD_DEFAULTS.items():
             _set(config, name, value)
     if values.get("reward_preset") == "recipe":
@@ -249,6 +252,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         _set(config, name, value)
     validate(config)
     if args.print_config:
+        print(f"# defaults: {defaults} ({why})", file=sys.stderr)  # stdout stays JSON that --config reads back
         print(json.dumps(config.to_dict(), indent=2))
         raise SystemExit(0)
     if args.resume and config.log.output_dir is None:

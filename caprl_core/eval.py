@@ -34,13 +34,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from caprl_core._cli import plain_warnings
 from caprl_core.data import DataError, Example, load_jsonl
 from caprl_core.evaluator import (
     PRISM,
@@ -137,7 +138,22 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalCo
                           temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                           seed=args.seed, limit=args.limit)  # fmt: skip
     except ValueError as e:
-        parser.error(str(e))
+        _fail(str(e))
+
+
+def _fail(message: str) -> NoReturn:
+    """An input error after parsing: one line, without argparse's usage block (the flags were well-formed)."""
+    print(f"python -m caprl_core.eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        _fail(f"--device: one of cpu, cuda, cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
 
 
 def _models(parser, args) -> Models:
@@ -145,44 +161,49 @@ def _models(parser, args) -> Models:
     for flag in ("policy", "reader", "data"):
         path = getattr(args, flag)
         if path is not None and str(path) != TINY_RANDOM and not path.exists():
-            parser.error(f"--{flag}: {path} does not exist")
+            _fail(f"--{flag}: {path} does not exist")
     try:
         return load_models(args.policy, args.reader, dtype=DTYPES[args.dtype], device=args.device, seed=args.seed)
     except ModelLoadError as e:
-        parser.error(str(e))
+        _fail(str(e))
 
 
 def _examples(parser, data: Path, limit: int | None) -> tuple[list[Example], int]:
     try:
         result = load_jsonl(data, on_error="skip")
     except DataError as e:
-        parser.error(f"--data: {e}")
+        _fail(f"--data: {e}")
     return result.examples[:limit], result.num_skipped
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation from command-line arguments; returns the summary (also written to OUT/summary.json)."""
+    plain_warnings()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     _apply_preset(args, argv)
     config = _config(parser, args)
+    _check_device(args.device)
     started = time.perf_counter()
     models = _models(parser, args)
     prompter = PolicyPrompter(models.tokenizer, models.image_processor)
     threads = threads_for(models.policy, models.reader)
-    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="caprl-eval-") as tmp:
-        data = args.data or make_world_data(tmp, "heldout")
+    out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    with torch_threads(threads):
+        # The world's held-out split is written beside the results, so that details.jsonl's images exist afterwards.
+        data = args.data or make_world_data(out / "data", "heldout")
         examples, skipped = _examples(parser, data, config.limit)
         # The letters of the longest question plus "cannot answer": at most data.MAX_OPTIONS + 1, as in training.
         max_options = max(len(q.options) for ex in examples for q in ex.questions)
         evaluator = CaptionEvaluator(models.policy, prompter, models.reader, models.reader_tokenizer, config,
                                      max_options=max_options + 1, template=models.reader_template,
                                      reward_preset=args.reward_preset)  # fmt: skip
-        out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         summary = evaluate(evaluator, examples, out)
-        plot_eval(out / "details.jsonl", out / "plot.png")
+        title = (f"{args.policy or 'the shipped start policy'}: mean accuracy {summary['mean_accuracy']:.1%} over "
+                 f"{summary['num_images']} images")  # fmt: skip
+        plot_eval(out / "details.jsonl", out / "plot.png", title=title)
     summary.update(
         k=config.k, num_draws=config.num_draws, skipped_lines=skipped, preset=args.preset,
         reward_preset=args.reward_preset,

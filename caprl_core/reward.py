@@ -38,7 +38,7 @@ from caprl_core import ops
 from caprl_core.data import MCQ
 from caprl_core.qa_rows import good_questions
 from caprl_core.reward_config import RewardConfig
-from caprl_core.reward_prompts import LETTERS
+from caprl_core.reward_prompts import DEFAULT_TEMPLATE, LETTERS, reader_template
 from caprl_core.reward_recipe import cached_token_option_map, first_capital_letter
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
@@ -93,7 +93,10 @@ class CapRLReward:
     """
 
     def __init__(self, reader_model, reader_tokenizer, config: RewardConfig | None = None, *, engine=None) -> None:
-        self.config = config or RewardConfig()
+        config = config or RewardConfig()
+        if config.template is None:  # the reader directory's own prompt: its wording is what it was trained on
+            config = replace(config, template=reader_template(reader_model) or DEFAULT_TEMPLATE)
+        self.config = config
         self.model = reader_model
         self.tokenizer = reader_tokenizer
         if engine is None:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from caprl_core.data import MAX_OPTIONS
 from caprl_core.reward_prompts import (
     CANNOT_ANSWER,
-    DEFAULT_TEMPLATE,
     LETTERS,
     RECIPE_CANNOT_ANSWER,
     RECIPE_TEMPLATE,
@@ -51,7 +50,9 @@ class RewardConfig:
     cannot_answer_text: str = CANNOT_ANSWER
     temperature: float = 1.0
     seed: int = 0
-    template: PromptTemplate = DEFAULT_TEMPLATE
+    # None = the reader's own prompt: caprl_prompt.json in the directory the reader model was loaded from (e.g. the
+    # shipped world reader's), else DEFAULT_TEMPLATE; `CapRLReward` resolves it (reward_prompts.reader_template).
+    template: PromptTemplate | None = None
     use_chat_template: bool | None = None
     # Option letters per question, "cannot answer" included (their tokens are checked at start). The default fits
     # every question `caprl_core.data` validates: A-I, as the official reward parses.

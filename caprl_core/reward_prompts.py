@@ -151,3 +151,13 @@ def load_prompt_template(directory) -> PromptTemplate | None:
         return PromptTemplate(**raw)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def reader_template(reader_model) -> PromptTemplate | None:
+    """The caprl_prompt.json of the directory `reader_model` was loaded from (`from_pretrained` records it as
+    `name_or_path`), or None: a model built in memory, or a directory without one."""
+    source = getattr(reader_model, "name_or_path", None) or getattr(getattr(reader_model, "config", None),
+                                                                      "_name_or_path", None)  # fmt: skip
+    if not source or not Path(source).is_dir():
+        return None
+    return load_prompt_template(source)

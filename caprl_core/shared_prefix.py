@@ -14,19 +14,38 @@ unshared row. Positions continue from the prompt for every caption (Qwen2.5-VL: 
 hidden state equals its unshared counterpart, and the gradient through a prompt token is the sum over the captions
 that read it: what G separate copies would receive.
 
-The mask is a dense [1, 1, T, T] tensor handed to the model as a prepared 4D attention mask (transformers passes
-those through unchanged); SDPA (bool mask) and eager (additive float mask) attention take it. A prepared mask
-needs no switch of the attention implementation, so gradient checkpointing's recomputation in the backward pass
-sees the same mask (it is an argument of each layer) and the vision tower keeps its own attention.
+How tokens see each other reaches the model in one of two forms (`attention=`, default from the environment
+variable CAPRL_SHARED_PREFIX_ATTENTION, else "segments"):
+- "segments" (the default): no mask at all. The row's layout (each image's prompt span and caption lengths) goes
+  to the language model's attention as a keyword argument, and `caprl_core.segment_attention` attends image by
+  image: the prompt causally, then the G captions in one batched SDPA call over the prompt's and their own K/V.
+  Memory grows linearly in the number of captions; the [T, T] mask (303 MB bool, 1.2 GB fp32 at G = 8 captions of
+  2,048 tokens behind a 1,000-token prompt) and its [H, T, T] scores are never built.
+- "dense": the reference. A dense [1, 1, T, T] mask (`block_mask`) handed to the model as a prepared 4D attention
+  mask (transformers passes those through unchanged); SDPA (bool mask) and eager (additive float mask) take it.
+Either way the mask or the layout is an argument of each layer, so gradient checkpointing's recomputation in the
+backward pass sees it too, and the vision tower keeps its own attention. Measured in docs/training.md.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Group", "block_mask", "shared_prefix_inputs"]
+from caprl_core.segment_attention import (
+    NO_MASK,
+    SEGMENTS_KWARG,
+    ImageSegments,
+    SegmentLayout,
+    base_implementation,
+    use_segment_attention,
+)
+
+__all__ = ["ATTENTION_ENV", "Group", "block_mask", "shared_prefix_inputs"]
+
+ATTENTION_ENV = "CAPRL_SHARED_PREFIX_ATTENTION"  # "segments" (default) or "dense": for tests and benchmarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +85,7 @@ def _prompt_positions(policy, prompt: dict) -> torch.Tensor:
 def _attention_mask(policy, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The [1, 1, T, T] mask in the form the policy's language model's attention takes."""
     decoder = getattr(policy.model, "language_model", policy.model)
-    implementation = decoder.config._attn_implementation
+    implementation = base_implementation(decoder.config._attn_implementation)  # the same after use_segment_attention
     if implementation == "sdpa":
         return allowed[None, None]
     if implementation == "eager":  # additive: 0 where allowed, the dtype's minimum elsewhere (as transformers does)
@@ -76,16 +95,21 @@ def _attention_mask(policy, allowed: torch.Tensor, dtype: torch.dtype) -> torch.
                      f"block mask; use 'sdpa' or 'eager', or shared_prefix=False (one row per caption)")  # fmt: skip
 
 
-def shared_prefix_inputs(policy, prompts: list[dict], groups: list[Group],
-                         device: torch.device) -> tuple[dict, torch.Tensor, int]:  # fmt: skip
+def shared_prefix_inputs(policy, prompts: list[dict], groups: list[Group], device: torch.device,
+                         attention: str | None = None) -> tuple[dict, torch.Tensor, int]:  # fmt: skip
     """Model inputs of one packed row and where the caption tokens are predicted.
 
     prompts: [B] prompt dicts (`input_ids` [P_b]; Qwen2.5-VL: `pixel_values`, `image_grid_thw`, optionally
-    `mm_token_type_ids`). groups: the images of the row in order, each with its captions.
+    `mm_token_type_ids`). groups: the images of the row in order, each with its captions. attention: "segments" or
+    "dense" (module docstring); None reads CAPRL_SHARED_PREFIX_ATTENTION, default "segments".
     Returns (kwargs for `policy.model`, index [M, T_max] into the row's T positions: entry (m, t) is the position
     whose hidden state predicts token t of the m-th caption (captions numbered in group order; 0 past a caption's
     end), the number of images whose pixels the row holds)."""
+    attention = attention or os.environ.get(ATTENTION_ENV) or "segments"
+    if attention not in ("segments", "dense"):
+        raise ValueError(f"attention: expected 'segments' or 'dense' (or {ATTENTION_ENV}), got {attention!r}")
     ids, positions, group_ids, caption_ids, rows = [], [], [], [], []  # rows: (prompt end, caption start, length)
+    segments = []  # (prompt start, prompt length, caption lengths) per image
     caption = 0
     for g, group in enumerate(groups):
         prompt = prompts[group.prompt]
@@ -93,6 +117,7 @@ def shared_prefix_inputs(policy, prompts: list[dict], groups: list[Group],
         if not prompt_ids:
             raise ValueError(f"prompts[{group.prompt}]: empty input_ids (a caption needs a prompt to follow)")
         pos = _prompt_positions(policy, prompt)  # [R, P]
+        segments.append((len(ids), len(prompt_ids), [len(tokens) for tokens in group.captions]))
         ids += prompt_ids
         positions.append(pos)
         group_ids += [g] * len(prompt_ids)
@@ -105,13 +130,19 @@ def shared_prefix_inputs(policy, prompts: list[dict], groups: list[Group],
             group_ids += [g] * len(tokens)
             caption_ids += [caption] * len(tokens)
             caption += 1
-    allowed = block_mask(torch.tensor(group_ids, device=device), torch.tensor(caption_ids, device=device))  # [T, T]
     position_ids = torch.cat(positions, dim=1)  # [R, T]
     kwargs = {
         "input_ids": torch.tensor(ids, dtype=torch.long)[None].to(device),  # [1, T]
         "position_ids": (position_ids[:, None] if position_ids.shape[0] == 3 else position_ids).to(device),
-        "attention_mask": _attention_mask(policy, allowed, policy.dtype),  # [1, 1, T, T]
     }
+    if attention == "dense":
+        allowed = block_mask(torch.tensor(group_ids, device=device), torch.tensor(caption_ids, device=device))
+        kwargs["attention_mask"] = _attention_mask(policy, allowed, policy.dtype)  # [1, 1, T, T]
+    else:
+        use_segment_attention(policy)
+        images = tuple(ImageSegments.build(*segment, device) for segment in segments)
+        kwargs["attention_mask"] = NO_MASK.to(device)  # [1, 1, 0, 0]: transformers builds no mask of its own
+        kwargs[SEGMENTS_KWARG] = SegmentLayout(images, len(ids))
     images = [prompts[group.prompt] for group in groups if "pixel_values" in prompts[group.prompt]]
     if images:
         kwargs["pixel_values"] = torch.cat([p["pixel_values"] for p in images]).to(device)

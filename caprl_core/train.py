@@ -30,8 +30,10 @@ import json
 import sys
 from pathlib import Path
 
+from caprl_core._cli import plain_warnings
 from caprl_core.config import TrainConfig
 from caprl_core.config_cli import parse_config
+from caprl_core.data import DataError
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
 from caprl_core.plot import plot_metrics
 from caprl_core.policy import ModelLoadError
@@ -40,7 +42,7 @@ from caprl_core.resume import ResumeError, latest_checkpoint
 from caprl_core.rl import report, state
 from caprl_core.rl.heldout import HeldOut
 from caprl_core.rl.progress import Progress, trim_metrics
-from caprl_core.rl.setup import device_and_dtype, setup
+from caprl_core.rl.setup import DeviceError, device_and_dtype, setup
 from caprl_core.rl.step import Run
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # checkpoint writes would print bars of their own between the run's
+    plain_warnings()
     try:
         config, resume = parse_config(argv)
     except ValueError as e:
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out = train(config, resume=resume)
-    except (ModelLoadError, WorldSizeError, ResumeError, report.ReportError) as e:  # the user's input (a directory,
-        # a batch size, a package --report-to needs, ...)
+    except (ModelLoadError, WorldSizeError, ResumeError, DataError, DeviceError, report.ReportError) as e:  # the
+        # user's input (a directory, a batch size, a package --report-to needs, ...)
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as e:

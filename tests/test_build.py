@@ -112,3 +112,18 @@ def test_no_cuda_runtime_notice_from_torch(caplog):
     with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
         logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/x")
     assert "No CUDA runtime" not in caplog.text
+
+
+def test_a_dead_builds_lock_is_removed_instead_of_waited_on(tmp_path, monkeypatch, capsys):
+    """torch's FileBaton waits forever on `<build dir>/lock` if a build was killed after taking it (seen here: every
+    test that loaded the kernels hung until its timeout). Under our flock no live build holds it, so it goes."""
+    cpp_extension = _build.quiet_cpp_extension()
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(Path(kwargs["build_directory"])) or "m")
+    build_dir = tmp_path / _build._name(False, _build._cpu_flags())
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")  # what a SIGKILLed build leaves
+    assert _build._build(with_cuda=False) == "m"
+    assert f"removing {build_dir / 'lock'}, left by a build that was killed" in capsys.readouterr().err
+    assert seen == [build_dir] and not (build_dir / "lock").exists()

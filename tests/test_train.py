@@ -126,7 +126,9 @@ def test_short_run_resume_after_sigkill_in_a_checkpoint_write(tmp_path):
         for key in ("reward_mean", "accuracy", "loss", "grad_norm", "caption_length", "lr", "clip_fraction"):
             assert math.isfinite(r[key]), (key, r)
     assert (clean / "plot.png").stat().st_size > 1000
-    assert (clean / "samples.jsonl").exists()
+    samples = [json.loads(line) for line in (clean / "samples.jsonl").read_text().splitlines()]
+    for sample in samples:  # the image (inside the run directory: relative) and its reference beside the captions
+        assert (clean / sample["image"]).is_file() and sample["reference"] and sample["id"], sample
     for r in rows:  # the synthetic data's facts are known, so the captions' precision and recall are logged
         assert 0 <= r["fact_recall"] <= 1 and (math.isnan(r["fact_precision"]) or 0 <= r["fact_precision"] <= 1)
     # The weights moved: the final checkpoint differs from the shipped policy the run started from.

@@ -151,11 +151,9 @@ def load_jsonl(path: str | os.PathLike, *, on_error: str = "skip", check_images:
 
 
 def _finish(path: Path, examples: list[Example], errors: list[str], num_lines: int, on_error: str) -> LoadResult:
-    if not examples:
-        detail = "\n".join(errors)
-        raise DataError(
-            f"{path}: no valid examples ({num_lines} non-blank lines)" + (f"\n{detail}" if detail else ""), errors
-        )
+    if not examples:  # one line: the first problem says what is wrong, `errors` holds them all
+        first = f"; {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "") if errors else ""
+        raise DataError(f"{path}: no valid examples ({num_lines} non-blank lines){first}", errors)
     if errors and on_error == "raise":
         raise DataError(f"{path}: {len(errors)} of {num_lines} lines are invalid\n" + "\n".join(errors), errors)
     if errors:

@@ -11,6 +11,7 @@ import torch
 
 from caprl_core import ops
 from caprl_core.rl.rollout import Rollout
+from caprl_core.segment_attention import SEGMENTS_KWARG, use_segment_attention
 from caprl_core.shared_prefix import Group, shared_prefix_inputs
 
 
@@ -92,6 +93,8 @@ def _unshared_inputs(ro: Rollout, rows: list[int], group_size: int,
 def policy_logprobs(policy, batch: TrainingBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [M, T] and entropies [M, T] of the batch's caption tokens under the policy at `temperature`, from
     the base model's hidden states and the fused lm_head + log-softmax (no [tokens, vocab] logits)."""
+    if SEGMENTS_KWARG in batch.inputs:  # a shared batch built with another model (the reference policy's KL term)
+        use_segment_attention(policy)
     hidden = policy.model(**batch.inputs, use_cache=False).last_hidden_state  # [rows, L, H]: [M, L] or [1, T]
     flat = hidden.reshape(-1, hidden.shape[-1])
     selected = flat[batch.index.reshape(-1)].view(*batch.index.shape, -1)  # [M, T, H]

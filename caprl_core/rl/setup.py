@@ -34,21 +34,38 @@ from caprl_core.sampler.engine import Engine
 from caprl_core.world import make_world_data
 
 
+class DeviceError(ValueError):
+    """--device names a device this machine does not have; the message is one line naming the flag."""
+
+
 def device_and_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(config.model.device if config.model.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    name = config.model.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {config.model.device}: no CUDA device here (torch {torch.__version__}, "
+                          f"torch.cuda.is_available() is False); use --device cpu or auto")  # fmt: skip
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {config.model.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device, _default_dtype(DTYPES[config.model.dtype], device)
 
 
-def _load_data(config: TrainConfig, output_dir: Path, world: World = ONE_PROCESS) -> list[Example]:
-    """The dataset; without --data the miniature world's train split (`world.make_world_data`), written once, by
-    rank 0, into the (shared) run directory."""
-    path = config.data.data
-    if path is None:
-        path = output_dir / "data" / "data.jsonl"
-        if world.is_main:
-            path = make_world_data(output_dir / "data", "train", config.data.synthetic_images)
-        barrier(world)
+def _load_user_data(config: TrainConfig) -> list[Example] | None:
+    """--data's examples, read before the run directory is made (a file with no valid line is `DataError`, and must
+    leave nothing behind); None without --data."""
+    if config.data.data is None:
+        return None
+    return load_jsonl(config.data.data, on_error=config.data.on_error).examples
+
+
+def _world_data(config: TrainConfig, output_dir: Path, world: World = ONE_PROCESS) -> list[Example]:
+    """The miniature world's train split (`world.make_world_data`), written once, by rank 0, into the (shared) run
+    directory."""
+    path = output_dir / "data" / "data.jsonl"
+    if world.is_main:
+        path = make_world_data(output_dir / "data", "train", config.data.synthetic_images)
+    barrier(world)
     return load_jsonl(path, on_error=config.data.on_error).examples
 
 
@@ -88,6 +105,7 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
         # Sharded, the fp32 parameters are the masters. Loaded in the compute dtype first, they start where one
         # process's masters start (its weights rounded to that dtype), so N ranks step what one process steps.
         policy.float()
+    examples = _load_user_data(config)
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -95,7 +113,8 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
     reader.requires_grad_(False)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    examples = _load_data(config, output_dir, world)
+    if examples is None:
+        examples = _world_data(config, output_dir, world)
     prompter = PolicyPrompter(tokenizer, image_processor, config.rollout.instruction)
     # The KL reference is the initial policy, frozen and replicated per rank; with beta == 0 (the recipe) none.
     ref_policy = copy.deepcopy(policy).to(dtype).requires_grad_(False) if config.optim.beta > 0 else None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from caprl_core.checkpoint import save_checkpoint
+from caprl_core.config import policy_defaults
 from caprl_core.distributed import (
     TokenLogprobs,
     barrier,
@@ -71,7 +72,8 @@ def save(run: Run, step: int) -> None:
     """Checkpoint `step`. Sharded: every rank takes part in gathering the full weights and optimizer state, rank 0
     writes them (the fp32 masters are the weights there), the others wait until the checkpoint is complete."""
     config, world = run.config, run.world
-    state = {"step": step, "config": config.to_dict()}
+    # policy_defaults: a checkpoint of a world run keeps the world's defaults when trained on (config.policy_defaults)
+    state = {"step": step, "config": config.to_dict(), "policy_defaults": policy_defaults(config.model.policy)[0]}
     if not world.distributed:
         save_checkpoint(run.output_dir, step, model=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
                         trainer_state=state, processors=run.processors, keep_last=config.log.keep_last)  # fmt: skip

@@ -82,8 +82,14 @@ class Run:
         return {"step": step, **metrics}
 
     def _write_samples(self, step: int, batch: list[Example], ro: Rollout, rewards: torch.Tensor) -> None:
+        """The first two images of the step: where the image is (relative to the run directory when inside it, as the
+        world's data is), its reference caption if the data has one, the G captions and their rewards."""
         G = self.config.rollout.group_size
         with (self.output_dir / "samples.jsonl").open("a") as f:
             for i, ex in enumerate(batch[:2]):
-                f.write(json.dumps({"step": step, "image": ex.id, "captions": ro.captions[i * G : (i + 1) * G],
+                image = Path(ex.image)
+                if image.resolve().is_relative_to(self.output_dir.resolve()):
+                    image = image.resolve().relative_to(self.output_dir.resolve())
+                f.write(json.dumps({"step": step, "id": ex.id, "image": str(image), "reference": ex.caption,
+                                    "captions": ro.captions[i * G : (i + 1) * G],
                                     "rewards": rewards[i * G : (i + 1) * G, 0].tolist()}) + "\n")  # fmt: skip
