@@ -110,6 +110,11 @@ class LogConfig:
     keep_last: int = 3
     plot_every: int | None = None  # redraw plot.png every this many steps; None = at each checkpoint (and at exit)
     progress: bool = True
+    # Held-out evaluation (caprl_core.rl.heldout) every eval_every steps, at step 0 and at the last step; 0 = off.
+    eval_every: int = 0
+    eval_data: str | None = None  # JSONL; None = the miniature world's held-out split (the world's own data only)
+    report_to: str = "none"  # also log each step's numbers to: none | tensorboard | wandb, or a comma list
+    wandb_project: str | None = None  # None = caprl-core
 
 
 @dataclass
@@ -146,6 +151,7 @@ RECIPE_PRESET = {
     "length_combine": "sum",
 }  # fmt: skip
 REWARD_PRESETS = ("default", "recipe")
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
 LENGTH_COMBINES = ("decoupled", "sum")
 
 
@@ -245,7 +251,7 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"{_flag(name)}: {what}, got {_get(config, name)!r}")
 
-    for name in ("policy", "reader", "data"):
+    for name in ("policy", "reader", "data", "eval_data"):
         value = _get(config, name)
         tiny = name != "data" and value == TINY_RANDOM  # the random pair: no directory
         need(value is None or tiny or Path(value).exists(), name, "path does not exist")
@@ -295,6 +301,13 @@ def validate(config: TrainConfig) -> None:
     need(lg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     need(lg.keep_last >= 1, "keep_last", "must be >= 1")
     need(lg.plot_every is None or lg.plot_every >= 1, "plot_every", "must be >= 1")
+    need(lg.eval_every >= 0, "eval_every", "must be >= 0 (0 = no held-out evaluation)")
+    need(lg.eval_data is None or lg.eval_every > 0, "eval_data", "has no use without --eval-every N")
+    need(lg.eval_every == 0 or lg.eval_data is not None or config.data.data is None, "eval_data",
+         "required with --eval-every and --data (the world's held-out split fits the world's data only)")  # fmt: skip
+    targets = lg.report_to.split(",")
+    need(all(t in REPORT_TARGETS for t in targets) and ("none" not in targets or targets == ["none"]), "report_to",
+         f"one of {'|'.join(REPORT_TARGETS)} or a comma list of {'|'.join(REPORT_TARGETS[1:])}")  # fmt: skip
     need(config.model.dtype in DTYPES, "dtype", f"one of {'|'.join(DTYPES)}")
     # fp16 would need dynamic loss scaling: 51.6% of a tiny Qwen2's non-zero fp32 gradients underflowed to 0 at the
     # recipe's per-token weights (issue 22). bf16 has fp32's range and runs wherever fp16 training is worth doing.

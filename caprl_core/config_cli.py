@@ -98,6 +98,14 @@ HELP = {
     "keep_last": "checkpoints kept",
     "plot_every": "redraw plot.png every this many steps (and at exit); not given: at each checkpoint",
     "progress": "show the progress bar",
+    "eval_every": "held-out evaluation every this many steps, at step 0 and at the last step, after the step's "
+                  "update (the policy its checkpoint would hold): mean reader accuracy over every question, fact "
+                  "precision and recall where the data knows them, as heldout_* keys of metrics.jsonl (0 = off)",
+    "eval_data": "held-out dataset JSONL for --eval-every; not given: the miniature world's 64 held-out images",
+    "report_to": "also log every numeric metric of each step to tensorboard (RUN_DIR/tensorboard) or wandb "
+                 "(WANDB_MODE=offline honoured; RUN_DIR/wandb unless WANDB_DIR is set), or a comma list of both; "
+                 "metrics.jsonl is written either way",
+    "wandb_project": "W&B project for --report-to wandb; not given: caprl-core (the run is named after RUN_DIR)",
     "steps": "training steps",
     "seed": "seed of data order, sampling, question draws and the tiny models",
 }  # fmt: skip
@@ -137,6 +145,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     return flat
 
 
+# Options whose default is None and whose value is text: a path or a name.
+TEXT_OPTIONS = ("policy", "reader", "data", "output_dir", "eval_data", "wandb_project")
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
 
 
@@ -169,7 +179,7 @@ def _checked(name: str, value: Any, where: str) -> Any:
 def _parse_value(name: str, text: str) -> Any:
     default = _get(TrainConfig(), name)
     kind = type(default) if default is not None else next(t for t in FIELD_TYPES[name] if t is not type(None))
-    if name in ("policy", "reader", "data", "output_dir"):
+    if name in TEXT_OPTIONS:
         kind = str
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -187,8 +197,8 @@ def _metavar(name: str) -> str:
     if name in CHOICES:
         return "{" + ",".join(CHOICES[name]) + "}"
     kinds = [t for t in FIELD_TYPES[name] if t is not type(None)]
-    if name in ("policy", "reader", "data", "output_dir"):
-        return "DIR" if name != "data" else "FILE"
+    if name in TEXT_OPTIONS:
+        return "FILE" if name.endswith("data") else "TEXT" if name == "wandb_project" else "DIR"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}[kinds[0]]
 
 

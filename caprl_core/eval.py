@@ -31,7 +31,6 @@ distribution of per-image accuracy and accuracy against caption length.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -46,11 +45,11 @@ from caprl_core._cli import plain_warnings
 from caprl_core.data import DataError, Example, load_jsonl
 from caprl_core.evaluator import (
     PRISM,
-    SMALL_MODEL_PARAMETERS,
-    TINY_MODEL_THREADS,
     CaptionEvaluator,
     EvalConfig,
     evaluate,
+    threads_for,
+    torch_threads,
 )
 from caprl_core.plot import plot_eval
 from caprl_core.policy import (
@@ -177,18 +176,6 @@ def _examples(parser, data: Path, limit: int | None) -> tuple[list[Example], int
     return result.examples[:limit], result.num_skipped
 
 
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None):
-    """Run the block on `num_threads` intra-op threads (None: leave as is), then restore the previous setting."""
-    before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation from command-line arguments; returns the summary (also written to OUT/summary.json)."""
     plain_warnings()
@@ -201,10 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     models = _models(parser, args)
     prompter = PolicyPrompter(models.tokenizer, models.image_processor)
-    size = sum(p.numel() for m in (models.policy, models.reader) for p in m.parameters())
-    threads = TINY_MODEL_THREADS if size < SMALL_MODEL_PARAMETERS else None
+    threads = threads_for(models.policy, models.reader)
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    with _torch_threads(threads):
+    with torch_threads(threads):
         # The world's held-out split is written beside the results, so that details.jsonl's images exist afterwards.
         data = args.data or make_world_data(out / "data", "heldout")
         examples, skipped = _examples(parser, data, config.limit)

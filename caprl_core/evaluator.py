@@ -5,6 +5,7 @@ mean): the policy captions each image k times, the reader answers every question
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from caprl_core.data import MAX_OPTIONS, Example, load_image
 from caprl_core.policy import PolicyPrompter, caption_tokens, stop_token_ids
@@ -66,22 +68,43 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """Run the block on `num_threads` intra-op threads (None: leave as is), then restore the previous setting."""
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_for(*models) -> int | None:
+    """TINY_MODEL_THREADS for models under SMALL_MODEL_PARAMETERS together, None (torch's setting) otherwise."""
+    size = sum(p.numel() for m in models for p in m.parameters())
+    return TINY_MODEL_THREADS if size < SMALL_MODEL_PARAMETERS else None
+
+
 class CaptionEvaluator:
     """Captions images with the policy and scores every question of each image from each caption with the reader."""
 
     def __init__(self, policy, prompter: PolicyPrompter, reader, reader_tokenizer, config: EvalConfig, *,
-                 max_options: int = MAX_OPTIONS + 1, template=None,
-                 reward_preset: str = "default") -> None:  # fmt: skip
+                 max_options: int = MAX_OPTIONS + 1, template=None, reward_preset: str = "default",
+                 policy_engine: Engine | None = None, reader_engine: Engine | None = None) -> None:  # fmt: skip
+        """policy_engine, reader_engine: engines of these models to run on instead of new ones (training's held-out
+        evaluation passes the run's own: no second KV cache beside them)."""
         self.config = config
         self.prompter = prompter
         cpu = next(policy.parameters()).device.type == "cpu"
         cache = {"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if cpu else {}
-        self.policy_engine = Engine(policy, **cache)
+        self.policy_engine = Engine(policy, **cache) if policy_engine is None else policy_engine
         self.params = SamplingParams(n=config.k, temperature=config.temperature, top_p=config.top_p,
                                      max_new_tokens=config.max_new_tokens,
                                      stop_token_ids=stop_token_ids(policy, prompter.tokenizer))  # fmt: skip
         reader_cpu = next(reader.parameters()).device.type == "cpu"
-        reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
+        if reader_engine is None:
+            reader_engine = Engine(reader, **({"kv_cache_tokens": CPU_KV_CACHE_TOKENS} if reader_cpu else {}))
         base = RewardConfig(num_draws=1, mode="hard", seed=config.seed, max_options=max_options,
                             template=template or DEFAULT_TEMPLATE)  # fmt: skip
         if reward_preset == "recipe":  # the reward server's prompt, letters and whole-vocabulary readout

@@ -10,7 +10,8 @@
 finite value, when all of them are constant zero (the clip share under one iteration, the KL without a reference),
 or when it would repeat another panel (reader accuracy is the reward itself unless a length term is added). Each
 metric is drawn as light per-step points and a centred moving average (WINDOW_FRACTION of the run, odd, at least 3
-points: a centred mean does not lag the points as a running mean does). Missing, None or non-finite values are gaps;
+points: a centred mean does not lag the points as a running mean does); a metric logged on fewer than half the steps
+(the held-out evaluation's) is drawn point to point instead. Missing, None or non-finite values are gaps;
 lines cut short by a crash are skipped. `plot_eval` draws the distribution of per-image accuracy and accuracy against
 caption length.
 """
@@ -47,10 +48,10 @@ class Panel:
 PANELS = (
     Panel("Reward (mean over captions)", "reward", (("reward_mean", "reward"),)),
     Panel("Reader accuracy", "fraction right", (("accuracy", "training captions"),), drop_if_same_as="reward_mean"),
-    Panel("Held-out accuracy", "fraction right", (("eval_accuracy", "held-out"),)),
+    Panel("Held-out accuracy", "fraction right", (("heldout_accuracy", "held-out (--eval-every)"),)),
     Panel("Fact precision and recall", "fraction",
           (("fact_precision", "precision (train)"), ("fact_recall", "recall (train)"),
-           ("eval_fact_precision", "precision (held-out)"), ("eval_fact_recall", "recall (held-out)"))),
+           ("heldout_precision", "precision (held-out)"), ("heldout_recall", "recall (held-out)"))),
     Panel("Caption length", "tokens", (("caption_length", "mean"),)),
     Panel("Truncated captions", "fraction of captions", (("truncation_rate", "hit max_new_tokens"),)),
     Panel("Policy entropy", "nats / token", (("entropy", "entropy"),)),
@@ -58,7 +59,8 @@ PANELS = (
     Panel("Clipped ratio share", "fraction of tokens", (("clip_fraction", "clipped"),)),
     Panel("Gradient norm (before clipping)", "L2 norm", (("grad_norm", "grad norm"),)),
     Panel("Time per phase", "seconds",
-          (("time_rollout", "rollout"), ("time_reward", "reward"), ("time_update", "update"), ("time_eval", "eval"))),
+          (("time_rollout", "rollout"), ("time_reward", "reward"), ("time_update", "update"),
+           ("time_heldout", "held-out"))),
 )  # fmt: skip
 PANEL_COLUMNS = 3
 
@@ -133,15 +135,25 @@ def _draw(ax, panel: Panel, series: dict[str, list[tuple[float, float]]]) -> Non
     labels = dict(panel.metrics)
     for colour, (key, points) in zip(COLOURS, series.items(), strict=False):
         xs, ys = [x for x, _ in points], [y for _, y in points]
+        if is_sparse(xs):  # each point a whole evaluation (--eval-every): joined as measured, never averaged
+            ax.plot(xs, ys, "o-", markersize=4, color=colour, linewidth=1.8, label=labels[key])
+            continue
         ax.plot(xs, ys, "o", markersize=2.5, color=colour, alpha=0.35)
         if sum(math.isfinite(y) for y in ys) > 2:
             ax.plot(xs, centred_mean(ys), color=colour, linewidth=1.8, label=labels[key])
         else:
             ax.lines[-1].set_label(labels[key])
-    if len(series) > 1 or any(sum(math.isfinite(y) for _, y in pts) > 2 for pts in series.values()):
+    if len(series) > 1 or any(sum(math.isfinite(y) for _, y in pts) > 2 or is_sparse([x for x, _ in pts])
+                              for pts in series.values()):  # fmt: skip
         ax.legend(fontsize="x-small", loc="best")
     ax.set(title=panel.title, xlabel="step", ylabel=panel.unit)
     ax.grid(alpha=0.3)
+
+
+def is_sparse(steps: list[float]) -> bool:
+    """Whether a metric was logged on fewer than half the steps it spans (the held-out evaluation's, every N steps):
+    a centred mean would average measurements N steps apart, so such a series is drawn point to point."""
+    return len(steps) > 1 and 2 * len(steps) < steps[-1] - steps[0] + 1
 
 
 def centred_mean(values: list[float], window: int | None = None) -> list[float]:

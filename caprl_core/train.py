@@ -19,9 +19,11 @@ bottom); this module runs the loop (step -> log -> checkpoint -> plot) and the c
 `caprl_core.config_cli`). What a run may do to its directory (a resume keeps the saved configuration, a fresh run
 never mixes with an old one, --overwrite, Ctrl-C: one line and exit 130) is `caprl_core.rl.lifecycle`.
 
-Output directory: metrics.jsonl (one line per step), samples.jsonl (captions every few steps), plot.png (every
---plot-every steps, default at each checkpoint, and at exit), config.json, resumes.jsonl (what each resume changed),
-checkpoints/step-*/ (Hugging Face format with safetensors + trainer state; `latest` names the newest complete one).
+Output directory: metrics.jsonl (one line per step; with --eval-every the held-out evaluation's heldout_* keys on its
+steps: caprl_core.rl.heldout), samples.jsonl (captions every few steps), plot.png (every --plot-every steps, default
+at each checkpoint, and at exit), config.json, resumes.jsonl (what each resume changed), checkpoints/step-*/ (Hugging
+Face format with safetensors + trainer state; `latest` names the newest complete one); with --report-to,
+tensorboard/ or wandb/ (caprl_core.rl.report).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from caprl_core.distributed import World, WorldSizeError, close_world, init_worl
 from caprl_core.policy import ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
-from caprl_core.rl import state
+from caprl_core.rl import report, state
+from caprl_core.rl.heldout import HeldOut
 from caprl_core.rl.lifecycle import (
     METRICS,
     RESUMES,
@@ -62,6 +65,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     """Run training; returns the output directory. Under torchrun every rank runs this; rank 0 writes the logs.
     resume: continue from the last checkpoint in config.log.output_dir (ResumeError when there is none); overwrite:
     delete the run already there (`caprl_core.rl.lifecycle`); neither with a run there: RunDirError."""
+    report.require(config.log.report_to)  # a missing package stops the run before any model loads
     device, _ = device_and_dtype(config)
     world = init_world(device.type)
     try:
@@ -82,6 +86,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
         start = state.resume(run, ckpt)
         if main_rank:
             _continue_logs(output_dir, ckpt, start, changes(before, config))
+    heldout = HeldOut(run) if config.log.eval_every else None
+    reporters = report.Reporters(config, output_dir, start, enabled=main_rank)
     plotter = Plotter(output_dir, main_rank)
     progress = Progress(config.steps, start, config.log.progress and main_rank)
     in_progress = start  # the step a Ctrl-C abandons: the next one once a step's checkpoint is written
@@ -89,9 +95,12 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
         for step in range(start, config.steps):
             in_progress = step
             metrics = run.step(step)
+            if heldout is not None and heldout.due(step):  # after the update: the policy checkpoint step-N holds
+                metrics.update(heldout.evaluate(run))
             if main_rank:
                 with (output_dir / METRICS).open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            reporters.log(metrics)  # beside metrics.jsonl, never instead of it
             progress.update(step, metrics)
             _stop_on_skips(run, step)  # before a checkpoint: the last one stays the last good one
             checkpoint = (step + 1) % config.log.checkpoint_every == 0 or step == config.steps - 1
@@ -105,6 +114,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
     finally:  # plot.png shows every logged step, whatever ended the run
         progress.close()
         with no_interrupts():
+            reporters.close()
             plotter.draw()
     return output_dir
 
@@ -157,7 +167,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     try:
         out = train(config, resume=resume, overwrite=overwrite)
-    except (ModelLoadError, WorldSizeError, ResumeError, RunDirError, DataError, DeviceError) as e:  # the user's input
+    except (ModelLoadError, WorldSizeError, ResumeError, RunDirError, DataError, DeviceError, report.ReportError) as e:
+        # the user's input: a directory, a batch size, a package --report-to needs, ...
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as e:

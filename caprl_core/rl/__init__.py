@@ -9,6 +9,8 @@
     state     checkpoints and resume, one process or several ranks
     progress  peak memory per phase, the progress bar, the metrics log
     lifecycle the run directory: a resume's saved config, --overwrite, plot cadence, Ctrl-C
+    heldout   --eval-every: the caption evaluation of `python -m caprl_core.eval` on the training policy
+    report    --report-to: each step's metrics also to TensorBoard or Weights & Biases
 
 caprl_core/train.py runs the loop (step -> log -> checkpoint) and the command line.
 """

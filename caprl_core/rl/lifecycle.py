@@ -39,8 +39,10 @@ RUN_FILES = (CONFIG, METRICS, SAMPLES, RESUMES, PLOT, CHECKPOINTS_DIR)
 # computes. --steps is one, except under --schedule cosine (whose decay ends at --steps: another length would change
 # the learning rates of the steps still to come). Everything else (models, data, batch shape, reward, optimizer,
 # seed, dtype, device, cache sizes) must equal the saved value, or the resumed run is another run.
+# Options that change what a run logs, never what a step computes (the held-out evaluation leaves the training RNG
+# stream alone: tests/test_heldout.py).
 SAFE_ON_RESUME = ("steps", "output_dir", "progress", "sample_every", "checkpoint_every", "keep_last", "plot_every",
-                  "max_skipped_steps")  # fmt: skip
+                  "max_skipped_steps", "eval_every", "eval_data", "report_to", "wandb_project")  # fmt: skip
 _PATHS = ("policy", "reader", "data")
 
 
