@@ -17,8 +17,10 @@ BuildConfig in `SHIPPED` (caprl_core/world/shipped: reader/, policy/, card.json)
 `python -m caprl_core.eval` use them, and this world's data, when given no models and no data (docs/world.md has the
 figures).
 
-Data splits are fixed by seed (`SPLIT_SEEDS`): the trainer's images, the held-out images of evaluations, and the
-scene streams the reader and the policy are trained on never overlap by seed.
+Data splits are disjoint by construction (`caprl_core.world.splits`): the scene space is partitioned by a stable hash
+of each scene into the trainer's images, the held-out images of evaluations, the reader's and the policy's training
+streams and the build's checks, and each draws only scenes of its own part; a seed (`SPLIT_SEEDS`) fixes which scenes
+of its part a split draws.
 
     python -m caprl_core.world build --out DIR          # train both models (deterministic for a torch build)
     python -m caprl_core.world data --split heldout --out DIR [--num 64]
@@ -29,7 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # Seeds of the scene streams: `train` and `heldout` are dataset files (make_world_data); `reader` and `policy` are the
-# streams the shipped models were trained on; `reader_eval` and `policy_eval` measure them after training.
+# streams the shipped models were trained on; `reader_eval` and `policy_eval` measure them after training. Each draws
+# from its own part of the scene space (`splits.PARTS`: the two checks share the part "check"), never by seed alone.
 SPLIT_SEEDS = {"train": 1_000, "heldout": 2_000, "reader": 3_000, "policy": 4_000, "reader_eval": 5_000,
                "policy_eval": 6_000}  # fmt: skip
 DEFAULT_SIZES = {"train": 256, "heldout": 64}
@@ -41,10 +44,12 @@ SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 def make_world_data(out_dir: str | Path, split: str, num_images: int | None = None) -> Path:
     """Write the `split` ("train" or "heldout") dataset under out_dir (PNGs + data.jsonl); returns the JSONL path.
-    Deterministic: the split's seed fixes every image and question."""
+    Its scenes are of the split's part only (`splits.sample_scene`); the split's seed fixes every image and question."""
     from caprl_core.world.scenes import make_synthetic_dataset
+    from caprl_core.world.splits import sample_scene
 
     if split not in DEFAULT_SIZES:
         raise ValueError(f"split: expected one of {sorted(DEFAULT_SIZES)}, got {split!r}")
     num = DEFAULT_SIZES[split] if num_images is None else num_images
-    return make_synthetic_dataset(out_dir, num, seed=SPLIT_SEEDS[split], image_size=IMAGE_SIZE)
+    return make_synthetic_dataset(out_dir, num, seed=SPLIT_SEEDS[split], image_size=IMAGE_SIZE,
+                                  sample=lambda rng: sample_scene(rng, split))  # fmt: skip

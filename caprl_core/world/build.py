@@ -1,9 +1,9 @@
 """Building the miniature world's models: `python -m caprl_core.world build --out DIR`.
 
 Writes DIR/reader and DIR/policy as Hugging Face directories (model.safetensors, config.json, tokenizer files with
-the chat template; the policy also preprocessor_config.json), and DIR/card.json with what the build measured: the
-reader's held-out accuracy from reference, terse and empty captions, the start policy's caption precision and
-recall, and the time of each phase.
+the chat template; the policy also preprocessor_config.json), and DIR/card.json with what the build measured on
+scenes neither model was trained on (the part "check" of `world.splits`): the reader's accuracy from reference, terse
+and empty captions, the start policy's caption precision and recall; and the time of each phase.
 Deterministic for a given torch build and thread count: the same seed gives the same weights.
 """
 
@@ -27,7 +27,8 @@ from caprl_core.world import IMAGE_SIZE, SPLIT_SEEDS
 from caprl_core.world.grammar import caption_fact_counts, terse_caption
 from caprl_core.world.policy import make_policy, train_policy
 from caprl_core.world.reader import WORLD_TEMPLATE, make_reader, reader_accuracy, train_reader
-from caprl_core.world.scenes import describe, draw_scene, scene_questions, synthetic_scene
+from caprl_core.world.scenes import describe, draw_scene, scene_questions
+from caprl_core.world.splits import sample_scene
 
 
 @dataclass
@@ -121,11 +122,17 @@ def _save(model, tokenizer, directory: Path, image_processor=None) -> None:
         image_processor.save_pretrained(directory)
 
 
+def check_draws(name: str, num: int) -> tuple[random.Random, list]:
+    """The scenes of a check (`name` "reader_eval" or "policy_eval"), all of the part "check" of the scene space
+    (`splits.PARTS`), and the random stream that drew them."""
+    rng = random.Random(SPLIT_SEEDS[name])
+    return rng, [sample_scene(rng, "check") for _ in range(num)]
+
+
 def check_reader(reader, tokenizer, num_pairs: int) -> dict:
-    """The reader's accuracy on held-out (caption, question) pairs: from reference captions, from terse ones (the
-    first cell only), from empty ones; and how often it agrees with what the caption implies."""
-    rng = random.Random(SPLIT_SEEDS["reader_eval"])
-    scenes = [synthetic_scene(rng) for _ in range(num_pairs)]
+    """The reader's accuracy on (caption, question) pairs of scenes it was not trained on: from reference captions,
+    from terse ones (the first cell only), from empty ones; and how often it agrees with what the caption implies."""
+    rng, scenes = check_draws("reader_eval", num_pairs)
     questions = [scene_questions(s, rng, 1)[0] for s in scenes]
     out = {}
     for name, captions in (("reference", [describe(s) for s in scenes]),
@@ -137,9 +144,8 @@ def check_reader(reader, tokenizer, num_pairs: int) -> dict:
 
 @torch.no_grad()
 def check_policy(policy, prompter: PolicyPrompter, num_images: int) -> dict:
-    """The policy's captions of held-out scenes (4 per image, temperature 1): fact precision and recall."""
-    rng = random.Random(SPLIT_SEEDS["policy_eval"])
-    scenes = [synthetic_scene(rng) for _ in range(num_images)]
+    """The policy's captions of scenes it was not trained on (4 per image, temperature 1): fact precision and recall."""
+    _, scenes = check_draws("policy_eval", num_images)
     tok = prompter.tokenizer
     engine = Engine(policy, kv_cache_tokens=1 << 14)
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=64, stop_token_ids=(tok.eos_token_id,), seed=0)

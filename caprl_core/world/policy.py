@@ -19,7 +19,8 @@ from caprl_core.models import VL_SPECIAL_TOKENS
 from caprl_core.policy import PolicyPrompter
 from caprl_core.world import IMAGE_SIZE
 from caprl_core.world.grammar import terse_caption
-from caprl_core.world.scenes import COLOURS, GRID_CELLS, SHAPES, Scene, describe, draw_scene, synthetic_scene
+from caprl_core.world.scenes import COLOURS, GRID_CELLS, SHAPES, Scene, describe, draw_scene
+from caprl_core.world.splits import sample_scene
 
 P_REFERENCE = 0.1  # share of full reference captions in the start policy's training targets
 P_ONE_CELL = 0.75  # of the terse ones, the share that states the first cell only (the others: the first two)
@@ -32,6 +33,13 @@ def start_caption(scene: Scene, rng: random.Random) -> str:
     if rng.random() < P_REFERENCE:
         return describe(scene)
     return terse_caption(scene, 1 if rng.random() < P_ONE_CELL else 2)
+
+
+def policy_draws(rng: random.Random, size: int, terse: bool) -> tuple[list[Scene], list[str]]:
+    """The policy's training stream, one batch at a time: scenes of the policy's part of the scene space
+    (`splits.PARTS`) and their target captions (reference captions, or `start_caption` ones when `terse`)."""
+    scenes = [sample_scene(rng, "policy") for _ in range(size)]
+    return scenes, [start_caption(s, rng) if terse else describe(s) for s in scenes]
 
 
 def make_policy(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, vision_hidden: int = 64, seed: int = 0):
@@ -124,9 +132,7 @@ def train_policy(model, prompter: PolicyPrompter, *, steps: int, batch_size: int
     )
     model.train()
     for step in range(steps):
-        scenes = [synthetic_scene(rng) for _ in range(batch_size)]
-        style = describe if step < reference_share * steps else (lambda s: start_caption(s, rng))
-        batch = sft_batch(prompter, scenes, [style(s) for s in scenes])
+        batch = sft_batch(prompter, *policy_draws(rng, batch_size, terse=step >= reference_share * steps))
         loss = sft_loss(model, batch, probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()

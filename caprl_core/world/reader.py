@@ -36,9 +36,9 @@ from caprl_core.world.scenes import (
     Scene,
     cell_contents,
     scene_questions,
-    synthetic_scene,
 )
 from caprl_core.world.scenes import statement as render_statement
+from caprl_core.world.splits import sample_scene
 
 # The world reader's prompt: CapRLReward's layout with a one-line instruction instead of the few-shot header (310
 # tokens a fresh model must learn to ignore), the caption on the cue's line (so its first cell word is " top", the
@@ -99,6 +99,15 @@ def world_reward(model, tokenizer, seed: int = 0) -> CapRLReward:
                                                       template=WORLD_TEMPLATE, use_chat_template=False))  # fmt: skip
 
 
+def reader_draws(rng: random.Random, size: int) -> tuple[list[Scene], list[MCQ], list[str]]:
+    """The reader's training stream, `size` examples at a time: scenes of the reader's part of the scene space
+    (`splits.PARTS`), one question each and a training caption."""
+    scenes = [sample_scene(rng, "reader") for _ in range(size)]
+    mcqs = [scene_questions(s, rng, 1)[0] for s in scenes]  # one question each, at random
+    captions = [training_caption(s, rng) for s in scenes]
+    return scenes, mcqs, captions
+
+
 class ReaderBatches:
     """Reader prompts and labels, built by `CapRLReward.reader_prompts` (the reward's own path), in chunks."""
 
@@ -115,9 +124,7 @@ class ReaderBatches:
 
     def sample(self, size: int, step: int) -> list[dict]:
         """`size` examples: prompt ids, label (the letter the caption implies), option count and auxiliary targets."""
-        scenes = [synthetic_scene(self.rng) for _ in range(size)]
-        mcqs = [scene_questions(s, self.rng, 1)[0] for s in scenes]  # one question each, at random
-        captions = [training_caption(s, self.rng) for s in scenes]
+        _, mcqs, captions = reader_draws(self.rng, size)
         draws = self.reward.reader_prompts(captions, [[q] for q in mcqs], step=step)
         out = []
         for p, (mcq, caption) in enumerate(zip(mcqs, captions, strict=True)):

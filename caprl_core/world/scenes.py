@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,9 +142,10 @@ def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
 
 def make_synthetic_dataset(
     out_dir: str | os.PathLike, num_images: int = 32, *, seed: int = 0, image_size: int = 84,
-    questions_per_image: int = 6,
+    questions_per_image: int = 6, sample: Callable[[random.Random], Scene] = synthetic_scene,
 ) -> Path:  # fmt: skip
     """Write `num_images` PNGs under out_dir/images and out_dir/data.jsonl (relative paths); return the JSONL path.
+    `sample` draws each scene (the world's splits pass one that keeps to their part: `world.splits.sample_scene`).
 
     Deterministic: the same arguments give the same JSONL text and the same PNG bytes.
     """
@@ -158,7 +160,7 @@ def make_synthetic_dataset(
     rng = random.Random(seed)
     lines = []
     for i in range(num_images):
-        scene = synthetic_scene(rng)
+        scene = sample(rng)
         questions = scene_questions(scene, rng, questions_per_image)
         image = f"images/{i:05d}.png"
         draw_scene(scene, image_size).save(out_dir / image)
