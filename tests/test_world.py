@@ -187,7 +187,7 @@ def test_a_reader_directory_carries_its_prompt(tmp_path):
 
 
 def test_the_shipped_models_are_small_read_and_see():
-    """The package's reader answers held-out reference captions (>= 95%) and says "cannot be answered" for empty
+    """The package's reader answers unseen reference captions (>= 93%) and says "cannot be answered" for empty
     ones; its start policy states what it sees correctly but only part of each scene (the room GRPO has to teach)."""
     from caprl_core.policy import PolicyPrompter, load_policy, load_reader
     from caprl_core.world import SHIPPED
@@ -197,7 +197,10 @@ def test_the_shipped_models_are_small_read_and_see():
     assert size <= 20 * 2**20, f"shipped files: {size / 2**20:.1f} MB"
     reader, tokenizer = load_reader(SHIPPED / "reader")
     card = check_reader(reader, tokenizer, 200)
-    assert card["reference"]["accuracy"] >= 0.95, card
+    # 0.93, not the 0.95 of the build before issue 25: that reader was checked on scenes from its own training stream
+    # (269 shared); on the partition's unseen "check" scenes the rebuilt one reads 0.945 here (0.9225 on the card's
+    # 400 pairs), and the old one's 0.9775 on the card was partly memory.
+    assert card["reference"]["accuracy"] >= 0.93, card
     assert card["empty"]["agrees_with_caption"] == 1.0, card  # every empty caption: "cannot be answered"
     policy, tokenizer, image_processor = load_policy(SHIPPED / "policy")
     captions = check_policy(policy, PolicyPrompter(tokenizer, image_processor), 16)
