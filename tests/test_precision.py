@@ -153,10 +153,11 @@ def test_bf16_policy_masters_track_an_fp32_run_at_lr_1e_6(tmp_path):
     )
     assert changed >= 0.99
     # Tolerance: bf16 forward/backward noise changes some gradient signs, so Adam's ~lr-sized steps differ there;
-    # measured on this setup (the shipped start policy): 0.9934 sign agreement, 0.121 relative difference of the
-    # 20-step deltas, 100% of the weights the fp32 run moved changed in the masters. The bounds leave a little room
-    # for thread-count noise and no more: a learning rate 1.3x off in the bf16 run gives a relative difference ~0.3.
-    assert agree >= 0.985 and rel <= 0.15
+    # measured on this setup (the shipped start policy as rebuilt for issue 25): 0.9898 sign agreement, 0.170 relative
+    # difference of the 20-step deltas, 100% of the weights the fp32 run moved changed in the masters (the build
+    # before: 0.9934, 0.121). The bounds leave a little room for thread-count noise and no more: a learning rate 1.3x
+    # off in the bf16 run gives a relative difference of 0.352 on this build (sign agreement 0.9899).
+    assert agree >= 0.985 and rel <= 0.22
 
 
 def test_resumed_bf16_run_continues_bit_identically(tmp_path):
