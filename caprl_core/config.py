@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from caprl_core.grpo import AGGREGATIONS, CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
-from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES, TINY_RANDOM
+from caprl_core.policy import DEFAULT_INSTRUCTION, DTYPES, TINY_RANDOM, resolve_latest
 from caprl_core.reward_recipe import RECIPE_LENGTH_L1, RECIPE_LENGTH_L2, RECIPE_LENGTH_WEIGHT, RECIPE_READER_TEMPERATURE
 
 
@@ -202,9 +202,7 @@ def policy_defaults(policy: str | None) -> tuple[str, str]:
             return "world", f"{why}: the miniature world's batch sizes, reward and learning rate"
         if policy == TINY_RANDOM:
             break
-        path = Path(policy)
-        if path.name == "latest" and path.is_file():  # a run's checkpoints/latest names its newest checkpoint
-            path = path.parent / path.read_text().strip()
+        path = resolve_latest(policy)  # a run's checkpoints/latest: the checkpoint it names
         if path.resolve() == (SHIPPED / "policy").resolve():
             policy = None
             continue

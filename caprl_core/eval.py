@@ -55,9 +55,11 @@ from caprl_core.plot import plot_eval
 from caprl_core.policy import (
     DTYPES,
     TINY_RANDOM,
+    DeviceError,
     ModelLoadError,
     Models,
     PolicyPrompter,
+    checked_device,
     load_models,
 )
 from caprl_core.world import make_world_data
@@ -149,11 +151,9 @@ def _fail(message: str) -> NoReturn:
 
 def _check_device(name: str) -> None:
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        _fail(f"--device: one of cpu, cuda, cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+        checked_device(name)
+    except DeviceError as e:
+        _fail(str(e))
 
 
 def _models(parser, args) -> Models:

@@ -181,10 +181,34 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _check_dir(path: str | Path, what: str) -> Path:
+class DeviceError(ValueError):
+    """--device names a device this machine does not have; the message is one line naming the flag."""
+
+
+def checked_device(name: str) -> torch.device:
+    """`name` (cpu, cuda, cuda:N) as a device this machine has, for train and eval alike; DeviceError otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device: one of cpu, cuda, cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                          "torch.cuda.is_available() is False); use --device cpu")  # fmt: skip
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def resolve_latest(path: str | Path) -> Path:
+    """A run's checkpoints/latest (a text file) as the checkpoint it names; any other path as it is."""
     path = Path(path)
-    if path.name == LATEST and path.is_file():  # a run's checkpoints/latest: the checkpoint it names
-        path = path.parent / path.read_text().strip()
+    if path.name == LATEST and path.is_file():
+        return path.parent / path.read_text().strip()
+    return path
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    path = resolve_latest(path)
     if not path.is_dir():
         raise ModelLoadError(f"{what} {path}: {'not a directory' if path.exists() else 'no such directory'}")
     if (path / "checkpoints").is_dir():  # its config.json is the run's configuration, not a model's

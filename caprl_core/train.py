@@ -38,7 +38,7 @@ from caprl_core.config import TrainConfig, _flag
 from caprl_core.config_cli import parse_command
 from caprl_core.data import DataError
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
-from caprl_core.policy import ModelLoadError
+from caprl_core.policy import DeviceError, ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
 from caprl_core.rl import report, state
@@ -57,7 +57,7 @@ from caprl_core.rl.lifecycle import (
     saved_config,
 )
 from caprl_core.rl.progress import Progress, trim_metrics
-from caprl_core.rl.setup import DeviceError, device_and_dtype, setup
+from caprl_core.rl.setup import device_and_dtype, setup
 from caprl_core.rl.step import Run
 
 

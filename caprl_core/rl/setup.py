@@ -23,7 +23,7 @@ from caprl_core.distributed import (
     rank_device,
     shard_policy,
 )
-from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, load_models
+from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, checked_device, load_models
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import CapRLReward
 from caprl_core.rl.batches import policy_logprobs
@@ -34,20 +34,11 @@ from caprl_core.sampler.engine import Engine
 from caprl_core.world import make_world_data
 
 
-class DeviceError(ValueError):
-    """--device names a device this machine does not have; the message is one line naming the flag."""
-
-
 def device_and_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     name = config.model.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {config.model.device}: no CUDA device here (torch {torch.__version__}, "
-                          f"torch.cuda.is_available() is False); use --device cpu or auto")  # fmt: skip
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {config.model.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    device = checked_device(name)
     return device, _default_dtype(DTYPES[config.model.dtype], device)
 
 
