@@ -248,6 +248,7 @@ class Command:
     resume: str | None
     overwrite: bool
     given: dict[str, Any]
+    print_config: bool = False  # with --resume: print the configuration the resume would run with, and exit
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
@@ -258,7 +259,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str | None
 
 def parse_command(argv: list[str] | None = None) -> Command:
     """The resolved config and run options from the command line; ValueError naming the option on a bad value. With
-    --print-config, prints the resolved configuration as JSON and exits (SystemExit 0)."""
+    --print-config, prints the resolved configuration as JSON and exits (SystemExit 0); with --resume too, the
+    caller prints the configuration the resume runs with (`Command.print_config`): the run's saved one, which only
+    `caprl_core.rl.lifecycle.plan` knows."""
     args = build_parser().parse_args(argv)
     values = _read_file(args.config) if args.config is not None else {}
     for name in FIELDS:
@@ -276,9 +279,8 @@ def parse_command(argv: list[str] | None = None) -> Command:
     for name, value in values.items():
         _set(config, name, value)
     validate(config)
-    if args.print_config:
-        print(f"# defaults: {defaults} ({why})", file=sys.stderr)  # stdout stays JSON that --config reads back
-        print(json.dumps(config.to_dict(), indent=2))
+    if args.print_config and args.resume is None:
+        print_config(config, f"defaults: {defaults} ({why})")
         raise SystemExit(0)
     if args.resume not in (None, "always", "if-exists"):
         raise ValueError(f"--resume: expected no value or if-exists, got {args.resume!r}")
@@ -287,4 +289,10 @@ def parse_command(argv: list[str] | None = None) -> Command:
                          "start in a new runs/<date-time>")  # fmt: skip
     if args.resume and args.overwrite:
         raise ValueError("--overwrite: cannot be combined with --resume (one deletes the run the other continues)")
-    return Command(config, args.resume, args.overwrite, values)
+    return Command(config, args.resume, args.overwrite, values, print_config=args.print_config)
+
+
+def print_config(config: TrainConfig, origin: str) -> None:
+    """--print-config: the configuration as JSON on stdout (what --config reads back), where it came from on stderr."""
+    print(f"# {origin}", file=sys.stderr)
+    print(json.dumps(config.to_dict(), indent=2))

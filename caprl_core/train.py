@@ -35,7 +35,7 @@ from pathlib import Path
 
 from caprl_core._cli import plain_warnings
 from caprl_core.config import TrainConfig, _flag
-from caprl_core.config_cli import parse_command
+from caprl_core.config_cli import parse_command, print_config
 from caprl_core.data import DataError
 from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
 from caprl_core.policy import DeviceError, ModelLoadError
@@ -55,6 +55,7 @@ from caprl_core.rl.lifecycle import (
     open_run_dir,
     plan,
     saved_config,
+    write_config,
 )
 from caprl_core.rl.progress import Progress, trim_metrics
 from caprl_core.rl.setup import device_and_dtype, setup
@@ -84,7 +85,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
     start = 0
     if ckpt is not None:
         start = state.resume(run, ckpt)
-        if main_rank:
+        if main_rank:  # only now: a resume that fails to load leaves the run's config.json as it was
+            write_config(output_dir, config)
             _continue_logs(output_dir, ckpt, start, changes(before, config))
     heldout = HeldOut(run) if config.log.eval_every else None
     reporters = report.Reporters(config, output_dir, start, enabled=main_rank)
@@ -161,10 +163,15 @@ def _main(argv: list[str] | None) -> int:
     hf_logging.disable_progress_bar()  # checkpoint writes would print bars of their own between the run's
     plain_warnings()
     try:
-        config, resume, overwrite = plan(parse_command(argv))  # a resume: the run's saved config, checked flags
+        command = parse_command(argv)
+        config, resume, overwrite = plan(command)  # a resume: the run's saved config, checked flags
     except ValueError as e:
         print(f"python -m caprl_core.train: error: {e}", file=sys.stderr)
         return 2
+    if command.print_config:  # with --resume: what the resume would run with, not the command line's defaults
+        origin = f"resumed: the saved configuration of {config.log.output_dir}" if resume else "a fresh run"
+        print_config(config, origin + " with the options given applied")
+        return 0
     try:
         out = train(config, resume=resume, overwrite=overwrite)
     except (ModelLoadError, WorldSizeError, ResumeError, RunDirError, DataError, DeviceError, report.ReportError) as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from caprl_core import train
+from caprl_core.rl import state
 from caprl_core.rl.progress import TIMING_KEYS
 
 TINY = ["--images-per-step", "2", "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2",
@@ -195,3 +196,37 @@ def test_ctrl_c_stops_cleanly_and_the_resumed_run_equals_the_uninterrupted_one(t
     assert resumed.returncode == 0, resumed.stderr
     assert [_stable(r) for r in _rows(out / "metrics.jsonl")] == [_stable(r) for r in _rows(clean / "metrics.jsonl")]
     assert (out / "samples.jsonl").read_text() == (clean / "samples.jsonl").read_text()
+
+
+def test_print_config_with_resume_prints_what_the_resume_would_run(tmp_path, capsys):
+    """It used to print the command line's configuration (CLI defaults) instead of the run's saved one."""
+    out = tmp_path / "run"
+    assert _main(out, "--lr", "2e-4", "--steps", "1") == 0
+    capsys.readouterr()
+    assert train.main(["--output-dir", str(out), "--resume", "--steps", "3", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert (printed["optim"]["lr"], printed["steps"], printed["rollout"]["images_per_step"]) == (2e-4, 3, 2)
+    assert captured.err.startswith("# resumed: the saved configuration of"), captured.err
+    assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [0]  # printed, nothing run
+    assert json.loads((out / "config.json").read_text())["steps"] == 1
+    # a change the resume would refuse is refused with --print-config too
+    assert train.main(["--output-dir", str(out), "--resume", "--lr", "1e-3", "--print-config"]) == 2
+    assert "--lr 0.001: the run in" in _one_error_line(capsys)
+
+
+def test_a_resume_that_cannot_load_its_checkpoint_leaves_config_json_alone(tmp_path, capsys, monkeypatch):
+    """setup() used to write the resumed configuration (here --steps 3) before the checkpoint's optimizer loaded."""
+    out = tmp_path / "run"
+    assert _main(out, "--steps", "1") == 0
+    before = (out / "config.json").read_text()
+
+    def unreadable(path, **kwargs):  # a checkpoint that passes the completeness check and fails to load
+        raise ValueError("trainer_state/optimizer.safetensors: damaged")
+
+    monkeypatch.setattr(state, "load_checkpoint", unreadable)
+    capsys.readouterr()
+    assert train.main(["--output-dir", str(out), "--resume", "--steps", "3"]) == 2
+    assert "--resume: " in _one_error_line(capsys)
+    assert (out / "config.json").read_text() == before
+    assert not (out / "resumes.jsonl").exists()

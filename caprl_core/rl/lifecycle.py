@@ -104,6 +104,11 @@ def saved_config(out: Path) -> TrainConfig:
     raise ResumeError(f"--resume: {out} has no readable {CONFIG} (nor a checkpoint that holds its configuration)")
 
 
+def write_config(out: Path, config: TrainConfig) -> None:
+    """`out`/config.json: the configuration the run was started (or last resumed) with."""
+    (out / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """`TrainConfig.to_dict()`'s inverse; options it lacks (a run from before they existed) keep their defaults."""
     config = TrainConfig()

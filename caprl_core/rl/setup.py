@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -27,6 +26,7 @@ from caprl_core.policy import DTYPES, PolicyPrompter, _default_dtype, checked_de
 from caprl_core.precision import MasterWeightOptimizer
 from caprl_core.reward import CapRLReward
 from caprl_core.rl.batches import policy_logprobs
+from caprl_core.rl.lifecycle import write_config
 from caprl_core.rl.scoring import reward_config
 from caprl_core.rl.state import load_full_weights
 from caprl_core.rl.step import Run
@@ -99,8 +99,8 @@ def setup(config: TrainConfig, world: World = ONE_PROCESS, weights_from: Path | 
     examples = _load_user_data(config)
     output_dir = Path(config.log.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if world.is_main and weights_from is None:  # a resume writes it once its checkpoint has loaded (train._train)
+        write_config(output_dir, config)
     reader.requires_grad_(False)
     if config.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
