@@ -1,0 +1,237 @@
+"""`python -m caprl_core.world ablations`: the CapRL paper's ablations run in the miniature world, several seeds each,
+summarised as a table of means with 95% confidence intervals and one figure.
+
+    python -m caprl_core.world ablations --out runs/ablations                       # every family, seeds 0 1 2
+    python -m caprl_core.world ablations --out runs/ablations --families draws control --seeds 0 1
+
+Each arm is `python -m caprl_core.train` with the world's defaults and the arm's flags, then `python -m caprl_core.eval`
+of its last checkpoint on the world's held-out images (scenes that no training stream draws: caprl_core.world.splits).
+A family compares arms that differ in one choice; arms with the same flags (the world's defaults appear in most
+families) are one run per seed, shared. Every run writes `runs/<arm>-seed<S>/result.json` when it is done, so a
+command stopped half-way (Ctrl-C, a crash) reruns only what has no result; `table.md`, `table.json` and `ablations.png`
+are rewritten from all results at the end.
+
+The families and what the paper reports for each (CapRL, arXiv 2509.22647; Prism averages of Qwen2.5-VL-3B):
+- draws: N = 1 / 4 / 8 questions drawn per caption (Table 5: 47.3 / 48.4 / 48.3);
+- mode: the reader's soft probability of the right letter against its hard argmax;
+- estimator: GRPO against RLOO advantages;
+- length: with and without the caption-length term;
+- control: the true reward against rewards shuffled across the batch (any gain of the shuffled run is not the
+  reward's doing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Flags of each arm over the world's defaults (caprl_core.config.WORLD_DEFAULTS: soft mode, N = 4 draws, GRPO, no
+# length term); () is the defaults themselves. The length arm's term pays in full up to 16 caption tokens and nothing
+# from 32, the world's --max-new-tokens: a reference caption is 6-24 tokens, so it bites on captions that ramble.
+FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "draws": {"N=1": ("--num-draws", "1"), "N=4": (), "N=8": ("--num-draws", "8")},
+    "mode": {"soft": (), "hard": ("--mode", "hard")},
+    "estimator": {"grpo": (), "rloo": ("--advantage", "rloo")},
+    "length": {"off": (), "on": ("--length-weight", "0.2", "--length-l1", "16", "--length-l2", "32")},
+    "control": {"true reward": (), "shuffled": ("--shuffle-rewards", "true")},
+}
+METRICS = ("mean_accuracy", "fact_precision", "fact_recall", "mean_caption_tokens")
+RESULT = "result.json"
+
+# Two-sided 95% quantiles of Student's t with df = 1..10 degrees of freedom (any statistics table); above 10 the
+# normal 1.96 is within 12% of it, and these runs use 2-5 seeds.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of a family: its name in the table and its flags over the world's defaults."""
+
+    family: str
+    name: str
+    flags: tuple[str, ...]
+
+    @property
+    def run_name(self) -> str:
+        """The directory name of its runs: the same for every arm with the same flags, whatever its family."""
+        if not self.flags:
+            return "defaults"
+        return "_".join(f.lstrip("-") for f in self.flags).replace(".", "p").replace(" ", "-")
+
+
+def arms(families: list[str]) -> list[Arm]:
+    """The arms of `families`, in table order; ValueError naming an unknown family."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"--families: unknown {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
+    return [Arm(f, name, flags) for f in families for name, flags in FAMILIES[f].items()]
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% confidence interval of the mean) over `values`, Student's t; nan width for one."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def run_arm(arm: Arm, seed: int, out: Path, extra: tuple[str, ...] = (), eval_extra: tuple[str, ...] = ()) -> dict:
+    """Train and evaluate `arm` with `seed` (unless `out`/runs/<arm>-seed<S>/result.json exists): the result row.
+    extra: flags for every training run (e.g. --steps); eval_extra: for every evaluation (e.g. --limit)."""
+    run = out / "runs" / f"{arm.run_name}-seed{seed}"
+    done = run / RESULT
+    if done.exists():
+        return json.loads(done.read_text())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = [sys.executable, "-m", "caprl_core.train", "--seed", str(seed), "--output-dir", str(run / "train"),
+             "--progress", "false", "--resume", "if-exists", *arm.flags, *extra]  # fmt: skip
+    started = time.perf_counter()
+    _check_call(train, run / "train.log", env)
+    trained = time.perf_counter()
+    evaluate = [sys.executable, "-m", "caprl_core.eval", "--policy", str(run / "train" / "checkpoints" / "latest"),
+                "--seed", str(seed), "--num-draws", "0", "--out", str(run / "eval"), *eval_extra]  # fmt: skip
+    _check_call(evaluate, run / "eval.log", env)
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    row = {"run": run.name, "flags": list(arm.flags), "seed": seed, **{m: summary[m] for m in METRICS},
+           "train_s": round(trained - started, 1), "eval_s": round(time.perf_counter() - trained, 1)}  # fmt: skip
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=2) + "\n")
+    tmp.replace(done)  # a result file exists only whole: a rerun trusts what it finds
+    return row
+
+
+def _check_call(command: list[str], log: Path, env: dict) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join(command[1:4])} ... exited {code}; see {log}: {tail[0]}")
+
+
+def summarise(results: dict[tuple[str, int], dict], table_arms: list[Arm], seeds: list[int]) -> list[dict]:
+    """One row per arm: each metric's mean and 95% half-width over the seeds that have a result."""
+    rows = []
+    for arm in table_arms:
+        found = [results[arm.run_name, s] for s in seeds if (arm.run_name, s) in results]
+        row = {"family": arm.family, "arm": arm.name, "flags": " ".join(arm.flags) or "(world defaults)",
+               "seeds": len(found)}  # fmt: skip
+        for m in METRICS:
+            row[m], row[m + "_ci95"] = t_interval([r[m] for r in found]) if found else (float("nan"), float("nan"))
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The table as markdown: mean ± 95% half-width per metric (accuracy in percent)."""
+    head = "| family | arm | seeds | held-out accuracy | fact precision | fact recall | caption tokens |\n"
+    head += "|--------|-----|-------|-------------------|----------------|-------------|----------------|\n"
+
+    def cell(row: dict, m: str, scale: float, digits: int) -> str:
+        mean, half = row[m] * scale, row[m + "_ci95"] * scale
+        return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
+
+    lines = [f"| {r['family']} | {r['arm']} | {r['seeds']} | {cell(r, 'mean_accuracy', 100, 1)}% | "
+             f"{cell(r, 'fact_precision', 1, 3)} | {cell(r, 'fact_recall', 1, 3)} | "
+             f"{cell(r, 'mean_caption_tokens', 1, 1)} |" for r in rows]  # fmt: skip
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One figure: held-out accuracy and fact precision per arm, grouped by family, with the 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
+    labels = [f"{r['family']}: {r['arm']}" for r in rows]
+    ys = list(range(len(rows)))[::-1]
+    for ax, (m, title, scale) in zip(axes, [("mean_accuracy", "held-out accuracy (%)", 100),
+                                            ("fact_precision", "fact precision", 1)], strict=True):  # fmt: skip
+        means = [r[m] * scale for r in rows]
+        halves = [0.0 if math.isnan(r[m + "_ci95"]) else r[m + "_ci95"] * scale for r in rows]
+        ax.errorbar(means, ys, xerr=halves, fmt="o", capsize=3)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, labels)
+    fig.suptitle(f"miniature world ablations: mean and 95% CI over seeds ({max(r['seeds'] for r in rows)} per arm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_ablations(out: Path, families: list[str], seeds: list[int], extra: tuple[str, ...] = (),
+                  eval_extra: tuple[str, ...] = (), log=print) -> list[dict]:  # fmt: skip
+    """Every arm of `families` with every seed (each distinct configuration once per seed), then the table and
+    figure in `out`; returns the table's rows."""
+    table_arms = arms(families)
+    distinct = {a.run_name: a for a in table_arms}
+    todo = [(a, s) for a in distinct.values() for s in seeds]
+    results: dict[tuple[str, int], dict] = {}
+    started = time.perf_counter()
+    for i, (arm, seed) in enumerate(todo, 1):
+        row = run_arm(arm, seed, out, extra, eval_extra)
+        results[arm.run_name, seed] = row
+        log(f"[{i}/{len(todo)}] {arm.run_name} seed {seed}: accuracy {row['mean_accuracy']:.3f}, precision "
+            f"{row['fact_precision']:.3f}, {row['mean_caption_tokens']:.1f} tokens (train {row['train_s']} s, eval "
+            f"{row['eval_s']} s); {time.perf_counter() - started:.0f} s so far")  # fmt: skip
+    rows = summarise(results, table_arms, seeds)
+    record = {"seeds": seeds, "train_flags": list(extra), "eval_flags": list(eval_extra), "rows": rows,
+              "runs": list(results.values())}  # fmt: skip
+    (out / "table.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(rows))
+    plot(rows, out / "ablations.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 done, 2 a bad option, 1 a run that failed (its log named)."""
+    parser = argparse.ArgumentParser(prog="python -m caprl_core.world ablations", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for runs/, table.md, table.json, ablations.png"
+    )
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), metavar="NAME",
+                        help=f"which families to run, of: {', '.join(FAMILIES)}")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every arm")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default: the world's, 40)")
+    parser.add_argument("--eval-images", type=int, help="evaluate each run on the first N held-out images (default: "
+                        "all 64); for a quick look, not for the table")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        arms(args.families)
+    except ValueError as e:
+        parser.error(str(e))
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps: must be >= 1, got {args.steps}")
+    extra = ("--steps", str(args.steps)) if args.steps is not None else ()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        eval_extra = ("--limit", str(args.eval_images)) if args.eval_images is not None else ()
+        rows = run_ablations(args.out, args.families, args.seeds, extra, eval_extra,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    except RuntimeError as e:
+        print(f"python -m caprl_core.world ablations: error: {e}", file=sys.stderr)
+        return 1
+    print(markdown_table(rows), end="")
+    print(
+        f"[caprl_core.world ablations] wrote {args.out / 'table.md'} and {args.out / 'ablations.png'}", file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`python -m caprl_core.world ablations` (caprl_core.world.ablations): arms with the same flags are one run per seed,
+the 95% interval is Student's t, a stopped command reruns only what has no result, and the table and figure are
+written. The end-to-end run is one short training per arm on a few held-out images (plumbing, not the table)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from caprl_core.world import ablations
+from caprl_core.world.ablations import Arm, arms, markdown_table, summarise, t_interval
+
+
+def test_arms_with_the_same_flags_share_their_runs():
+    table = arms(list(ablations.FAMILIES))
+    defaults = [a for a in table if not a.flags]
+    assert len(defaults) >= 4 and {a.run_name for a in defaults} == {"defaults"}  # one run per seed, not one per family
+    named = {a.run_name for a in table if a.flags}
+    assert len(named) == len([a for a in table if a.flags])  # different flags never share a directory
+    assert Arm("draws", "N=1", ("--num-draws", "1")).run_name == "num-draws_1"
+    with pytest.raises(ValueError, match="--families: unknown nope"):
+        arms(["draws", "nope"])
+
+
+def test_t_interval_is_students_95_percent():
+    mean, half = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    mean, half = t_interval([0.5, 0.7])  # sd 0.1414, t(0.975, 1) = 12.706
+    assert half == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2), rel=1e-6)
+    assert math.isnan(t_interval([0.4])[1])
+
+
+def test_summary_rows_and_markdown():
+    table = arms(["control"])
+    results = {
+        (a.run_name, s): {
+            "mean_accuracy": acc,
+            "fact_precision": 1.0,
+            "fact_recall": acc,
+            "mean_caption_tokens": 10.0 + s,
+        }  # fmt: skip
+        for a, base in zip(table, (0.9, 0.3), strict=True)
+        for s, acc in ((0, base), (1, base + 0.02))
+    }
+    rows = summarise(results, table, [0, 1, 2])  # seed 2 has no result yet: two seeds count
+    assert [(r["arm"], r["seeds"]) for r in rows] == [("true reward", 2), ("shuffled", 2)]
+    assert rows[0]["mean_accuracy"] == pytest.approx(0.91) and rows[1]["mean_caption_tokens"] == pytest.approx(10.5)
+    text = markdown_table(rows)
+    assert "| control | true reward | 2 | 91.0 ± " in text and "| control | shuffled | 2 | 31.0 ± " in text
+
+
+def test_the_command_runs_each_arm_and_a_rerun_trains_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "abl"
+    code = ablations.main(["--out", str(out), "--families", "control", "--seeds", "0", "--steps", "1",
+                           "--eval-images", "2"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    table = json.loads((out / "table.json").read_text())
+    assert [r["arm"] for r in table["rows"]] == ["true reward", "shuffled"]
+    assert {r["run"] for r in table["runs"]} == {"defaults-seed0", "shuffle-rewards_true-seed0"}
+    for run in table["runs"]:
+        metrics = (out / "runs" / run["run"] / "train" / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 1 and 0 <= run["mean_accuracy"] <= 1 and run["train_s"] > 0
+    assert (out / "ablations.png").stat().st_size > 0 and "| control | shuffled | 1 |" in (out / "table.md").read_text()
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("a rerun must reuse result.json, not train again")
+
+    monkeypatch.setattr(subprocess, "call", no_subprocess)
+    assert ablations.main(["--out", str(out), "--families", "control", "--seeds", "0", "--steps", "1"]) == 0
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    for argv, message in ((["--families", "nope"], "--families: unknown nope"),
+                          (["--seeds", "1", "1"], "--seeds: each seed once"),
+                          (["--steps", "0"], "--steps: must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            ablations.main(["--out", str(tmp_path), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
