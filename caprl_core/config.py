@@ -75,6 +75,10 @@ class RewardSection:
     # A control, not for training: rewards shuffled across the batch's captions before the advantages, so that any
     # gain of such a run is not the reward's doing.
     shuffle_rewards: bool = False
+    # An ablation, not for training: "length" trains on a judge that prefers long captions (caption tokens over
+    # --max-new-tokens) instead of the reader's accuracy, which is still measured and logged. The CapRL paper's
+    # judge-model rewards were hacked this way (Fig. 1, Table 3); caprl_core.world.ablations compares the two.
+    judge: str = "none"
 
 
 @dataclass
@@ -153,6 +157,7 @@ RECIPE_PRESET = {
 REWARD_PRESETS = ("default", "recipe")
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
 LENGTH_COMBINES = ("decoupled", "sum")
+JUDGES = ("none", "length")
 
 
 def _fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
@@ -272,6 +277,7 @@ def validate(config: TrainConfig) -> None:
     need(g.reader_temperature > 0, "reader_temperature", "must be > 0")
     need(g.mode in ("hard", "soft"), "mode", "must be hard or soft")
     need(g.advantage in ("grpo", "rloo"), "advantage", "must be grpo or rloo")
+    need(g.judge in JUDGES, "judge", f"must be one of {', '.join(JUDGES)}")
     need(g.scale in ("group", "batch", "none"), "scale", "must be group, batch or none")
     need(g.length_weight >= 0, "length_weight", "must be >= 0")
     need(0 < g.length_l1 < g.length_l2, "length_l2", "length_l1 < length_l2 (both > 0)")

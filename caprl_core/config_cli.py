@@ -17,6 +17,7 @@ from typing import Any
 
 from caprl_core.config import (
     FIELDS,
+    JUDGES,
     LENGTH_COMBINES,
     RECIPE_PRESET,
     REWARD_PRESETS,
@@ -70,6 +71,8 @@ HELP = {
                       "(the recipe's server)",
     "shared_draws": "the same question draws and option shuffles for all G captions of an image",
     "shuffle_rewards": "a control run: train each caption on another caption's reward (logged rewards stay true)",
+    "judge": "an ablation: length = train on a judge that prefers long captions (tokens / --max-new-tokens) instead "
+             "of the reader's accuracy, which is still logged; none = the CapRL reward",
     "lr": "AdamW learning rate (on fp32 master weights)",
     "warmup_steps": "linear learning-rate warm-up steps",
     "schedule": "learning rate after warm-up: constant, or cosine down to 0 at the last step",
@@ -114,7 +117,7 @@ CHOICES = {
     "dtype": tuple(DTYPES), "on_error": ("skip", "raise"), "mode": ("hard", "soft"), "advantage": ("grpo", "rloo"),
     "scale": ("group", "batch", "none"), "schedule": ("constant", "cosine"), "aggregation": AGGREGATIONS,
     "rollout_correction": ROLLOUT_CORRECTIONS, "rollout_correction_level": CORRECTION_LEVELS,
-    "length_combine": LENGTH_COMBINES,
+    "length_combine": LENGTH_COMBINES, "judge": JUDGES,
 }  # fmt: skip
 
 

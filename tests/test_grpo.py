@@ -352,3 +352,24 @@ def test_recipe_advantages_equal_the_servers_formula(advantage, scale):
             expect.append(x - (sum(group) - x) / 3 if advantage == "rloo" else (x - mean) / (std + 1e-6))
     torch.testing.assert_close(advantages.double(), torch.tensor(expect, dtype=torch.float64), atol=1e-6, rtol=0)
     print(f"\n{advantage}/{scale}: equal-accuracy group's advantages {advantages[:4].tolist()}")
+
+
+def test_the_length_judge_trains_on_length_and_still_logs_the_readers_accuracy():
+    """--judge length (the ablation's hackable reward): the advantage follows caption length alone, whatever the
+    reader's accuracy; `accuracy` stays the reader's and `judge_score` is the judge's mean."""
+    from caprl_core.config_cli import parse_config
+    from caprl_core.rl.scoring import advantages_and_metrics
+
+    config, _ = parse_config(["--group-size", "4", "--max-new-tokens", "32", "--judge", "length", "--scale", "none"])
+    accuracy = [1.0, 0.0, 0.5, 0.25]
+    tokens = [8, 16, 32, 40]  # 40 > max_new_tokens: the judge's score is capped at 1
+    every = {"accuracy": accuracy, "caption_tokens": tokens, "length": tokens, "truncated": [False] * 4,
+             "captions": ["c"] * 4, "references": [None] * 4, "kept": [1.0], "computed": 0,
+             "prompt_tokens": 0}  # fmt: skip
+    rewards, advantages, metrics = advantages_and_metrics(every, config, step=0)
+    judged = [0.25, 0.5, 1.0, 1.0]
+    torch.testing.assert_close(rewards[:, 0], torch.tensor(judged))
+    torch.testing.assert_close(advantages, torch.tensor(judged) - sum(judged) / 4)
+    assert metrics["accuracy"] == pytest.approx(sum(accuracy) / 4) and metrics["judge_score"] == pytest.approx(0.6875)
+    config, _ = parse_config(["--group-size", "4"])
+    assert "judge_score" not in advantages_and_metrics(every, config, step=0)[2]

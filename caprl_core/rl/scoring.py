@@ -78,8 +78,9 @@ def advantages_and_metrics(every: dict, config: TrainConfig, step: int) -> tuple
     """Rewards [N, R], advantages [N] and the step's reward metrics from the whole batch's per-caption results."""
     g, G = config.reward, config.rollout.group_size
     accuracy = torch.tensor(every["accuracy"], dtype=torch.float32)
-    columns, weights = [accuracy], [1.0]
     lengths = torch.tensor(every["length"], dtype=torch.float32)
+    judged = judge_scores(g.judge, every["caption_tokens"], config.rollout.max_new_tokens)
+    columns, weights = [accuracy if judged is None else judged], [1.0]
     if g.length_weight > 0:  # caption tokens without the stop token, as the recipe's server counts them
         caption_tokens = torch.tensor(every["caption_tokens"], dtype=torch.float32)
         columns.append(grpo.caption_length_reward(caption_tokens, g.length_l1, g.length_l2))
@@ -105,8 +106,20 @@ def advantages_and_metrics(every: dict, config: TrainConfig, step: int) -> tuple
         "truncation_rate": float(torch.tensor(every["truncated"], dtype=torch.float32).mean()),
         "reader_tokens_computed": every["computed"], "reader_tokens": every["prompt_tokens"],
     }  # fmt: skip
+    if judged is not None:  # "accuracy" stays the reader's, so the judge's effect on it shows
+        metrics["judge_score"] = float(judged.mean())
     metrics.update(_fact_metrics(every["captions"], every["references"]))
     return rewards, advantages, metrics
+
+
+def judge_scores(judge: str, caption_tokens: list[int], max_new_tokens: int) -> torch.Tensor | None:
+    """The ablation's judge reward per caption [N] in [0, 1], or None for the CapRL reward (judge "none").
+    "length": caption tokens over max_new_tokens, a judge that prefers long captions whatever they say."""
+    if judge == "none":
+        return None
+    if judge == "length":
+        return (torch.tensor(caption_tokens, dtype=torch.float32) / max_new_tokens).clamp(max=1.0)
+    raise ValueError(f"judge: must be none or length, got {judge!r}")
 
 
 def _fact_metrics(captions: list[str], references: list[str | None]) -> dict:

@@ -13,6 +13,8 @@ are rewritten from all results at the end.
 
 The families and what the paper reports for each (CapRL, arXiv 2509.22647; Prism averages of Qwen2.5-VL-3B):
 - draws: N = 1 / 4 / 8 questions drawn per caption (Table 5: 47.3 / 48.4 / 48.3);
+- reward: the CapRL reward against a judge that prefers long captions, as the paper's judge-model rewards were hacked
+  into long or self-praising captions (Fig. 1; Table 3: 38.4 and 42.5 against 48.3);
 - mode: the reader's soft probability of the right letter against its hard argmax;
 - estimator: GRPO against RLOO advantages;
 - length: with and without the caption-length term;
@@ -37,6 +39,7 @@ from pathlib import Path
 # from 32, the world's --max-new-tokens: a reference caption is 6-24 tokens, so it bites on captions that ramble.
 FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "draws": {"N=1": ("--num-draws", "1"), "N=4": (), "N=8": ("--num-draws", "8")},
+    "reward": {"CapRL": (), "judge (length)": ("--judge", "length")},
     "mode": {"soft": (), "hard": ("--mode", "hard")},
     "estimator": {"grpo": (), "rloo": ("--advantage", "rloo")},
     "length": {"off": (), "on": ("--length-weight", "0.2", "--length-l1", "16", "--length-l2", "32")},
