@@ -12,6 +12,8 @@ Files of a run writing OUT = name.jsonl (see `output_paths`):
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -30,6 +32,10 @@ from caprl_core.curate.store import (
     write_jsonl_atomic,
 )
 from caprl_core.data import MCQ, load_image, load_jsonl
+
+# Tests only: after logging this many images, write half of the next record and SIGKILL the process (a crash in the
+# middle of a log write), to check that a resumed run writes what an uninterrupted one does (tests/test_curate.py).
+KILL_ENV = "CAPRL_TEST_KILL_IN_FILTER"
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -111,6 +117,8 @@ def run_filter(qfilter: QuestionFilter, in_path: str | Path, out: str | Path, *,
         with _bar(len(examples), "filter", progress, initial=resumed) as bar:
             for ex in examples[resumed:]:
                 log.append(_score_image(qfilter, ex))
+                if os.environ.get(KILL_ENV) == str(len(log.done)):
+                    _die_mid_write(log)
                 bar.update(1)
                 bar.set_postfix(kept=sum(q["kept"] for r in log.done for q in r["questions"]), refresh=False)
     except BaseException:
@@ -126,6 +134,13 @@ def run_filter(qfilter: QuestionFilter, in_path: str | Path, out: str | Path, *,
     write_json_atomic(paths["summary"], summary)
     log.finish(paths["scores"])
     return summary
+
+
+def _die_mid_write(log: ProgressLog) -> None:
+    half = json.dumps(log.done[-1])[: len(json.dumps(log.done[-1])) // 2]
+    log._file.write(half)
+    log._file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _score_image(qfilter: QuestionFilter, ex) -> dict:
