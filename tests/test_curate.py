@@ -182,3 +182,22 @@ def test_drop_reasons():
     assert c.drop_reason(0.5, 0.5) == "leaky_and_not_visual"
     with pytest.raises(ValueError, match="mode"):
         FilterConfig(mode="vote")
+
+
+@pytest.mark.slow
+def test_train_reads_a_filter_output_for_two_steps(candidates, tmp_path):
+    """The shipped world VLM filters the world's questions (loose thresholds: it is a captioner, not a VQA model),
+    then `train --data` runs 2 steps on the result (45 s on the 2-core dev machine at load 12)."""
+    kept = tmp_path / "kept.jsonl"
+    from caprl_core.world import SHIPPED
+
+    main(_filter(SHIPPED / "policy", candidates, kept, "--min-visual-accuracy", "0.3", "--max-text-accuracy", "0.6"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "caprl_core.train", "--data", str(kept), "--steps", "2", "--images-per-step", "2",
+           "--group-size", "3", "--max-new-tokens", "8", "--num-draws", "2", "--progress", "false",
+           "--output-dir", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["data"]["data"] == str(kept)
