@@ -32,10 +32,12 @@ PROG = "python -m caprl_core.curate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="write multiple-choice questions for images with a local VLM")
-    g.add_argument("--model", type=Path, required=True, help="the question writer: a Qwen2.5-VL directory")
+    g.add_argument("--model", type=Path, required=True, metavar="DIR",
+                   help="the question writer: a Qwen2.5-VL directory")  # fmt: skip
     g.add_argument("--images", type=Path, required=True, help='a directory of images, or a JSONL file of {"image", '
                    '"id"} lines (paths relative to the file)')  # fmt: skip
     g.add_argument("--out", type=Path, required=True, help="candidate questions, this project's dataset JSONL")
@@ -45,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="images per engine call (default 8)")
     g.add_argument("--seed", type=int, default=0, help="sampling and option shuffle seed (default 0)")
     f = sub.add_parser("filter", help="keep the questions a VLM answers with the image and not without it")
-    f.add_argument("--model", type=Path, required=True, help=f"the answering VLM: a Qwen2.5-VL directory (its "
-                   f"{VQA_PROMPT_FILE} sets the prompt, if any)")  # fmt: skip
-    f.add_argument("--in", dest="inp", type=Path, required=True, help="candidate questions (dataset JSONL)")
+    f.add_argument("--model", type=Path, required=True, metavar="DIR",
+                   help=f"the answering VLM: a Qwen2.5-VL directory (its {VQA_PROMPT_FILE} sets the prompt, if "
+                   f"any)")  # fmt: skip
+    f.add_argument("--in", dest="inp", type=Path, required=True, metavar="FILE",
+                   help="candidate questions (dataset JSONL)")  # fmt: skip
     f.add_argument("--out", type=Path, required=True, help="kept questions (dataset JSONL); NAME.verl.jsonl, "
                    "NAME.scores.jsonl and NAME.summary.json are written beside it")  # fmt: skip
     f.add_argument("--rotations", type=int, default=4, help="option orders per question (default 4)")
