@@ -56,7 +56,7 @@ def test_generate_on_a_tiny_random_vlm_keeps_nothing_and_says_so(vlm, tmp_path, 
     assert summary["images"] == 3 and summary["parsed"] == 0 and summary["engine"]["sampled_tokens"] > 0
     assert out.read_text() == ""  # written (atomically), empty
     saved = json.loads(output_paths(out)["summary"].read_text())
-    assert saved["stage"] == "generate" and saved["repetition_penalty"] is None and saved["temperature"] == 0.1
+    assert saved["stage"] == "generate" and saved["repetition_penalty"] == 1.05 and saved["temperature"] == 0.1
 
 
 def test_logit_scores_match_a_plain_forward(vlm, candidates):

@@ -23,7 +23,7 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int
     return [torch.randint(0, vocab - 1, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _hf_greedy(model, prompt, max_new_tokens: int) -> list[int]:
+def _hf_greedy(model, prompt, max_new_tokens: int, **generate_kwargs) -> list[int]:
     """HF generate on one unpadded prompt (token list or VL dict) on the model's device; greedy, no early stop."""
     if isinstance(prompt, dict):
         kw = {
@@ -33,7 +33,7 @@ def _hf_greedy(model, prompt, max_new_tokens: int) -> list[int]:
         kw = {"input_ids": torch.tensor([prompt], device=model.device)}
     kw["attention_mask"] = torch.ones_like(kw["input_ids"])
     out = model.generate(**kw, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)  # fmt: skip
+                         eos_token_id=None, pad_token_id=0, **generate_kwargs)  # fmt: skip
     return out[0, kw["input_ids"].shape[1] :].tolist()
 
 
@@ -59,6 +59,26 @@ def test_greedy_matches_hf_generate(build, num_kv_blocks):
     if num_kv_blocks == 14:
         assert engine.stats.preemptions > 0
     assert model.config._attn_implementation == "sdpa"  # switched back after the engine's steps
+
+
+def test_repetition_penalty_matches_hf_generate():
+    """HF's rule over prompt and completion tokens; a strong penalty changes what greedy decoding picks (so the test
+    would fail if the penalty were ignored), and policy_logprobs stay those of the unpenalised policy."""
+    model = tiny_qwen2()
+    prompts, new = _prompts(512, lengths=(5, 9, 17)), 12
+    engine = Engine(model, num_kv_blocks=64, block_size=4)
+    plain = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=new))
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=new, repetition_penalty=3.0))
+    changed = 0
+    for prompt, out, before in zip(prompts, outs, plain, strict=True):
+        assert out[0].token_ids == _hf_greedy(model, prompt, new, repetition_penalty=3.0)
+        changed += out[0].token_ids != before[0].token_ids
+        logits = _full_forward_logits(model, prompt, out[0].token_ids)
+        own = logits.log_softmax(-1).gather(1, torch.tensor(out[0].token_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(out[0].policy_logprobs), own, atol=1e-4, rtol=0)
+    assert changed > 0
+    with pytest.raises(ValueError, match="repetition_penalty must be finite and > 0"):
+        SamplingParams(repetition_penalty=0.0)
 
 
 # Qwen3-VL: DeepStack features added after decoder layers 0 and 1 (without them 3 of the 4 outputs differ),

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="candidate questions, this project's dataset JSONL")
     g.add_argument("--num-questions", type=int, default=5, help="questions asked for per image (default 5)")
     g.add_argument("--temperature", type=float, default=0.1, help="sampling temperature (default 0.1, official)")
+    g.add_argument("--repetition-penalty", type=float, default=1.05,
+                   help="HF-style repetition penalty, 1 = off (default 1.05, official)")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=2048, help="reply length cap (default 2048, official)")
     g.add_argument("--batch-size", type=int, default=8, help="images per engine call (default 8)")
     g.add_argument("--seed", type=int, default=0, help="sampling and option shuffle seed (default 0)")
@@ -89,8 +91,8 @@ def _load(args):
 def _generate(args) -> dict:
     try:
         config = GenerateConfig(num_questions=args.num_questions, temperature=args.temperature,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                seed=args.seed)  # fmt: skip
+                                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, seed=args.seed)  # fmt: skip
     except ValueError as e:
         _fail(str(e))
     try:

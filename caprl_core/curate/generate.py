@@ -3,9 +3,8 @@
 parsed question are shuffled with a seeded generator so that the right letter says nothing about the generator's
 habits (models put the answer under A or B far more often than chance).
 
-Sampling follows the official recipe where the engine can: temperature 0.1, at most 2,048 new tokens, 5 questions per
-image. The recipe's repetition penalty 1.05 is not applied: the engine's `SamplingParams` has no repetition penalty
-(temperature, top-p, top-k and banned tokens only), and the run's summary records `repetition_penalty: null`.
+Sampling follows the official recipe: temperature 0.1, repetition penalty 1.05 (HF's rule, over the prompt and the
+reply: `SamplingParams.repetition_penalty`), at most 2,048 new tokens, 5 questions per image.
 """
 
 from __future__ import annotations
@@ -38,12 +37,14 @@ correct option. Use exactly this format for every question:
 
 @dataclass(slots=True)
 class GenerateConfig:
-    """num_questions: asked for per image. temperature, top_p, max_new_tokens: sampling (the official 0.1, 1.0,
-    2,048). batch_size: images per `Engine.generate` call. seed: sampling and option shuffles."""
+    """num_questions: asked for per image. temperature, top_p, repetition_penalty, max_new_tokens: sampling (the
+    official 0.1, 1.0, 1.05, 2,048). batch_size: images per `Engine.generate` call. seed: sampling and option
+    shuffles."""
 
     num_questions: int = 5
     temperature: float = 0.1
     top_p: float = 1.0
+    repetition_penalty: float = 1.05
     max_new_tokens: int = 2048
     batch_size: int = 8
     seed: int = 0
@@ -56,6 +57,8 @@ class GenerateConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
 
 @dataclass(slots=True)
@@ -93,7 +96,8 @@ class QuestionGenerator:
         c = self.config
         prompts = [self.prompter(load_image(path)) for path in images]
         params = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                                 stop_token_ids=self.stop, seed=c.seed, seed_index=first_index + i)
+                                 stop_token_ids=self.stop, seed=c.seed, seed_index=first_index + i,
+                                 repetition_penalty=c.repetition_penalty)
                   for i in range(len(prompts))]  # fmt: skip
         outs = self.engine.generate(prompts, params)
         results = []

@@ -82,7 +82,8 @@ def run_generate(generator: QuestionGenerator, items: list[ImageItem], out: str 
         "stage": "generate", "images": len(items), "images_with_questions": len(rows), "generated_blocks": blocks,
         "parsed": parsed, "kept": parsed, "dropped": {r: dropped[r] for r in REASONS if dropped[r]},
         "truncated_outputs": truncated, "num_questions": c.num_questions, "temperature": c.temperature,
-        "top_p": c.top_p, "max_new_tokens": c.max_new_tokens, "repetition_penalty": None, "seed": c.seed,
+        "top_p": c.top_p, "max_new_tokens": c.max_new_tokens, "repetition_penalty": c.repetition_penalty,
+        "seed": c.seed,
         "engine": generator.engine.stats.as_dict(), "seconds": round(time.perf_counter() - started, 2),
         "out": str(paths["data"]),
     }  # fmt: skip

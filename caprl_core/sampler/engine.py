@@ -358,9 +358,13 @@ class Engine:
         banned = [p.banned_token_ids for p in params]
         # policy_logprobs: the policy's own distribution (before bans, top-k, top-p), as the trainer's fused
         # log-prob computes it; logprobs: the distribution the token was drawn from.
+        penalised = _penalise_repetitions(logits, seqs)
         tokens, logprobs, policy_logprobs = sample_with_policy(
-            logits, temperature, top_k, top_p, [s.generator for s in seqs], banned
+            logits if penalised is None else penalised, temperature, top_k, top_p, [s.generator for s in seqs], banned
         )
+        if penalised is not None:  # the policy's own log-probs come from the logits before the penalty
+            t = torch.where(temperature > 0, temperature, 1.0)
+            policy_logprobs = (logits / t[:, None]).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         self.stats.sampled_tokens += len(seqs)
         max_len = self.adapter.max_length
         for seq, token, logprob, policy_logprob in zip(seqs, tokens.tolist(), logprobs.tolist(),
@@ -374,3 +378,18 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self._done.append(seq)
+
+
+def _penalise_repetitions(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | None:
+    """A copy of logits [S, V] with each row's repetition penalty applied to the tokens its sequence holds (HF's
+    rule: a positive logit divided by the penalty, a negative one multiplied); None when no row has one (the common
+    case costs nothing)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if not rows:
+        return None
+    out = logits.clone()
+    for i in rows:
+        ids = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device)
+        penalty, seen = seqs[i].params.repetition_penalty, out[i, ids]
+        out[i, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return out

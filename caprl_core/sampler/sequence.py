@@ -28,6 +28,10 @@ class SamplingParams:
     not depend on what else is in the batch. Without one, the device's global generator is used.
     seed_index: the j of that key instead of the prompt's position in the call (None: its position), so that a rank
     sampling its share of a global batch draws what one process sampling the whole batch draws for that prompt.
+    repetition_penalty: > 0; 1 is off. Every token already in the sequence (prompt and completion, as HF's
+    RepetitionPenaltyLogitsProcessor counts them) has its logit divided by it when positive and multiplied by it when
+    negative, before temperature and the filters (CapRL's question generator samples with 1.05). The drawn token's
+    `logprobs` are under the penalised distribution; `policy_logprobs` stay the policy's own.
     """
 
     n: int = 1
@@ -39,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     banned_token_ids: tuple[int, ...] = ()
     seed_index: int | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -55,6 +60,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"SamplingParams.repetition_penalty must be finite and > 0 (1 = off), got "
+                             f"{self.repetition_penalty!r}")  # fmt: skip
         if self.seed_index is not None and not isinstance(self.seed_index, int):
             raise ValueError(f"SamplingParams.seed_index must be an int or None, got {self.seed_index!r}")
 
