@@ -253,3 +253,112 @@ def test_a_checkpoint_that_cannot_resume_is_a_one_line_error_naming_resume(one_p
     err = done.stderr.strip().splitlines()[-1]
     assert err.startswith("python -m caprl_core.train: error: --resume: "), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+# --- the per-layer wrapping itself, in this process on a one-rank gloo mesh (the same FSDP2 code path) -------------
+
+
+@pytest.fixture
+def one_rank(tmp_path) -> World:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield World(0, 1, 0, init_device_mesh("cpu", (1,)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tied_qwen2():
+    from caprl_core.models import tiny_qwen2
+
+    model = tiny_qwen2()
+    model.lm_head.weight = model.get_input_embeddings().weight  # as Qwen2.5-VL-3B's tie_word_embeddings
+    return model
+
+
+def _layers_and_blocks(policy) -> list[torch.nn.Module]:
+    inner = policy.model
+    decoder = getattr(inner, "language_model", inner)
+    blocks = list(inner.visual.blocks) if hasattr(inner, "visual") else []
+    return [*blocks, *decoder.layers]
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+@pytest.mark.parametrize("make", ["qwen2_5_vl", "qwen3_vl", "tied_qwen2"])
+def test_each_decoder_layer_and_vision_block_is_its_own_group_and_the_lm_head_is_the_roots(one_rank, make):
+    """After `shard_policy`: every decoder layer and vision block is an FSDPModule of its own, and the root's own
+    `unshard()` (not recursive in FSDP2) gathers the lm_head (and embeddings tied to it) but no layer's weights. The
+    old single group gathers everything there: the last assertions fail on it (checked with per_layer=False)."""
+    from caprl_core import models
+    from caprl_core.distributed import TokenLogprobs, is_sharded, shard_policy
+    from caprl_core.rl.batches import policy_logprobs
+
+    policy = _tied_qwen2() if make == "tied_qwen2" else getattr(models, f"tiny_{make}")()
+    expected = _layers_and_blocks(policy)
+    assert len(expected) >= 2  # Qwen2: 2 layers; the VL models: 2 vision blocks and 2-3 layers
+    root = TokenLogprobs(policy, policy_logprobs)
+    units = shard_policy(root, one_rank, torch.float32)
+    assert [id(u) for u in units] == [id(m) for m in expected]
+    assert all(is_sharded(m) for m in expected) and is_sharded(root)
+    root.unshard()
+    assert not _is_dtensor(policy.lm_head.weight) and not _is_dtensor(policy.get_input_embeddings().weight)
+    assert all(_is_dtensor(p) for m in expected for p in m.parameters())
+    root.reshard()
+    assert _is_dtensor(policy.lm_head.weight)
+
+
+def test_one_group_gathers_every_layer_with_the_root(one_rank):
+    """The old wrapping (`CAPRL_FSDP_GROUPS=whole`): no layer is an FSDPModule, the root's unshard gathers them all."""
+    from caprl_core.distributed import TokenLogprobs, is_sharded, shard_policy
+    from caprl_core.models import tiny_qwen2_5_vl
+    from caprl_core.rl.batches import policy_logprobs
+
+    policy = tiny_qwen2_5_vl()
+    root = TokenLogprobs(policy, policy_logprobs)
+    assert shard_policy(root, one_rank, torch.float32, per_layer=False) == []
+    assert not any(is_sharded(m) for m in _layers_and_blocks(policy))
+    root.unshard()
+    assert not any(_is_dtensor(p) for p in policy.parameters())
+
+
+def _head_loss(policy, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A forward that, like the fused log-prob op, uses the lm_head weight outside `policy.model`."""
+    hidden = policy.model.language_model(input_ids=ids).last_hidden_state
+    return (hidden @ policy.lm_head.weight.t() / temperature).logsumexp(-1).sum()
+
+
+def test_sampler_calls_inside_gathered_keep_every_layer_gathered_then_the_update_steps_as_unsharded(one_rank):
+    """Inside `gathered(root)` the sampler calls the layers directly, so their FSDP hooks fire: the weights must stay
+    gathered across calls (no collective inside the sampler), every group is resharded after, and the next update's
+    forward and backward through the root give the unsharded model's gradients (the root chosen before the sampler
+    ran: a layer that made itself FSDP's root at its first call would make this forward fail)."""
+    import copy
+
+    from caprl_core.distributed import TokenLogprobs, gathered, shard_policy
+    from caprl_core.models import tiny_qwen2_5_vl
+
+    policy = tiny_qwen2_5_vl()
+    reference = copy.deepcopy(policy)
+    root = TokenLogprobs(policy, _head_loss)
+    shard_policy(root, one_rank, torch.float32)
+    ids = torch.randint(0, 400, (2, 7))
+    with gathered(root):
+        assert not any(_is_dtensor(p) for p in policy.parameters())
+        with torch.inference_mode():
+            first = policy.model.language_model(input_ids=ids).last_hidden_state
+            again = policy.model.language_model(input_ids=ids).last_hidden_state  # decode steps: the same weights
+        assert not any(_is_dtensor(p) for p in policy.parameters())
+        assert torch.equal(first, again)
+    assert all(_is_dtensor(p) for p in policy.parameters())
+    root(ids, 1.0).backward()
+    _head_loss(reference, ids, 1.0).backward()
+    for (name, p), q in zip(policy.named_parameters(), reference.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
