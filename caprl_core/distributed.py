@@ -9,11 +9,14 @@ Without torchrun's environment (WORLD_SIZE unset) nothing here does anything: on
 Under torchrun, rank r of W takes images [r*B/W, (r+1)*B/W) of the step's global batch (whole groups, so advantages
 stay per image), samples and scores them with its own sampler and reader replica, then all ranks exchange the
 small per-caption results (rewards, lengths, ...) so that advantages and metrics are computed on the global batch
-exactly as one process computes them. The policy is sharded with `fully_shard` over a 1-D mesh of all ranks: its
+exactly as one process computes them. The policy is sharded with `fully_shard` over a 1-D mesh of all ranks, one
+group per decoder layer and vision block and a root group (`TokenLogprobs`) with the rest, the lm_head included: its
 sharded parameters are fp32 and are the optimizer's masters (`MixedPrecisionPolicy` casts them to the compute dtype
-when it gathers them), so `MasterWeightOptimizer` makes no copies there. A rollout gathers the parameters once
-(`gathered`), the sampler runs on the unsharded ones, and they are resharded before the update. The update's forward
-runs through `TokenLogprobs`, the FSDP root, so FSDP's hooks gather, reduce-scatter and reshard around it.
+when it gathers them), so `MasterWeightOptimizer` makes no copies there. A rollout gathers every group once
+(`gathered`), the sampler runs on the unsharded parameters, and they are resharded before the update. The update's
+forward runs through the root, so FSDP's hooks gather each layer before its forward (and again in the backward),
+reduce-scatter its gradients as soon as its backward is done, and reshard it: one layer's gathered weights and
+unsharded gradients at a time, beside the root group's.
 
 Gradients are summed across ranks (divide factor 1), and each micro-batch's loss share is taken against the global
 batch's token (or caption) count: the summed gradient is the one-process gradient, up to reduction order.
