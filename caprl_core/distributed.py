@@ -137,7 +137,8 @@ def shard_units(policy: torch.nn.Module) -> list[torch.nn.Module]:
     only. That list is the one transformers itself keeps per architecture for "never split this module across
     devices", so no table of ours has to follow new models, and unlike a rule on `ModuleList` names it does not catch
     Qwen3-VL's `deepstack_merger_list`. A unit that holds the input or output embedding is refused: the lm_head (and
-    the embeddings tied to it) must stay in the root group, gathered for the fused log-prob op (caprl_core.ops)."""
+    the embeddings tied to it) must stay in the root group, gathered for the fused log-prob op (caprl_core.ops). A
+    model whose `_no_split_modules` is empty gets no units: one group, as before per-layer sharding."""
     names = set(getattr(policy, "_no_split_modules", None) or ())
     units: list[torch.nn.Module] = []
     inside: set[int] = set()  # ids of modules already covered by a chosen unit

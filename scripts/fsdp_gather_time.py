@@ -2,7 +2,7 @@
 all waited on: what `caprl_core.distributed.gathered` does) or layer by layer (one blocking all-gather per group, in
 module order). Run under torchrun on the policy that scripts/fsdp_groups_memory.py writes:
 
-    torchrun --standalone --nproc_per_node=2 scripts/fsdp_gather_time.py --policy /tmp/fsdp-groups/models/policy
+    torchrun --standalone --nproc_per_node=2 -m scripts.fsdp_gather_time --policy /tmp/fsdp-groups/models/policy
 
 Times --repeats gathers and reshards of each kind, alternated, on rank 0 after a barrier; prints the medians in ms.
 Both end with the whole policy gathered (the sampler needs every layer at each decode step), so they hold the same

@@ -3,11 +3,12 @@ whole policy (CAPRL_FSDP_GROUPS=whole, the old wrapping) against one group per d
 default), on a random-weight Qwen2.5-VL wider and deeper than the test models:
 
     export MALLOC_MMAP_THRESHOLD_=65536
-    python scripts/fsdp_groups_memory.py --out /tmp/fsdp-groups --rounds 2
+    python -m scripts.fsdp_groups_memory --out /tmp/fsdp-groups --rounds 2
 
 Writes the policy (hidden 512, MLP 1408, 8 heads / 2 KV heads, 8 layers, a 4-block vision tower 256 wide, tied
 embeddings, the small test vocabulary so that the layers, not the embeddings, hold most parameters) and a test-width
-reader once, then runs `train` for --steps fp32 steps with each wrapping, alternated --rounds times. Prints, per run,
+reader once, and 16 images of the miniature world's train split, then runs `train` for --steps bf16 steps (2 images x
+4 captions of up to 32 tokens) with each wrapping, alternated --rounds times. Prints, per run,
 each step's peak_memory_update_mb (the peak RSS during the update, max over ranks) and time_step, then the medians
 over the steps after the first and the last line as JSON. The fixed mmap threshold makes glibc return freed blocks of
 64 KiB or more at once, so the RSS follows the live tensors (as in scripts/peak_memory_grads.py).
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 from caprl_core.models import QWEN_VL_CHAT_TEMPLATE, _write_model_dir, tiny_tokenizer, write_real_format_dirs
+from caprl_core.world import make_world_data
 
 POLICY = {"hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8, "num_key_value_heads": 2,
           "num_hidden_layers": 8}  # fmt: skip
@@ -40,10 +42,11 @@ def write_models(out: Path) -> tuple[Path, Path]:
     return policy, reader
 
 
-def run(groups: str, models: tuple[Path, Path], out: Path, steps: int) -> list[dict]:
+def run(groups: str, models: tuple[Path, Path], data: Path, out: Path, steps: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "caprl_core.train", "--policy", str(models[0]), "--reader", str(models[1]), "--steps", str(steps),
-           "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "32", "--synthetic-images", "8",
+           "caprl_core.train", "--policy", str(models[0]), "--reader", str(models[1]), "--data", str(data),
+           "--dtype", "bfloat16", "--steps", str(steps),
+           "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "32",
            "--checkpoint-every", "1000", "--progress", "false", "--output-dir", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPRL_FSDP_GROUPS": groups}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
@@ -59,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is not counted)")
     args = parser.parse_args(argv)
     models = write_models(args.out / "models")
+    data = make_world_data(args.out / "data", "train", 16)
     rows: dict[str, list[dict]] = {"whole": [], "layers": []}
     for r in range(args.rounds):
         for groups in ("whole", "layers") if r % 2 == 0 else ("layers", "whole"):
-            steps = run(groups, models, args.out / f"{groups}-{r}", args.steps)
+            steps = run(groups, models, data, args.out / f"{groups}-{r}", args.steps)
             print(groups, r, [(round(s["peak_memory_update_mb"]), round(s["time_step"], 2)) for s in steps])
             rows[groups] += steps[1:]
     keys = ("peak_memory_update_mb", "peak_memory_rollout_mb", "time_step", "time_rollout", "time_update")

@@ -340,6 +340,17 @@ def test_each_decoder_layer_and_vision_block_is_its_own_group_and_the_lm_head_is
     assert _is_dtensor(policy.lm_head.weight)
 
 
+def test_a_layer_class_that_holds_the_lm_head_is_refused():
+    """The lm_head must stay in the root group: a `_no_split_modules` entry that covers it is an error naming it."""
+    from caprl_core.distributed import shard_units
+    from caprl_core.models import tiny_qwen2
+
+    model = tiny_qwen2()
+    model._no_split_modules = ["Qwen2Model"]  # the whole decoder, embeddings included
+    with pytest.raises(ValueError, match="shard_policy: Qwen2Model holds the embeddings or the lm_head"):
+        shard_units(model)
+
+
 def test_one_group_gathers_every_layer_with_the_root(one_rank):
     """The old wrapping (`CAPRL_FSDP_GROUPS=whole`): no layer is an FSDPModule, the root's unshard gathers them all."""
     from caprl_core.distributed import TokenLogprobs, is_sharded, shard_policy
