@@ -9,11 +9,14 @@ Without torchrun's environment (WORLD_SIZE unset) nothing here does anything: on
 Under torchrun, rank r of W takes images [r*B/W, (r+1)*B/W) of the step's global batch (whole groups, so advantages
 stay per image), samples and scores them with its own sampler and reader replica, then all ranks exchange the
 small per-caption results (rewards, lengths, ...) so that advantages and metrics are computed on the global batch
-exactly as one process computes them. The policy is sharded with `fully_shard` over a 1-D mesh of all ranks: its
+exactly as one process computes them. The policy is sharded with `fully_shard` over a 1-D mesh of all ranks, one
+group per decoder layer and vision block and a root group (`TokenLogprobs`) with the rest, the lm_head included: its
 sharded parameters are fp32 and are the optimizer's masters (`MixedPrecisionPolicy` casts them to the compute dtype
-when it gathers them), so `MasterWeightOptimizer` makes no copies there. A rollout gathers the parameters once
-(`gathered`), the sampler runs on the unsharded ones, and they are resharded before the update. The update's forward
-runs through `TokenLogprobs`, the FSDP root, so FSDP's hooks gather, reduce-scatter and reshard around it.
+when it gathers them), so `MasterWeightOptimizer` makes no copies there. A rollout gathers every group once
+(`gathered`), the sampler runs on the unsharded parameters, and they are resharded before the update. The update's
+forward runs through the root, so FSDP's hooks gather each layer before its forward (and again in the backward),
+reduce-scatter its gradients as soon as its backward is done, and reshard it: one layer's gathered weights and
+unsharded gradients at a time, beside the root group's.
 
 Gradients are summed across ranks (divide factor 1), and each micro-batch's loss share is taken against the global
 batch's token (or caption) count: the summed gradient is the one-process gradient, up to reduction order.
@@ -127,22 +130,73 @@ class TokenLogprobs(torch.nn.Module):
         return self._fn(self.policy, batch, temperature)
 
 
-def shard_policy(root: TokenLogprobs, world: World, compute_dtype: torch.dtype) -> None:
-    """fully_shard the whole policy as one parameter group (one all-gather per forward: the models here are a few
-    billion parameters, where the gathered policy fits beside its shards; see docs/distributed.md, "Memory plan").
+def shard_units(policy: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that get their own FSDP group: every decoder layer and vision-tower block of `policy`, found as the
+    instances of the classes its Hugging Face `_no_split_modules` names (Qwen2: `Qwen2DecoderLayer`; Qwen2.5-VL: its
+    decoder layer and `Qwen2_5_VLVisionBlock`; Qwen3-VL: `Qwen3VLTextDecoderLayer`, `Qwen3VLVisionBlock`), outermost
+    only. That list is the one transformers itself keeps per architecture for "never split this module across
+    devices", so no table of ours has to follow new models, and unlike a rule on `ModuleList` names it does not catch
+    Qwen3-VL's `deepstack_merger_list`. A unit that holds the input or output embedding is refused: the lm_head (and
+    the embeddings tied to it) must stay in the root group, gathered for the fused log-prob op (caprl_core.ops). A
+    model whose `_no_split_modules` is empty gets no units: one group, as before per-layer sharding."""
+    names = set(getattr(policy, "_no_split_modules", None) or ())
+    units: list[torch.nn.Module] = []
+    inside: set[int] = set()  # ids of modules already covered by a chosen unit
+    for module in policy.modules():
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        units.append(module)
+        inside.update(id(m) for m in module.modules())
+    heads = [m.weight for m in (policy.get_input_embeddings(), policy.get_output_embeddings()) if m is not None]
+    for unit in units:
+        if any(p is w for p in unit.parameters() for w in heads):
+            raise ValueError(f"shard_policy: {type(unit).__name__} holds the embeddings or the lm_head, which must "
+                             "stay in the root group (gathered for the fused log-prob op)")  # fmt: skip
+    return units
+
+
+GROUPS_ENV = "CAPRL_FSDP_GROUPS"  # "layers" (default) or "whole": the old single group, for tests and measurements
+
+
+def shard_policy(root: TokenLogprobs, world: World, compute_dtype: torch.dtype, *,
+                 per_layer: bool | None = None) -> list[torch.nn.Module]:  # fmt: skip
+    """fully_shard each decoder layer and vision block (`shard_units`), then the root: the root group holds the rest
+    (embeddings, final norm, lm_head, the vision patch embedding and merger), so the lm_head weight used outside
+    `policy.model` is gathered for the whole forward and backward, and only one layer's gathered weights and unsharded
+    gradients exist at a time. `per_layer=False`: the old single group around the whole policy (kept for the test
+    that compares the two and for measurements); None reads $CAPRL_FSDP_GROUPS ("layers", the default, or "whole").
+    Returns the per-layer units (empty for one group).
+
     Parameters stay fp32 (the masters); compute in `compute_dtype`; gradients reduced in fp32 and summed."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for p in root.parameters():
         if p.dtype != torch.float32:
             raise ValueError(f"shard_policy: parameters must be loaded in float32 (the masters), got {p.dtype}")
+    if per_layer is None:
+        groups = os.environ.get(GROUPS_ENV, "layers")
+        if groups not in ("layers", "whole"):
+            raise ValueError(f"{GROUPS_ENV}: expected 'layers' or 'whole', got {groups!r}")
+        per_layer = groups == "layers"
     param_dtype = None if compute_dtype == torch.float32 else compute_dtype
+    units = shard_units(root.policy) if per_layer else []
+    # Layers get their inputs as one process does: casting them would, e.g., round Qwen2.5-VL's vision rotary
+    # cos/sin (fp32 in one process) to bf16. The root still casts the batch, as before.
+    layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for unit in units:
+        fully_shard(unit, mesh=world.mesh, mp_policy=layer_mp)
     fully_shard(root, mesh=world.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype,
                                                                         reduce_dtype=torch.float32))  # fmt: skip
-    # Sum, not mean: each loss share already divides by the global batch. Plain SUM reductions (gloo has no
-    # PREMUL_SUM, which a divide factor alone would use).
-    root.set_force_sum_reduction_for_comms(True)
-    root.set_gradient_divide_factor(1.0)
+    # Sum, not mean, on every group (each has its own setting): each loss share already divides by the global batch.
+    # Plain SUM reductions (gloo has no PREMUL_SUM, which a divide factor alone would use).
+    for module in (*units, root):
+        module.set_force_sum_reduction_for_comms(True)
+        module.set_gradient_divide_factor(1.0)
+    # FSDP2 picks its root lazily: the first FSDP module to run forward. The sampler calls the layers directly (never
+    # through `root`), so without this a layer would make itself the root at the first rollout and the update's
+    # forward would then fail. There is no public call for it in torch 2.13.
+    root._get_fsdp_state()._lazy_init()
+    return units
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -153,16 +207,27 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 @contextmanager
 def gathered(root: torch.nn.Module) -> Iterator[None]:
-    """The policy's full parameters for the duration (one all-gather), resharded after: the sampler runs on them
-    without a copy and without any collective of its own, so ranks may decode different numbers of steps."""
+    """The policy's full parameters for the duration, resharded after: the sampler runs on them without a copy and
+    without any collective of its own, so ranks may decode different numbers of steps.
+
+    `unshard()` is not recursive in FSDP2: every group (the root and each layer's) is gathered, all at once (the
+    all-gathers are issued together, then waited on). Inside, the layers' FSDP hooks still fire when the sampler calls
+    them: they are told not to reshard after forward, and `reset_iter_state` after drops what those calls recorded
+    (their post-forward order, which differs between ranks and would otherwise steer the next backward's prefetch)."""
     if not is_sharded(root):
         yield
         return
-    root.unshard()
+    layers = [m for m in root.modules() if m is not root and is_sharded(m)]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
     try:
+        for handle in [m.unshard(async_op=True) for m in (root, *layers)]:
+            handle.wait()
         yield
     finally:
-        root.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+        root.reset_iter_state()  # reshards every group
 
 
 def full_model_state(root: torch.nn.Module, world: World) -> dict[str, torch.Tensor] | None:

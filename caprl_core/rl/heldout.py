@@ -67,7 +67,7 @@ class HeldOut:
         run.policy.eval()
         # One thread for the tiny models, as `python -m caprl_core.eval` (caprl_core.evaluator.TINY_MODEL_THREADS):
         # on the shared 2-core machine the world's 64 images took 35-81 s with 2 threads at load 4-8.
-        with gathered(run.root), torch_threads(self.threads):  # one all-gather for the whole evaluation
+        with gathered(run.root), torch_threads(self.threads):  # gathered once for the whole evaluation
             rows = {b: self.evaluator.evaluate_batch(self.examples[start : start + size], b) for b, start in mine}
         self.evaluator.policy_engine.free_kv_cache()  # as the rollout and the reward leave them: the update's memory
         self.evaluator.every_question.engine.free_kv_cache()

@@ -61,7 +61,7 @@ class Run:
         mine = local_images(config.rollout.images_per_step, world)
         batch = batch_examples(self.examples, step, config.rollout.images_per_step, config.seed)[mine.start : mine.stop]
         self.policy.eval()
-        with gathered(self.root):  # one all-gather for the whole rollout; resharded before the update
+        with gathered(self.root):  # every group gathered once for the whole rollout; resharded before the update
             ro = rollout(self.engine, self.prompter, self.tokenizer, batch, config, step, first_image=mine.start)
         t1, peak_rollout = time.perf_counter(), peak_memory_mb(device)
         reset_peak_memory(device)
