@@ -55,6 +55,8 @@ from caprl_core.rl.lifecycle import (
     open_run_dir,
     plan,
     saved_config,
+    sigint_seen,
+    watch_sigint,
     write_config,
 )
 from caprl_core.rl.progress import Progress, trim_metrics
@@ -113,6 +115,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
                 plotter.draw()
     except KeyboardInterrupt:  # Ctrl-C: the step in progress is abandoned; a resume redoes it from the checkpoint
         raise Interrupted(in_progress, output_dir, main_rank) from None
+    except Exception:
+        if sigint_seen():  # under torchrun: a collective that failed because another rank left on the same Ctrl-C
+            raise Interrupted(in_progress, output_dir, main_rank) from None
+        raise
     finally:  # plot.png shows every logged step, whatever ended the run
         progress.close()
         with no_interrupts():
@@ -145,16 +151,26 @@ def _stop_on_skips(run: Run, step: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 done, 1 stopped by non-finite gradients, 2 a bad flag, directory or checkpoint (one line),
     130 Ctrl-C (one line: the step abandoned, the last checkpoint, how to resume; rank 0 only)."""
+    watch_sigint()
     try:
         return _main(argv)
     except Interrupted as e:
         if e.is_main:
             print(e.message, file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # while parsing, loading models or closing: no step was in progress
-        if os.environ.get("RANK", "0") == "0":
-            print("[caprl_core.train] interrupted (no training step was in progress)", file=sys.stderr)
-        return 130
+    except Exception:
+        if not sigint_seen():
+            raise
+        return _interrupted_outside_a_step()  # a collective failed because another rank left on the same Ctrl-C
+    except KeyboardInterrupt:
+        return _interrupted_outside_a_step()
+
+
+def _interrupted_outside_a_step() -> int:
+    """Ctrl-C while parsing, loading models or closing: no step was in progress."""
+    if os.environ.get("RANK", "0") == "0":
+        print("[caprl_core.train] interrupted (no training step was in progress)", file=sys.stderr)
+    return 130
 
 
 def _main(argv: list[str] | None) -> int:

@@ -244,6 +244,31 @@ class Interrupted(Exception):
         super().__init__(self.message)
 
 
+_sigint = {"seen": False}
+
+
+def watch_sigint() -> None:
+    """From now on SIGINT raises KeyboardInterrupt, as Python's default handler does, and is remembered
+    (`sigint_seen`). Under torchrun every rank gets the Ctrl-C, but one blocked in a collective may first fail with
+    the collective's error (its peer has already left: gloo's "Connection closed by peer"); that error is the same
+    Ctrl-C and ends the run the same way, not with a traceback. Main thread only; elsewhere nothing changes."""
+    _sigint["seen"] = False
+
+    def handler(signum, frame):
+        _sigint["seen"] = True
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def sigint_seen() -> bool:
+    """Whether a SIGINT arrived since `watch_sigint`."""
+    return _sigint["seen"]
+
+
 @contextmanager
 def no_interrupts() -> Iterator[None]:
     """SIGINT ignored inside (a second Ctrl-C while the interrupted run draws its plot); main thread only."""
