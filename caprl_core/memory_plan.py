@@ -1,0 +1,546 @@
+"""A memory model of one training step: each phase's peak (rollout, reward, update), term by term, per rank.
+
+    python -m caprl_core.memory_plan --policy qwen2.5-vl-3b --reader qwen2.5-3b --world-size 8 --sharding per-layer
+    python -m caprl_core.memory_plan --policy DIR --reader DIR --dtype float32 --world-size 1
+
+`plan_memory(policy, reader, workload)` counts bytes from the models' shapes (`ModelDims`: from a preset, a config.json
+directory or a transformers config object; no weights are read) and the run's configuration (`Workload`, built from a
+`TrainConfig` by `Workload.from_train_config`). It is bookkeeping only: no model is built and nothing runs on a device.
+
+What each term follows in the code (per rank):
+- weights: one process holds the policy in the compute dtype plus fp32 masters when that dtype is 16-bit
+  (`precision.MasterWeightOptimizer`); under FSDP2 the fp32 shards (4P/W) are the masters, the rollout gathers the whole
+  policy in the compute dtype (`distributed.gathered`), and the update gathers one group at a time.
+- AdamW state: two fp32 tensors per parameter (8P, or 8P/W sharded), present from the first step on.
+- gradients (update only; freed by the optimizer step): fp32 masters' gradients (4P or 4P/W), plus under FSDP2 the
+  unsharded compute-dtype gradients and their fp32 reduce-scatter copy of one group: the whole model with one group,
+  one decoder layer (or vision block) with per-layer groups, beside the root group's (embeddings, lm_head, final norm,
+  the vision patch embedding and merger), which is reduced at the end of the backward.
+- the KV caches of both engines (`sampler.engine`), freed after each phase: `kv_cache="allocated"` is what CUDA holds,
+  the next power of two of the blocks that every sequence needs at its full length; `"touched"` is what a CPU's
+  resident set sees of that `torch.empty` buffer, the blocks actually written (a prompt once per image, shared by its
+  G forks; the reader's header once and each caption once across its N questions).
+- activations of one update micro-batch: the tensors autograd saves per decoder layer and vision block (counted in
+  `ModelDims.layer_activation_bytes`; gradient checkpointing keeps each layer's input and one layer's own set), the
+  group-shared forward's per-image K/V copies (`segment_attention`), and the fused lm_head log-prob op's 64 MiB tile and
+  its [V, H] fp32 weight gradient before it is added into the parameter's (no [tokens, vocab] logits).
+- transients of the engines: a prefill batch (at most max_batch_tokens) through one layer, and a decode step's logits.
+- the process baseline (CPU only): the interpreter, torch and the libraries, measured in the same process before the
+  models are loaded (`baseline_bytes`); on CUDA max_memory_allocated has no such term.
+
+What it leaves out: the CUDA caching allocator's reserved-but-free blocks and fragmentation (max_memory_allocated does
+not count them either, but nvidia-smi does), NCCL buffers, CUDA context (a few hundred MB per GPU), and everything
+smaller than about 1% of a phase (metrics, token lists, the images). Measured against the trainer on CPU in
+docs/distributed.md ("Memory plan"), `bench/bench_memory_plan.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "MemoryPlan", "ModelDims", "PhasePlan", "TextDims", "VisionDims", "Workload", "largest_policy",
+           "model_dims", "plan_memory"]  # fmt: skip
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+FUSED_TILE_BYTES = 64 << 20  # csrc/cpu/linear_token_logprobs.cpp kTileBytes: one logits tile of the fused op
+GB = 1e9
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """A decoder's shape (the language model of a VLM, or a text LLM)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool  # tie_word_embeddings: the lm_head is the embedding matrix
+    qkv_bias: bool = True  # Qwen2 / Qwen2.5: biases on q, k, v; Qwen3: none
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """A Qwen-VL vision tower's shape."""
+
+    depth: int
+    hidden: int
+    intermediate: int
+    heads: int
+    patch: int
+    temporal_patch: int
+    merge: int  # spatial_merge_size: merge x merge patches become one language-model token
+    out_hidden: int
+    gated_mlp: bool = True  # Qwen2.5-VL: gate/up/down with biases; Qwen3-VL: fc1/fc2
+    position_embeddings: int = 0  # Qwen3-VL: a learned [n, hidden] position table
+    deepstack: int = 0  # Qwen3-VL: extra mergers feeding early decoder layers
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """A model's shape: its decoder and, for a VLM, its vision tower. Parameter counts follow the Qwen2 / Qwen2.5-VL /
+    Qwen3 / Qwen3-VL module layouts (tests compare them with the numel of real-format models)."""
+
+    name: str
+    text: TextDims
+    vision: VisionDims | None = None
+
+    # --- parameters --------------------------------------------------------------------------------------------
+    def decoder_layer_params(self) -> int:
+        t = self.text
+        q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
+        attention = t.hidden * (q + 2 * kv) + q * t.hidden + ((q + 2 * kv) if t.qkv_bias else 0)
+        norms = 2 * t.hidden + (2 * t.head_dim if t.qk_norm else 0)
+        return attention + 3 * t.hidden * t.intermediate + norms
+
+    def vision_block_params(self) -> int:
+        v = self.vision
+        if v is None:
+            return 0
+        attention = v.hidden * 3 * v.hidden + 3 * v.hidden + v.hidden * v.hidden + v.hidden
+        if v.gated_mlp:  # RMSNorm x 2 (weights only)
+            return attention + 3 * v.hidden * v.intermediate + 2 * v.intermediate + v.hidden + 2 * v.hidden
+        return attention + 2 * v.hidden * v.intermediate + v.intermediate + v.hidden + 4 * v.hidden  # LayerNorm x 2
+
+    def _merger_params(self, postshuffle: bool = False) -> int:
+        """A patch merger: its norm (RMSNorm over the vision width; LayerNorm, Qwen3-VL's deepstack mergers over the
+        merged width) and a two-layer MLP from merge**2 patches to the decoder's width."""
+        v = self.vision
+        wide = v.hidden * v.merge**2
+        norm = v.hidden if v.gated_mlp else 2 * (wide if postshuffle else v.hidden)
+        return wide * wide + wide + wide * v.out_hidden + v.out_hidden + norm
+
+    def root_params(self) -> int:
+        """Parameters outside the decoder layers and vision blocks: the root FSDP group's."""
+        t, v = self.text, self.vision
+        n = t.vocab * t.hidden * (1 if t.tied else 2) + t.hidden  # embeddings (+ lm_head) and the final norm
+        if v is not None:
+            n += 3 * v.temporal_patch * v.patch**2 * v.hidden + (0 if v.gated_mlp else v.hidden)  # patch embedding
+            n += v.position_embeddings * v.hidden
+            n += self._merger_params() + v.deepstack * self._merger_params(postshuffle=True)
+        return n
+
+    def params(self) -> int:
+        t, v = self.text, self.vision
+        return (
+            self.root_params()
+            + t.layers * self.decoder_layer_params()
+            + (v.depth * self.vision_block_params() if v else 0)
+        )
+
+    def largest_group_params(self) -> int:
+        """The largest per-layer FSDP group: a decoder layer or a vision block."""
+        return max(self.decoder_layer_params(), self.vision_block_params())
+
+    # --- activations and caches --------------------------------------------------------------------------------
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        t = self.text
+        return 2 * t.layers * t.kv_heads * t.head_dim * dtype_bytes
+
+    def layer_activation_bytes(self, dtype_bytes: int) -> int:
+        """Bytes autograd saves per token in one decoder layer (transformers' Qwen2/Qwen3 layer, SDPA attention;
+        counted tensor by tensor with saved_tensors_hooks in tests/test_memory_plan.py): each RMSNorm its fp32
+        input, the normalised tensor and the output (4 + 2e bytes per element); the rotated q and k, v, the
+        attention output (2 Q + 2 KV elements) and its log-sum-exp (fp32 per head); Qwen3's q/k norms (their fp32
+        input and output, 4 + e); the MLP's gate, up, activation and product (4 I)."""
+        t, e = self.text, dtype_bytes
+        q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
+        norms = 2 * (FP32 + 2 * e) * t.hidden + ((FP32 + e) * (q + kv) if t.qk_norm else 0)
+        return norms + e * (2 * q + 2 * kv + 4 * t.intermediate) + FP32 * t.heads
+
+    def vision_block_activation_bytes(self, dtype_bytes: int) -> int:
+        """Bytes saved per patch in one vision block: two norms (RMSNorm as above; LayerNorm its input), q, k, v,
+        the attention output and the projection's input (5 elements per channel), the MLP (gated: 4 I; fc1/fc2:
+        2 I)."""
+        v, e = self.vision, dtype_bytes
+        if v is None:
+            return 0
+        norms = 2 * (FP32 + 2 * e) * v.hidden if v.gated_mlp else 2 * e * v.hidden
+        return norms + e * (5 * v.hidden + (4 if v.gated_mlp else 2) * v.intermediate) + FP32 * v.heads
+
+    def inference_bytes_per_token(self, dtype_bytes: int) -> int:
+        """What a no-grad forward holds per token at its widest point: the residual stream, the normed input and
+        attention output, q/k/v, and the MLP's gate, up and activation live at once."""
+        t = self.text
+        return dtype_bytes * (3 * t.hidden + t.heads * t.head_dim + 2 * t.kv_heads * t.head_dim + 3 * t.intermediate)
+
+
+def _text_dims(c: dict) -> TextDims:
+    heads = c["num_attention_heads"]
+    return TextDims(
+        hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        intermediate=c["intermediate_size"], vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=c.get("model_type", "").startswith(("qwen2", "qwen2_5")) or bool(c.get("attention_bias", False)),
+        qk_norm=c.get("model_type", "").startswith("qwen3"),
+    )  # fmt: skip
+
+
+def _vision_dims(v: dict, out_hidden: int) -> VisionDims:
+    qwen3 = v.get("model_type", "").startswith("qwen3") or "num_position_embeddings" in v
+    return VisionDims(
+        depth=v["depth"], hidden=v["hidden_size"], intermediate=v["intermediate_size"], heads=v["num_heads"],
+        patch=v.get("patch_size") or v.get("spatial_patch_size", 14), temporal_patch=v.get("temporal_patch_size", 2),
+        merge=v.get("spatial_merge_size", 2), out_hidden=v.get("out_hidden_size", out_hidden), gated_mlp=not qwen3,
+        position_embeddings=v.get("num_position_embeddings", 0) if qwen3 else 0,
+        deepstack=len(v.get("deepstack_visual_indexes", ())) if qwen3 else 0,
+    )  # fmt: skip
+
+
+def _dims_from_dict(name: str, c: dict) -> ModelDims:
+    text = c.get("text_config") or c  # Qwen3-VL nests the decoder's config; Qwen2.5-VL's hub layout is flat
+    if "model_type" not in text and "model_type" in c:
+        text = {**text, "model_type": c["model_type"]}
+    t = _text_dims({**text, "tie_word_embeddings": c.get("tie_word_embeddings", text.get("tie_word_embeddings"))})
+    vision = c.get("vision_config")
+    return ModelDims(name, t, _vision_dims(vision, t.hidden) if vision else None)
+
+
+# The released models' shapes, from each model's public config.json on the Hugging Face hub (read for this table; no
+# weights are needed): huggingface.co/Qwen/<name>/blob/main/config.json.
+PRESETS: dict[str, ModelDims] = {
+    "qwen2.5-vl-3b": ModelDims(  # Qwen/Qwen2.5-VL-3B-Instruct
+        "Qwen2.5-VL-3B", TextDims(2048, 36, 16, 2, 128, 11008, 151936, tied=True),
+        VisionDims(32, 1280, 3420, 16, 14, 2, 2, 2048)),
+    "qwen2.5-3b": ModelDims(  # Qwen/Qwen2.5-3B-Instruct
+        "Qwen2.5-3B", TextDims(2048, 36, 16, 2, 128, 11008, 151936, tied=True)),
+    "qwen3-vl-4b": ModelDims(  # Qwen/Qwen3-VL-4B-Instruct (text_config / vision_config)
+        "Qwen3-VL-4B", TextDims(2560, 36, 32, 8, 128, 9728, 151936, tied=True, qkv_bias=False, qk_norm=True),
+        VisionDims(24, 1024, 4096, 16, 16, 2, 2, 2560, gated_mlp=False, position_embeddings=2304, deepstack=3)),
+    "qwen3-4b": ModelDims(  # Qwen/Qwen3-4B (also the Instruct-2507 release)
+        "Qwen3-4B", TextDims(2560, 36, 32, 8, 128, 9728, 151936, tied=True, qkv_bias=False, qk_norm=True)),
+    "qwen2.5-vl-32b": ModelDims(  # Qwen/Qwen2.5-VL-32B-Instruct: the 32 B-class policy
+        "Qwen2.5-VL-32B", TextDims(5120, 64, 40, 8, 128, 27648, 152064, tied=False),
+        VisionDims(32, 1280, 3456, 16, 14, 2, 2, 5120)),
+    "qwen2.5-vl-72b": ModelDims(  # Qwen/Qwen2.5-VL-72B-Instruct
+        "Qwen2.5-VL-72B", TextDims(8192, 80, 64, 8, 128, 29568, 152064, tied=False),
+        VisionDims(32, 1280, 3456, 16, 14, 2, 2, 8192)),
+}  # fmt: skip
+
+
+def model_dims(source: Any) -> ModelDims:
+    """A model's shape from a preset name (`PRESETS`), a directory holding config.json, a config.json path, a dict, or
+    a transformers config object (`to_dict()`)."""
+    if isinstance(source, ModelDims):
+        return source
+    if isinstance(source, str) and source.lower() in PRESETS:
+        return PRESETS[source.lower()]
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"model: {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json "
+                             f"or a directory holding one")  # fmt: skip
+        return _dims_from_dict(path.parent.name, json.loads(path.read_text()))
+    if isinstance(source, dict):
+        return _dims_from_dict(source.get("_name_or_path", "model"), source)
+    if hasattr(source, "to_dict"):
+        return _dims_from_dict(getattr(source, "_name_or_path", "") or "model", source.to_dict())
+    raise ValueError(f"model: expected a preset name, a config directory or a config object, got {type(source)}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The run's configuration as far as memory goes, per step (images_per_step is the global batch).
+
+    Token counts are inputs, not outputs: prompt_tokens (a policy prompt with its image tokens), image_patches (the
+    vision tower's patches per image, merge**2 per image token), caption_tokens (mean; the KV cache is sized for
+    max_new_tokens whatever the captions' length), and the reader's prompt: its few-shot header (cached once) then the
+    caption, then one question per draw (question_tokens)."""
+
+    images_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 512
+    caption_tokens: int | None = None  # None: max_new_tokens
+    prompt_tokens: int = 1000
+    image_patches: int = 3600  # ~900 image tokens x 2 x 2 merge
+    micro_batch_size: int = 8
+    num_draws: int = 8
+    reader_header_tokens: int = 300
+    question_tokens: int = 80
+    dtype: str = "bfloat16"
+    world_size: int = 1
+    sharding: str = "per-layer"  # FSDP2 groups when world_size > 1: "per-layer" or "one-group"
+    # How a sharded rollout holds the policy: "whole" = gathered all at once for the whole rollout (what
+    # caprl_core.distributed.gathered does); "per-layer" = one group at a time, two with prefetch (a projection)
+    rollout_gather: str = "whole"
+    gradient_checkpointing: bool = False
+    shared_prefix: bool = True
+    kv_cache: str = "allocated"  # "allocated" (CUDA) or "touched" (what a CPU resident set counts)
+    block_size: int = 16
+    max_batch_tokens: int = 8192  # the engines' prefill batch cap (sampler.engine.Engine)
+    baseline_bytes: int = 0  # CPU: the process before the models are loaded; CUDA: 0
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_step", "group_size", "max_new_tokens", "prompt_tokens", "micro_batch_size",
+                     "num_draws", "world_size", "block_size", "max_batch_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.sharding not in ("per-layer", "one-group"):
+            raise ValueError(f"sharding: expected 'per-layer' or 'one-group', got {self.sharding!r}")
+        if self.rollout_gather not in ("whole", "per-layer"):
+            raise ValueError(f"rollout_gather: expected 'whole' or 'per-layer', got {self.rollout_gather!r}")
+        if self.kv_cache not in ("allocated", "touched"):
+            raise ValueError(f"kv_cache: expected 'allocated' or 'touched', got {self.kv_cache!r}")
+        if self.images_per_step % self.world_size:
+            raise ValueError(f"images_per_step: {self.images_per_step} does not divide by world_size "
+                             f"{self.world_size}")  # fmt: skip
+
+    @classmethod
+    def from_train_config(cls, config, **facts: Any) -> Workload:
+        """From a `caprl_core.config.TrainConfig` (its images per step, G, max_new_tokens, micro-batch, draws, dtype
+        (auto = bfloat16, the CUDA default), gradient checkpointing, shared prefix) and `facts` for the rest."""
+        dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16"
+        values = dict(images_per_step=config.rollout.images_per_step, group_size=config.rollout.group_size,
+                      max_new_tokens=config.rollout.max_new_tokens, micro_batch_size=config.optim.micro_batch_size,
+                      num_draws=config.reward.num_draws, dtype=dtype,
+                      gradient_checkpointing=config.model.gradient_checkpointing,
+                      shared_prefix=config.optim.shared_prefix)  # fmt: skip
+        return cls(**{**values, **facts})
+
+    @property
+    def captions(self) -> int:
+        return self.caption_tokens if self.caption_tokens is not None else self.max_new_tokens
+
+
+@dataclass
+class PhasePlan:
+    """One phase's predicted peak: named terms in bytes."""
+
+    phase: str
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass
+class MemoryPlan:
+    """The three phases' plans for one rank, and what they were computed for."""
+
+    policy: ModelDims
+    reader: ModelDims
+    workload: Workload
+    rollout: PhasePlan
+    reward: PhasePlan
+    update: PhasePlan
+
+    @property
+    def phases(self) -> tuple[PhasePlan, PhasePlan, PhasePlan]:
+        return (self.rollout, self.reward, self.update)
+
+    @property
+    def peak(self) -> int:
+        return max(p.total for p in self.phases)
+
+    def table(self, unit: float = GB, unit_name: str = "GB") -> str:
+        """A markdown table: every term's bytes in each phase (blank where a phase does not hold it), then totals."""
+        names: list[str] = []
+        for p in self.phases:
+            names += [n for n in p.terms if n not in names]
+        lines = [f"| term ({unit_name}) | rollout | reward | update |", "|---|---:|---:|---:|"]
+        for n in names:
+            cells = [f"{p.terms[n] / unit:.2f}" if n in p.terms else "" for p in self.phases]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("| **peak** | " + " | ".join(f"**{p.total / unit:.2f}**" for p in self.phases) + " |")
+        return "\n".join(lines)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def plan_memory(policy: Any, reader: Any, workload: Workload) -> MemoryPlan:
+    """Each phase's predicted peak memory per rank, term by term (see the module docstring for what each term is).
+
+    policy, reader: anything `model_dims` takes (a preset name such as "qwen2.5-vl-3b", a config.json directory, a
+    transformers config). The steady state is modelled (a step after the first: the AdamW state exists in every
+    phase); the first step's rollout and reward lack the optimizer-state term."""
+    p, r, w = model_dims(policy), model_dims(reader), workload
+    e, W, per_layer = DTYPE_BYTES[w.dtype], w.world_size, w.sharding == "per-layer"
+    P, R = p.params(), r.params()
+    images = w.images_per_step // W  # this rank's images
+    L, G = w.captions, w.group_size
+
+    persistent: dict[str, int] = {}
+    if w.baseline_bytes:
+        persistent["process baseline (CPU)"] = w.baseline_bytes
+    if W == 1:
+        persistent["policy weights"] = P * e
+        if e < FP32:
+            persistent["fp32 master weights"] = P * FP32
+    else:
+        persistent["policy fp32 shards (masters)"] = P * FP32 // W
+    persistent["AdamW state (fp32)"] = 2 * P * FP32 // W
+    persistent["reader replica"] = R * e
+
+    # Rollout: the sampler over the whole policy (gathered under FSDP), its KV cache, a prefill batch through one layer
+    # and a decode step's fp32 logits (log-softmax and probabilities beside them).
+    rollout = dict(persistent)
+    if W > 1 and w.rollout_gather == "whole":
+        rollout["gathered policy (compute dtype)"] = P * e
+    elif W > 1:
+        rollout["gathered groups: root + 2 layers (prefetch)"] = (p.root_params() + 2 * p.largest_group_params()) * e
+    seq_blocks = _blocks(w.prompt_tokens + w.max_new_tokens, w.block_size)
+    if w.kv_cache == "allocated":
+        kv_tokens = _pow2(images * G * seq_blocks) * w.block_size
+    else:  # the prompt's blocks once per image (forks share them), then each caption's own
+        kv_tokens = images * (_blocks(w.prompt_tokens, w.block_size) + G * _blocks(L, w.block_size)) * w.block_size
+    rollout["policy KV cache"] = kv_tokens * p.kv_bytes_per_token(e)
+    prefill = min(w.max_batch_tokens, images * w.prompt_tokens)
+    rollout["prefill / decode transient"] = max(
+        prefill * p.inference_bytes_per_token(e), 3 * images * G * p.text.vocab * FP32
+    )
+
+    # Reward: the reader's prefill of C x N prompts (header, caption, question), its cache and transient.
+    reward = dict(persistent)
+    captions = images * G
+    prompt = w.reader_header_tokens + L + w.question_tokens
+    if w.kv_cache == "allocated":
+        reader_tokens = _pow2(captions * w.num_draws * _blocks(prompt, w.block_size)) * w.block_size
+    else:  # the header once, each caption once, each question on its own
+        reader_tokens = w.reader_header_tokens + captions * (L + w.num_draws * w.question_tokens)
+    reward["reader KV cache"] = reader_tokens * r.kv_bytes_per_token(e)
+    reward["reader prefill transient"] = min(w.max_batch_tokens, captions * w.num_draws * prompt) * (
+        r.inference_bytes_per_token(e)
+    )
+
+    # Update: gradients and one micro-batch's activations (at the end of the forward, beside the earlier micro-batches'
+    # gradients) or the optimizer step's per-tensor temporaries, whichever is larger.
+    update = dict(persistent)
+    update["fp32 gradients (masters)"] = P * FP32 // W
+    if W > 1:
+        if per_layer:
+            group = p.largest_group_params()
+            update["gathered groups: root + 2 layers (prefetch)"] = (p.root_params() + 2 * group) * e
+            update["unsharded grads + fp32 reduce copy: root + 1 layer"] = (p.root_params() + group) * (e + FP32)
+        else:
+            update["gathered policy (one group)"] = P * e
+            update["unsharded grads + fp32 reduce copy (whole model)"] = P * (e + FP32)
+    update.update(_activation_terms(p, w, images))
+    t = p.text
+    head_grad = t.vocab * t.hidden * FP32  # the fused op's [V, H] fp32 lm_head gradient before it is summed
+    optimizer_temp = t.vocab * t.hidden * FP32 // W  # AdamW's per-tensor denominator: the largest tensor's
+    activations = sum(v for k, v in update.items() if k.startswith("activations"))
+    if head_grad + FUSED_TILE_BYTES >= optimizer_temp - activations:
+        update["lm_head weight grad + fused tile"] = head_grad + FUSED_TILE_BYTES
+    else:  # the optimizer's largest per-tensor temporary, after the activations are gone
+        for k in [k for k in update if k.startswith("activations")]:
+            del update[k]
+        update["optimizer step temporary"] = optimizer_temp
+    return MemoryPlan(p, r, w, PhasePlan("rollout", rollout), PhasePlan("reward", reward), PhasePlan("update", update))
+
+
+def _activation_terms(p: ModelDims, w: Workload, images: int) -> dict[str, int]:
+    """One micro-batch's saved activations: the decoder's, the vision tower's, the shared forward's K/V copies."""
+    e, t = DTYPE_BYTES[w.dtype], p.text
+    captions = min(w.micro_batch_size, images * w.group_size)
+    mb_images = min(images, -(-captions // w.group_size)) if w.shared_prefix else captions
+    caption_tokens = captions * w.captions
+    tokens = mb_images * w.prompt_tokens + caption_tokens  # the packed row (or the padded rows unshared)
+    per_layer = p.layer_activation_bytes(e)
+    if w.gradient_checkpointing:  # each layer's input, and one layer recomputed in the backward
+        decoder = t.layers * tokens * t.hidden * e + tokens * per_layer
+    else:
+        decoder = t.layers * tokens * per_layer
+    out = {"activations: decoder layers": decoder}
+    if p.vision is not None:
+        v = p.vision
+        patches = mb_images * w.image_patches
+        block = p.vision_block_activation_bytes(e)
+        out["activations: vision tower"] = (
+            v.depth * patches * v.hidden * e + patches * block
+            if w.gradient_checkpointing
+            else v.depth * patches * block
+        )
+    if w.shared_prefix:  # each caption batch's K and V carry a copy of its image's prompt (segment_attention)
+        per_image = min(w.group_size, captions)
+        kv = 2 * per_image * (w.prompt_tokens + w.captions) * t.kv_heads * t.head_dim * e
+        out["activations: shared-prefix K/V copies"] = (1 if w.gradient_checkpointing else t.layers) * mb_images * kv
+    # embeddings, final norm, the caption positions' hidden states the fused op saves
+    out["activations: embeddings, final norm, selected"] = tokens * t.hidden * (e + 12) + caption_tokens * t.hidden * e
+    return out
+
+
+def largest_policy(reader: Any, workload: Workload, budget_bytes: float, shapes: tuple[str, ...] = (
+        "qwen2.5-vl-32b", "qwen2.5-vl-72b")) -> tuple[ModelDims, MemoryPlan]:  # fmt: skip
+    """The largest policy (by parameters) that fits `budget_bytes` per rank: for each preset shape in `shapes`, its
+    widths with as many decoder layers as fit (1 up to twice the release's), the best over the shapes."""
+    best: tuple[ModelDims, MemoryPlan] | None = None
+    for name in shapes:
+        base = model_dims(name)
+        lo, hi = 0, 2 * base.text.layers
+        while lo < hi:  # the peak grows with the layers: bisect for the most that fit
+            mid = (lo + hi + 1) // 2
+            dims = replace(base, name=f"{base.name} width, {mid} layers", text=replace(base.text, layers=mid))
+            if plan_memory(dims, reader, workload).peak <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            dims = replace(base, name=f"{base.name} width, {lo} layers", text=replace(base.text, layers=lo))
+            if best is None or dims.params() > best[0].params():
+                best = (dims, plan_memory(dims, reader, workload))
+    if best is None:
+        raise ValueError(f"budget_bytes: no policy of the shapes {shapes} fits in {budget_bytes / GB:.1f} GB")
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m caprl_core.memory_plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help=f"a preset ({', '.join(PRESETS)}) or a config.json directory")
+    parser.add_argument("--reader", required=True, help="a preset or a config.json directory")
+    defaults = Workload()
+    for name in ("images_per_step", "group_size", "max_new_tokens", "caption_tokens", "prompt_tokens",
+                 "image_patches", "micro_batch_size", "num_draws", "reader_header_tokens", "question_tokens",
+                 "world_size"):  # fmt: skip
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--sharding", default=defaults.sharding, choices=["per-layer", "one-group"])
+    parser.add_argument("--kv-cache", default=defaults.kv_cache, choices=["allocated", "touched"])
+    parser.add_argument("--rollout-gather", default=defaults.rollout_gather, choices=["whole", "per-layer"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory per GPU, for the fit line (GB, 1e9 B)")
+    args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k not in ("policy", "reader", "gpu_gb")}
+    try:
+        workload = Workload(**values)
+        dims = {}
+        for flag in ("policy", "reader"):
+            try:
+                dims[flag] = model_dims(getattr(args, flag))
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {str(e).removeprefix('model: ')}") from e
+        plan = plan_memory(dims["policy"], dims["reader"], workload)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{plan.policy.name} ({plan.policy.params() / 1e9:.2f} B) + reader {plan.reader.name} "
+          f"({plan.reader.params() / 1e9:.2f} B), {workload.dtype}, world size {workload.world_size}"
+          f"{f', {workload.sharding} sharding' if workload.world_size > 1 else ''}, per rank:\n")  # fmt: skip
+    print(plan.table())
+    fits = "fits" if plan.peak <= args.gpu_gb * GB else "does NOT fit"
+    print(f"\npeak {plan.peak / GB:.1f} GB: {fits} in {args.gpu_gb:g} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
