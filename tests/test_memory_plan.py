@@ -5,6 +5,7 @@ behaviour (sharding granularity, checkpointing, caches), the CLI, and predicted 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,3 +155,30 @@ def test_cli_prints_the_table_and_a_fit_line(capsys, tmp_path):
     assert main(["--policy", "qwen2.5-vl-3b", "--reader", str(tmp_path), "--world-size", "1"]) == 0
     assert main(["--policy", "nope", "--reader", "qwen2.5-3b"]) == 2
     assert capsys.readouterr().err.strip().endswith("nor a config.json or a directory holding one")
+
+
+# A short run at a small width: hidden 128 (real vocabulary), 1 image x 2 captions of 8 tokens, 1 draw, micro-batches
+# of 1 caption (two per step: the second forward runs beside the first one's gradients, as in a real update).
+SMALL_RUN = ["--steps", "2", "--images-per-step", "1", "--group-size", "2", "--max-new-tokens", "8",
+             "--num-draws", "1", "--micro-batch-size", "1", "--dtype", "float32", "--progress", "false",
+             "--checkpoint-every", "100"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_predicted_peaks_within_20_percent_of_the_trainers(tmp_path):
+    """The trainer's measured peak per phase (step 1, fp32, CPU resident set) against the plan: within 20%, and the
+    part above the process baseline within 25% too, which dropping the AdamW state term breaks."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_memory_plan import NUM_IMAGES, compare
+
+    from caprl_core.world import make_world_data
+
+    data = make_world_data(tmp_path / "data", "train", NUM_IMAGES)
+    row = compare(tmp_path, 128, data, SMALL_RUN)
+    for phase in ("rollout", "reward", "update"):
+        predicted, measured = row[f"{phase}_predicted_mb"], row[f"{phase}_measured_mb"]
+        assert predicted == pytest.approx(measured, rel=0.20), (phase, row)
+        above = measured - row["baseline_mb"]
+        assert predicted - row["baseline_mb"] == pytest.approx(above, rel=0.25), (phase, row)
+        without_adamw = predicted - row["plan"][phase]["AdamW state (fp32)"] - row["baseline_mb"]
+        assert without_adamw != pytest.approx(above, rel=0.25), (phase, row)
