@@ -126,7 +126,7 @@ def workload_of(step: dict, baseline: int, prompt: int, patches: int, args: dict
         images_per_step=args["images_per_step"], group_size=args["group_size"], max_new_tokens=args["max_new_tokens"],
         caption_tokens=L, prompt_tokens=prompt, image_patches=patches, micro_batch_size=args["micro_batch_size"],
         num_draws=N, reader_header_tokens=max(0, round(header)), question_tokens=max(1, round(per_prompt - header)),
-        dtype="float32", world_size=1, kv_cache="touched", baseline_bytes=baseline,
+        dtype="float32", world_size=1, kv_cache="touched", optimizer_foreach=False, baseline_bytes=baseline,
     )  # fmt: skip
 
 

@@ -26,6 +26,8 @@ What each term follows in the code (per rank):
   `ModelDims.layer_activation_bytes`; gradient checkpointing keeps each layer's input and one layer's own set), the
   group-shared forward's per-image K/V copies (`segment_attention`), and the fused lm_head log-prob op's 64 MiB tile and
   its [V, H] fp32 weight gradient before it is added into the parameter's (no [tokens, vocab] logits).
+- the optimizer step's temporaries (after the activations are freed): torch's multi-tensor AdamW (CUDA) takes the
+  square root of every state tensor at once (4P/W); the per-tensor loop (CPU) holds two of the largest tensor's size.
 - transients of the engines: a prefill batch (at most max_batch_tokens) through one layer, and a decode step's logits.
 - the process baseline (CPU only): the interpreter, torch and the libraries, measured in the same process before the
   models are loaded (`baseline_bytes`); on CUDA max_memory_allocated has no such term.
@@ -84,6 +86,7 @@ class Workload:
     shared_prefix: bool = True
     kv_cache: str = "allocated"  # "allocated" (CUDA) or "touched" (what a CPU resident set counts)
     block_size: int = 16
+    optimizer_foreach: bool = True  # torch's AdamW default on CUDA; on CPU it loops over the tensors one by one
     max_batch_tokens: int = 8192  # the engines' prefill batch cap (sampler.engine.Engine)
     baseline_bytes: int = 0  # CPU: the process before the models are loaded; CUDA: 0
 
@@ -244,11 +247,14 @@ def plan_memory(policy: Any, reader: Any, workload: Workload) -> MemoryPlan:
     update.update(_activation_terms(p, w, images))
     t = p.text
     head_grad = t.vocab * t.hidden * FP32  # the fused op's [V, H] fp32 lm_head gradient before it is summed
-    optimizer_temp = t.vocab * t.hidden * FP32 // W  # AdamW's per-tensor denominator: the largest tensor's
+    if w.optimizer_foreach:  # torch's multi-tensor AdamW (the CUDA default): sqrt of every state tensor at once
+        optimizer_temp = P * FP32 // W
+    else:  # the per-tensor loop (CPU): sqrt(v) and its quotient, of the largest tensor, the embedding
+        optimizer_temp = 2 * t.vocab * t.hidden * FP32 // W
     activations = sum(v for k, v in update.items() if k.startswith("activations"))
-    if head_grad + FUSED_TILE_BYTES >= optimizer_temp - activations:
+    if activations + head_grad + FUSED_TILE_BYTES >= optimizer_temp:
         update["lm_head weight grad + fused tile"] = head_grad + FUSED_TILE_BYTES
-    else:  # the optimizer's largest per-tensor temporary, after the activations are gone
+    else:  # the optimizer's step after the activations are gone is the higher point
         for k in [k for k in update if k.startswith("activations")]:
             del update[k]
         update["optimizer step temporary"] = optimizer_temp
