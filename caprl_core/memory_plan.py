@@ -232,32 +232,29 @@ def plan_memory(policy: Any, reader: Any, workload: Workload) -> MemoryPlan:
         r.inference_bytes_per_token(e)
     )
 
-    # Update: gradients and one micro-batch's activations (at the end of the forward, beside the earlier micro-batches'
-    # gradients) or the optimizer step's per-tensor temporaries, whichever is larger.
-    update = dict(persistent)
-    update["fp32 gradients (masters)"] = P * FP32 // W
+    # Update: the higher of two moments. The backward: the gradients so far (earlier micro-batches'), the gathered
+    # groups and their unsharded gradients, one micro-batch's activations and the fused op's lm_head gradient. The
+    # optimizer step: activations freed and groups resharded, the gradients and the step's temporaries.
+    base = {**persistent, "fp32 gradients (masters)": P * FP32 // W}
+    backward = dict(base)
     if W > 1:
         if per_layer:
             group = p.largest_group_params()
-            update["gathered groups: root + 2 layers (prefetch)"] = (p.root_params() + 2 * group) * e
-            update["unsharded grads + fp32 reduce copy: root + 1 layer"] = (p.root_params() + group) * (e + FP32)
+            backward["gathered groups: root + 2 layers (prefetch)"] = (p.root_params() + 2 * group) * e
+            backward["unsharded grads + fp32 reduce copy: root + 1 layer"] = (p.root_params() + group) * (e + FP32)
         else:
-            update["gathered policy (one group)"] = P * e
-            update["unsharded grads + fp32 reduce copy (whole model)"] = P * (e + FP32)
-    update.update(_activation_terms(p, w, images))
+            backward["gathered policy (one group)"] = P * e
+            backward["unsharded grads + fp32 reduce copy (whole model)"] = P * (e + FP32)
+    backward.update(_activation_terms(p, w, images))
     t = p.text
-    head_grad = t.vocab * t.hidden * FP32  # the fused op's [V, H] fp32 lm_head gradient before it is summed
+    # the fused op's [V, H] fp32 lm_head gradient before it is added into the parameter's, and its logits tile
+    backward["lm_head weight grad + fused tile"] = t.vocab * t.hidden * FP32 + FUSED_TILE_BYTES
+    step = dict(base)
     if w.optimizer_foreach:  # torch's multi-tensor AdamW (the CUDA default): sqrt of every state tensor at once
-        optimizer_temp = P * FP32 // W
+        step["optimizer step temporary"] = P * FP32 // W
     else:  # the per-tensor loop (CPU): sqrt(v) and its quotient, of the largest tensor, the embedding
-        optimizer_temp = 2 * t.vocab * t.hidden * FP32 // W
-    activations = sum(v for k, v in update.items() if k.startswith("activations"))
-    if activations + head_grad + FUSED_TILE_BYTES >= optimizer_temp:
-        update["lm_head weight grad + fused tile"] = head_grad + FUSED_TILE_BYTES
-    else:  # the optimizer's step after the activations are gone is the higher point
-        for k in [k for k in update if k.startswith("activations")]:
-            del update[k]
-        update["optimizer step temporary"] = optimizer_temp
+        step["optimizer step temporary"] = 2 * t.vocab * t.hidden * FP32 // W
+    update = max(backward, step, key=lambda terms: sum(terms.values()))
     return MemoryPlan(p, r, w, PhasePlan("rollout", rollout), PhasePlan("reward", reward), PhasePlan("update", update))
 
 
