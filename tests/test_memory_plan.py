@@ -187,3 +187,15 @@ def test_predicted_peaks_within_20_percent_of_the_trainers(tmp_path):
         assert predicted - row["baseline_mb"] == pytest.approx(above, rel=0.25), (phase, row)
         without_adamw = predicted - row["plan"][phase]["AdamW state (fp32)"] - row["baseline_mb"]
         assert without_adamw != pytest.approx(above, rel=0.25), (phase, row)
+
+
+def test_workload_from_the_training_configuration():
+    from caprl_core.config import TrainConfig
+
+    config = TrainConfig()
+    config.rollout.images_per_step, config.optim.micro_batch_size = 32, 4
+    config.model.gradient_checkpointing = True
+    w = Workload.from_train_config(config, world_size=8, prompt_tokens=700)
+    assert (w.images_per_step, w.group_size, w.max_new_tokens, w.micro_batch_size, w.num_draws) == (32, 8, 512, 4, 8)
+    assert (w.dtype, w.gradient_checkpointing, w.shared_prefix, w.world_size, w.prompt_tokens) == (
+        "bfloat16", True, True, 8, 700)  # fmt: skip
