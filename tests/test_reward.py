@@ -152,8 +152,9 @@ def test_release_keeping_the_header_gives_the_same_rewards_and_computes_it_once(
     steps. Rewards, probabilities and the logged token count have the bits of a reward whose cache is freed
     whole each step (the header computed alone each time), and the header is computed once."""
     engine_kwargs = {"block_size": 16, **kv}
-    kept, freed = _reward(tokenizer, num_draws=4, engine_kwargs=engine_kwargs), _reward(
-        tokenizer, num_draws=4, engine_kwargs=engine_kwargs
+    kept, freed = (
+        _reward(tokenizer, num_draws=4, engine_kwargs=engine_kwargs),
+        _reward(tokenizer, num_draws=4, engine_kwargs=engine_kwargs),
     )
     header = len(kept._header_ids)
     assert header >= 2 * 16  # the default template's header spans several full blocks
