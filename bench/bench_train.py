@@ -22,6 +22,8 @@
    does) and when the whole cache is freed after each step (before issue 27's part 4): one run per batch, the two
    alternated step by step after 2 warm-up steps, medians over 8 steps each and the median of the 8 paired
    differences (freed minus kept, adjacent steps: robust to the load drifting on a shared machine).
+   `test_reward_call_header_kept`: the reward call alone (`CapRLReward.score` + release, the tiny-random reader, a
+   4 x 4 x 8 batch of the run's questions) alternated 40 times each way: more samples than whole steps allow.
 """
 
 from __future__ import annotations
@@ -179,3 +181,39 @@ def test_reward_phase_header_kept(benchmark, batch: str, pairs: int, tmp_path, m
                                  "wall": wall, "cpu": cpu_by_way, "load_average": os.getloadavg()})  # fmt: skip
     print(f"\n{batch}, {pairs} steps each, header {len(run.reward._header_ids)} tokens: {summary}; "
           f"load average {os.getloadavg()}")  # fmt: skip
+
+
+def test_reward_call_header_kept(benchmark, tmp_path) -> None:
+    """`CapRLReward.score` then `release_kv_cache()` on the tiny-random reader, its cache freed whole before every
+    other call: medians of wall and CPU time over 40 calls each way, and the paired difference."""
+    argv = ["--policy", "tiny-random", "--reader", "tiny-random", *TINY_BATCHES["4x4x8"], "--output-dir", str(tmp_path)]
+    config, _ = parse_config([*argv, "--progress", "false"])
+    run = setup(config)
+    reward = run.reward
+    captions = [run.examples[i].caption or "a red circle in the top left and a blue square" for i in range(16)]
+    questions = [list(run.examples[i // 4].questions) for i in range(16)]
+    reward.score(captions, questions, step=0)  # warm-up
+    reward.release_kv_cache()
+    times: dict[str, dict[str, list[float]]] = {way: {"wall": [], "cpu": []} for way in ("freed", "kept")}
+
+    def alternate() -> None:
+        for i in range(80):
+            way = ("freed", "kept")[i % 2]
+            if way == "freed":
+                reward.engine.free_kv_cache()
+            wall, cpu = time.perf_counter(), time.process_time()
+            reward.score(captions, questions, step=i // 2)  # a pair scores the same draws
+            reward.release_kv_cache()
+            times[way]["wall"].append(time.perf_counter() - wall)
+            times[way]["cpu"].append(time.process_time() - cpu)
+
+    benchmark.pedantic(alternate, rounds=1, iterations=1)
+    summary = {}
+    for kind in ("wall", "cpu"):
+        freed, kept = times["freed"][kind], times["kept"][kind]
+        summary[f"{kind}_freed_ms"] = round(statistics.median(freed) * 1e3, 1)
+        summary[f"{kind}_kept_ms"] = round(statistics.median(kept) * 1e3, 1)
+        paired = statistics.median((f - k) * 1e3 for f, k in zip(freed, kept, strict=True))
+        summary[f"{kind}_paired_difference_ms"] = round(paired, 1)
+    benchmark.extra_info.update({"machine": machine(), **summary, "load_average": os.getloadavg()})
+    print(f"\nreward call, 40 each: {summary}; load average {os.getloadavg()}")
