@@ -15,11 +15,22 @@
 3. `test_update_peak_memory_reader_cache`: peak memory of the update phase (the default run's policy and batch, as
    in 1) beside a reader with Qwen2.5-3B's KV geometry, with the reader's KV cache released after scoring (the
    trainer's way) and kept through the backward.
+4. `test_reward_phase_header_kept`: the reward phase (`time_reward`) of the tiny default, `python -m caprl_core.train
+   --policy tiny-random --reader tiny-random` at small batches (`TINY_BATCHES`, captions of up to 32 tokens: 4 images
+   x G = 4 x N = 8 draws = 128 reader prompts, and 2 x 4 x 4 = 32; the recipe's 16 x 8 x 512 takes minutes a step on
+   a shared CPU), when the reader's few-shot header is kept across steps (`CapRLReward.release_kv_cache`, what train
+   does) and when the whole cache is freed after each step (before issue 27's part 4): one run per batch, the two
+   alternated step by step after 2 warm-up steps, medians over 8 steps each and the median of the 8 paired
+   differences (freed minus kept, adjacent steps: robust to the load drifting on a shared machine).
+   `test_reward_call_header_kept`: the reward call alone (`CapRLReward.score` + release, the tiny-random reader, a
+   4 x 4 x 8 batch of the run's questions) alternated 40 times each way: more samples than whole steps allow.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 
 import pytest
 import torch
@@ -108,3 +119,101 @@ def test_update_peak_memory_reader_cache(benchmark, reader_cache: str, tmp_path,
         f"(reward phase {metrics['peak_memory_reward_mb']:.0f} MB; {metrics['reader_tokens_computed']} reader "
         f"tokens x {bytes_per_token / 1024:.0f} KB)"
     )
+
+
+TINY_BATCHES = {
+    "4x4x8": ["--images-per-step", "4", "--group-size", "4", "--max-new-tokens", "32"],
+    "2x4x4": ["--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "32", "--num-draws", "4"],
+}
+
+
+@pytest.mark.parametrize(("batch", "pairs"), [("4x4x8", 8), ("2x4x4", 12)])
+def test_reward_phase_header_kept(benchmark, batch: str, pairs: int, tmp_path, monkeypatch) -> None:
+    """Reward-phase time of the tiny default with the reader's header kept across steps against freed with the rest
+    of the cache, alternated in one run: "freed" steps start from an engine whose cache `free_kv_cache()` dropped
+    whole (the header is computed alone again), "kept" steps from what the previous step's release left. Beside the
+    wall time (`time_reward`), the process's CPU seconds in the reward phase: less at the mercy of other processes
+    on a shared machine."""
+    from caprl_core.rl import step as step_module
+
+    argv = ["--policy", "tiny-random", "--reader", "tiny-random", *TINY_BATCHES[batch], "--output-dir", str(tmp_path)]
+    config, _ = parse_config([*argv, "--progress", "false"])
+    run = setup(config)
+    engine = run.reward.engine
+    cpu: list[float] = []
+    phase = step_module.rewards_and_advantages
+
+    def timed_phase(*args, **kwargs):
+        start = time.process_time()
+        out = phase(*args, **kwargs)
+        cpu.append(time.process_time() - start)
+        return out
+
+    monkeypatch.setattr(step_module, "rewards_and_advantages", timed_phase)
+    for step in range(2):  # warm-up: JIT build, allocator, Adam state
+        run.step(step)
+    wall: dict[str, list[float]] = {"freed": [], "kept": []}
+    cpu_by_way: dict[str, list[float]] = {"freed": [], "kept": []}
+    header_tokens: dict[str, list[int]] = {"freed": [], "kept": []}
+    steps = iter(range(2, 1000))
+
+    def alternate() -> None:
+        for i in range(2 * pairs):
+            way = ("freed", "kept")[i % 2]
+            if way == "freed":
+                engine.free_kv_cache()  # what scoring did after each step before the header was kept
+            before = engine.stats.shared_prefix_tokens
+            wall[way].append(run.step(next(steps))["time_reward"])
+            cpu_by_way[way].append(cpu[-1])
+            header_tokens[way].append(engine.stats.shared_prefix_tokens - before)
+
+    benchmark.pedantic(alternate, rounds=1, iterations=1)
+    assert all(n == 0 for n in header_tokens["kept"]) and all(n > 0 for n in header_tokens["freed"])
+    summary = {}
+    for name, times in (("wall", wall), ("cpu", cpu_by_way)):
+        summary[f"{name}_freed_ms"] = statistics.median(times["freed"]) * 1e3
+        summary[f"{name}_kept_ms"] = statistics.median(times["kept"]) * 1e3
+        summary[f"{name}_paired_difference_ms"] = statistics.median(
+            (f - k) * 1e3 for f, k in zip(times["freed"], times["kept"], strict=True)
+        )
+    summary = {k: round(v, 1) for k, v in summary.items()}
+    benchmark.extra_info.update({"machine": machine(), **summary, "header_tokens": len(run.reward._header_ids),
+                                 "wall": wall, "cpu": cpu_by_way, "load_average": os.getloadavg()})  # fmt: skip
+    print(f"\n{batch}, {pairs} steps each, header {len(run.reward._header_ids)} tokens: {summary}; "
+          f"load average {os.getloadavg()}")  # fmt: skip
+
+
+def test_reward_call_header_kept(benchmark, tmp_path) -> None:
+    """`CapRLReward.score` then `release_kv_cache()` on the tiny-random reader, its cache freed whole before every
+    other call: medians of wall and CPU time over 40 calls each way, and the paired difference."""
+    argv = ["--policy", "tiny-random", "--reader", "tiny-random", *TINY_BATCHES["4x4x8"], "--output-dir", str(tmp_path)]
+    config, _ = parse_config([*argv, "--progress", "false"])
+    run = setup(config)
+    reward = run.reward
+    captions = [run.examples[i].caption or "a red circle in the top left and a blue square" for i in range(16)]
+    questions = [list(run.examples[i // 4].questions) for i in range(16)]
+    reward.score(captions, questions, step=0)  # warm-up
+    reward.release_kv_cache()
+    times: dict[str, dict[str, list[float]]] = {way: {"wall": [], "cpu": []} for way in ("freed", "kept")}
+
+    def alternate() -> None:
+        for i in range(80):
+            way = ("freed", "kept")[i % 2]
+            if way == "freed":
+                reward.engine.free_kv_cache()
+            wall, cpu = time.perf_counter(), time.process_time()
+            reward.score(captions, questions, step=i // 2)  # a pair scores the same draws
+            reward.release_kv_cache()
+            times[way]["wall"].append(time.perf_counter() - wall)
+            times[way]["cpu"].append(time.process_time() - cpu)
+
+    benchmark.pedantic(alternate, rounds=1, iterations=1)
+    summary = {}
+    for kind in ("wall", "cpu"):
+        freed, kept = times["freed"][kind], times["kept"][kind]
+        summary[f"{kind}_freed_ms"] = round(statistics.median(freed) * 1e3, 1)
+        summary[f"{kind}_kept_ms"] = round(statistics.median(kept) * 1e3, 1)
+        paired = statistics.median((f - k) * 1e3 for f, k in zip(freed, kept, strict=True))
+        summary[f"{kind}_paired_difference_ms"] = round(paired, 1)
+    benchmark.extra_info.update({"machine": machine(), **summary, "load_average": os.getloadavg()})
+    print(f"\nreward call, 40 each: {summary}; load average {os.getloadavg()}")

@@ -263,6 +263,11 @@ class CapRLReward:
         )  # fmt: skip
         return rewards, self._details(draws, option_logprobs, computed)
 
+    def release_kv_cache(self) -> None:
+        """Release the reader's KV cache but the few-shot header's full blocks (`Engine.release_kv_cache`): the next
+        `score` finds the header cached instead of computing it alone again, with the same bits."""
+        self.engine.release_kv_cache(keep_prefix=self._header_ids)
+
     def _details(self, draws: _Draws, option_logprobs: torch.Tensor, computed: int) -> RewardDetails:
         logp = option_logprobs.float().cpu()  # [P, K], -inf past each prompt's options
         chosen = logp.argmax(-1).tolist()

@@ -462,3 +462,24 @@ def test_forget_cached_keeps_only_the_given_blocks_and_reset_resizes():
     bm.free(again)
     bm.reset(num_blocks=1_000_000)
     assert bm.num_free == 1_000_000 and bm.num_used_ever == 0 and bm.hash_to_block == {}
+
+
+def test_restore_prefix_leaves_the_blocks_as_the_prefix_alone_does():
+    """What `Engine.release_kv_cache(keep_prefix=...)` puts back into a fresh cache: the state that allocating and
+    freeing the prefix alone leaves (its full blocks hashed, every block free, last first), so later prompts hit
+    the prefix and take the same blocks as on the computing path."""
+    header = list(range(10))  # 2 full blocks + 2 tokens
+    computed, restored = BlockManager(8, BS), BlockManager(8, BS)
+    alone = make_seq(0, header)
+    computed.allocate(alone)
+    computed.free(alone)
+    assert restored.restore_prefix(header) == [0, 1] == restored.cached_prefix_blocks(header)
+    assert restored.free_ids == computed.free_ids == [3, 4, 5, 6, 7, 2, 1, 0]
+    assert restored.hash_to_block == computed.hash_to_block
+    assert [restored.blocks[b].hash for b in (0, 1)] == chain_hashes(alone, BS)
+    seqs = [make_seq(1, header + [70, 71, 72]), make_seq(2, header + [70, 71, 72])]
+    assert [bm.allocate(seq) for bm, seq in zip((computed, restored), seqs, strict=True)] == [2 * BS, 2 * BS]
+    assert seqs[0].block_table == seqs[1].block_table
+    check_invariants(restored, [seqs[1]])
+    assert BlockManager(2, BS).restore_prefix(header) == []  # takes 3 blocks: nothing registered
+    assert BlockManager(8, BS, prefix_caching=False).restore_prefix(header) == []

@@ -480,6 +480,71 @@ def test_prefill_shared_prefix_keeps_only_the_prefix_computed_alone():
         engine.prefill(calls[0], shared_prefix=[1, 2, 10_000])
 
 
+@pytest.mark.parametrize("size", [{}, {"num_kv_blocks": 64}], ids=["by-need", "fixed"])
+def test_release_keeps_the_shared_prefix_blocks_with_the_recomputed_bits(size):
+    """release_kv_cache(keep_prefix=header) after every call, as the trainer's reward does: over several calls the
+    header is computed alone once, every result has the bits of an engine that frees everything (and so computes
+    the header again each time), and while released the engine holds the header's full blocks and nothing more."""
+    model = tiny_qwen2()
+    header = _prompts(512, (21,), seed=3)[0]  # 5 full blocks of 4 + 1 token
+    kept, freed = Engine(model, block_size=4, **size), Engine(model, block_size=4, **size)
+    for step, lengths in enumerate([(7, 3), (12, 30, 5), (40,) * 6, (2, 9)]):  # the third call grows a by-need cache
+        call = [header + tail for tail in _prompts(512, lengths, seed=10 + step)]
+        assert torch.equal(kept.prefill(call, shared_prefix=header), freed.prefill(call, shared_prefix=header))
+        # The blocks as computing the header alone leaves them, so the call allocated the same ones.
+        bms = kept.block_manager, freed.block_manager
+        assert [(bm.free_ids, bm.hash_to_block) for bm in bms] == [(bm.free_ids, bm.hash_to_block) for bm in bms[::-1]]
+        kept.release_kv_cache(keep_prefix=header)
+        freed.free_kv_cache()
+        assert kept.kv_cache is None and kept.held_kv_bytes == 5 * kept.block_bytes
+        assert freed.held_kv_bytes == 0
+    assert kept.stats.shared_prefix_tokens == 21  # one header prefill over the 4 calls
+    assert freed.stats.shared_prefix_tokens == 4 * 21
+    assert kept.stats.cached_tokens - freed.stats.cached_tokens == 0  # the same prompts hit the same header blocks
+
+
+def test_cache_growth_keeps_the_shared_prefix_blocks():
+    """A call that outgrows the cache reallocates it: the last shared prefix's full blocks move to the new one (they
+    used to be lost, so the header was computed alone again), with the bits of a fresh engine."""
+    model = tiny_qwen2()
+    header = _prompts(512, (21,), seed=3)[0]
+    engine = Engine(model, block_size=4)
+    engine.prefill([header + [1, 2]], shared_prefix=header)
+    small = engine.num_kv_blocks
+    big = [header + tail for tail in _prompts(512, (40,) * 6, seed=7)]
+    got = engine.prefill(big, shared_prefix=header)
+    assert engine.num_kv_blocks > small and engine.stats.shared_prefix_tokens == 21
+    fresh = Engine(model, block_size=4)
+    assert torch.equal(got, fresh.prefill(big, shared_prefix=header)) and fresh.stats.shared_prefix_tokens == 21
+
+
+def test_release_keeps_nothing_it_cannot_reuse():
+    """Nothing is kept with prefix caching off, for a prefix other than the last shared prefix, or by free_kv_cache;
+    a second release keeps what the first kept; a generate call never sees the kept blocks."""
+    model = tiny_qwen2()
+    header = _prompts(512, (21,), seed=3)[0]
+    call = [header + tail for tail in _prompts(512, (7, 3), seed=4)]
+    off = Engine(model, block_size=4, enable_prefix_caching=False)
+    want = off.prefill(call, shared_prefix=header)
+    off.release_kv_cache(keep_prefix=header)
+    assert off.held_kv_bytes == 0
+    engine = Engine(model, block_size=4)
+    assert torch.equal(engine.prefill(call, shared_prefix=header), want)
+    engine.release_kv_cache(keep_prefix=header[:12])  # cached, but not the prefix computed alone
+    assert engine.held_kv_bytes == 0
+    engine.prefill(call, shared_prefix=header)
+    engine.release_kv_cache(keep_prefix=header)
+    engine.release_kv_cache(keep_prefix=header)
+    assert engine.held_kv_bytes == 5 * engine.block_bytes
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    prompts = [header[:9], _prompts(512, (6,), seed=5)[0]]
+    assert engine.generate(prompts, params) == Engine(model, block_size=4).generate(prompts, params)
+    engine.free_kv_cache()
+    assert engine.held_kv_bytes == 0
+    with pytest.raises(ValueError, match="keep_prefix"):
+        engine.release_kv_cache(keep_prefix=[1, 10_000])
+
+
 def test_reward_config_kv_cache_tokens_sizes_the_readers_engine():
     """RewardConfig.kv_cache_tokens reaches the reader's Engine (None: sized by need); sizing it twice is an error."""
     from caprl_core.models import tiny_tokenizer

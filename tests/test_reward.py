@@ -146,6 +146,30 @@ def test_prefix_sharing_counts_each_shared_part_once_and_changes_nothing(tokeniz
     )
 
 
+@pytest.mark.parametrize("kv", [{}, {"kv_cache_tokens": 4096}], ids=["by-need", "fixed"])
+def test_release_keeping_the_header_gives_the_same_rewards_and_computes_it_once(tokenizer, kv):
+    """The trainer's reward phase: score, then `release_kv_cache()` (the header's full blocks kept), over several
+    steps. Rewards, probabilities and the logged token count have the bits of a reward whose cache is freed
+    whole each step (the header computed alone each time), and the header is computed once."""
+    engine_kwargs = {"block_size": 16, **kv}
+    kept, freed = (
+        _reward(tokenizer, num_draws=4, engine_kwargs=engine_kwargs),
+        _reward(tokenizer, num_draws=4, engine_kwargs=engine_kwargs),
+    )
+    header = len(kept._header_ids)
+    assert header >= 2 * 16  # the default template's header spans several full blocks
+    for step in range(4):
+        captions = CAPTIONS[step % 3 :] + CAPTIONS[: step % 3]
+        questions = QUESTIONS[step % 3 :] + QUESTIONS[: step % 3]
+        (a, a_details), (b, b_details) = (r.score(captions, questions, step=step) for r in (kept, freed))
+        assert torch.equal(a, b) and a_details == b_details
+        kept.release_kv_cache()
+        freed.engine.free_kv_cache()
+        assert kept.engine.kv_cache is None and kept.engine.held_kv_bytes == header // 16 * kept.engine.block_bytes
+    assert kept.engine.stats.shared_prefix_tokens == header
+    assert freed.engine.stats.shared_prefix_tokens == 4 * header
+
+
 def test_draws_are_reproducible_per_step(tokenizer):
     reward = _reward(tokenizer, num_draws=8)
     a = reward.reader_prompts(CAPTIONS, QUESTIONS, step=5)

@@ -70,7 +70,7 @@ class HeldOut:
         with gathered(run.root), torch_threads(self.threads):  # gathered once for the whole evaluation
             rows = {b: self.evaluator.evaluate_batch(self.examples[start : start + size], b) for b, start in mine}
         self.evaluator.policy_engine.free_kv_cache()  # as the rollout and the reward leave them: the update's memory
-        self.evaluator.every_question.engine.free_kv_cache()
+        run.reward.release_kv_cache()  # the reader's engine: the training reward's header kept, if this left it cached
         gathered_rows = {b: r for part in all_gather_objects(rows, world) for b, r in part.items()}
         summary = summarize([row for b in sorted(gathered_rows) for row in gathered_rows[b]])
         metrics = {name: float(summary[key]) for key, name in KEYS.items() if summary[key] is not None}

@@ -48,11 +48,12 @@ def rewards_and_advantages(reward: CapRLReward, ro: Rollout, examples: list[Exam
     first = first_image * G
     keys = [first_image + i // G if g.shared_draws else first + i for i in range(len(questions))]
     # `score` keeps only the reader's few-shot header cached between calls, always computed alone (Engine.prefill's
-    # shared_prefix), so the numbers depend on this step's captions only (bit-exact resume). The whole cache is
-    # released right after scoring anyway: the policy's backward pass needs that memory more than the header's few
-    # hundred tokens need caching (update-phase peak 713 MB released vs 1308 MB kept, bench_train, 3B-shaped reader).
+    # shared_prefix), so the numbers depend on this step's captions only (bit-exact resume). The cache is released
+    # right after scoring, as the policy's backward pass needs that memory (update-phase peak 713 MB released vs
+    # 1308 MB kept, bench_train, 3B-shaped reader), all but the header's full blocks: a few hundred tokens, copied
+    # back into the next step's cache instead of computed again (docs/reward.md, "The reader's KV cache").
     accuracy, details = reward.score(ro.captions, questions, step=step, draw_keys=keys)
-    reward.engine.free_kv_cache()
+    reward.release_kv_cache()
     local = {
         "accuracy": accuracy.float().cpu().tolist(), "length": [len(c.token_ids) for c in ro.completions],
         "caption_tokens": [len(c.token_ids) - (c.finish_reason == "stop") for c in ro.completions],

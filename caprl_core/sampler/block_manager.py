@@ -240,6 +240,28 @@ class BlockManager:
             prefix = h
         return out
 
+    def restore_prefix(self, token_ids: list[int]) -> list[int]:
+        """Leave the blocks as a prefill of the text prompt `token_ids` alone, on an empty manager, leaves them:
+        ceil(len / block_size) fresh blocks, the full ones registered in the prefix cache, all freed last block
+        first. Returns the full blocks' ids, in order: the caller writes their K/V (saved from an earlier cache of the
+        same prefix) before the next step; the partial block is never read (it has no hash). The same state as the
+        computing path, so the next allocations take the same blocks. Nothing is done with prefix caching off, or
+        when fewer blocks are free than the prefix takes."""
+        bs, prefix, out = self.block_size, -1, []
+        if not self.prefix_caching or -(-len(token_ids) // bs) > self.num_free:
+            return out
+        for i in range(-(-len(token_ids) // bs)):
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            bid = self._take_free()
+            if len(tokens) == bs:
+                prefix = block_hash(prefix, tokens, b"")
+                self._register(bid, prefix, tokens)
+            out.append(bid)
+        for bid in reversed(out):  # as `free` releases a sequence's blocks
+            self._ref_counts[bid] = 0
+            self._freed[bid] = None
+        return out[: len(token_ids) // bs]
+
     def forget_cached(self, keep: Collection[int] = ()) -> None:
         """Forget the contents of every free block except those in `keep`: prefix lookups no longer find them.
         Blocks in use keep their hashes. O(blocks used since the last reset)."""

@@ -10,7 +10,8 @@ One step = one forward pass over a packed batch chosen by the `Scheduler`; the `
 tokens to cache slots; `step_inputs` packs the batch into model inputs; `ModelAdapter` runs the Hugging Face model
 with the paged attention function; `requests` checks what the caller passes. The KV cache is allocated on first use
 (sized by `cache_size`) and can be released between rollouts with `free_kv_cache()` (the trainer then gets the memory
-back for its backward pass).
+back for its backward pass), or with `release_kv_cache(keep_prefix=header)`, which keeps a shared prefix's full blocks
+(the reward's few-shot header) and puts them back into the next cache.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class Engine:
     that call at its maximum length with nothing shared (prompt + max_new_tokens per sample; prompt length for
     `prefill`), rounded up to a power of two so that calls of about the same size reuse it, and capped by
     kv_cache_memory_fraction (default 0.3 on CUDA, 0.1 on CPU) of the device memory free at that moment (on CPU,
-    MemAvailable). A later call that needs more than the cache holds reallocates it (forgetting the prefix cache)
-    while the cap allows; past the cap the scheduler preempts. Sizing from free memory at construction gave the tiny
-    models 297,870 blocks each (issue 15). At most one of the three may be given. max_batch_tokens caps the new
-    tokens of a prefill batch (a single longer prompt still runs alone); max_num_seqs caps the sequences of a step.
+    MemAvailable). A later call that needs more than the cache holds reallocates it while the cap allows, forgetting
+    the prefix cache but the last `prefill(shared_prefix=...)`'s full blocks (copied over); past the cap the
+    scheduler preempts. Sizing from free memory at construction gave the tiny models 297,870 blocks each (issue 15).
+    At most one of the three may be given. max_batch_tokens caps the new tokens of a prefill batch (a single longer
+    prompt still runs alone); max_num_seqs caps the sequences of a step.
     attn_backend: "triton", "flash_attn", "torch" or "reference"; None picks $CAPRL_ATTENTION_BACKEND, else Triton
     on CUDA and the PyTorch path on CPU (see caprl_core.sampler.attention). enable_prefix_caching=False makes every
     prompt compute all its tokens (for comparisons; forks still share their prompt's blocks).
@@ -104,6 +106,12 @@ class Engine:
         self.block_manager = BlockManager(self.num_kv_blocks or 1, block_size, prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
         self.kv_cache: torch.Tensor | None = None
+        # The shared prefix of the last `prefill(shared_prefix=...)`: the one prefix whose cached blocks are known to
+        # be computed alone, so the one that may be kept across a release or a growth of the cache.
+        self._shared_prefix: list[int] | None = None
+        # That prefix's full blocks while they are out of the cache: (the prefix, their K/V [2, layers, blocks,
+        # block_size, kv_heads, head_dim]); the next `prefill(shared_prefix=...)` of the same prefix copies them back.
+        self._kept: tuple[list[int], torch.Tensor] | None = None
         self.stats = EngineStats()
         self._next_seq_id = 0
         self._done: list[Sequence] = []
@@ -144,6 +152,8 @@ class Engine:
             blocks = min(need, self.max_kv_blocks())
         if self.kv_cache is None or blocks > self.num_kv_blocks:
             a = self.adapter
+            if self.kv_cache is not None and self._shared_prefix is not None:
+                self._keep(self._shared_prefix)  # growing: the shared prefix's blocks go to the new cache
             self.kv_cache = None  # release the old cache before allocating the new one
             shape = (2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim)
             # empty, not zeros: no page is touched before it is used (zeros would write the whole cache up front).
@@ -156,9 +166,56 @@ class Engine:
 
     def free_kv_cache(self) -> None:
         """Release the KV cache memory (and forget the prefix cache); it is allocated again on the next call."""
+        self.release_kv_cache()
+
+    def release_kv_cache(self, keep_prefix: SequenceABC[int] | None = None) -> None:
+        """Release the KV cache memory and forget the prefix cache, except the full blocks of `keep_prefix` when it is
+        the last `prefill(shared_prefix=...)`'s prefix and the cache holds all of them: their K/V is copied aside
+        (those blocks' bytes, nothing more) and the next `prefill(shared_prefix=keep_prefix)` copies it back into
+        its cache instead of computing the prefix alone again. The same bits and the same block layout as computing
+        it, so results are those of recomputing. Nothing is kept with prefix caching off, and `generate` never sees
+        the kept blocks."""
+        prefix = None
+        if keep_prefix is not None:
+            prefix = requests.check_prefix(keep_prefix, self.adapter.vocab_size, name="keep_prefix")
+        if self._kept is not None and self._kept[0] != prefix:
+            self._kept = None
+        if prefix is not None and self.kv_cache is not None and prefix == self._shared_prefix:
+            self._keep(prefix)
         self.kv_cache = None
         self.num_kv_blocks = self.fixed_kv_blocks
         self.block_manager.reset()
+
+    @property
+    def held_kv_bytes(self) -> int:
+        """Bytes of K/V the engine holds now: the cache, if allocated, and the prefix blocks kept aside."""
+        tensors = [t for t in (self.kv_cache, self._kept[1] if self._kept else None) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _keep(self, prefix: list[int]) -> None:
+        """Copy aside `prefix`'s full blocks if the prefix cache holds every one of them (see `release_kv_cache`)
+        and no copy is kept yet (one kept and not copied back since is the computation alone)."""
+        if self._kept is not None and self._kept[0] == prefix:
+            return
+        num_full = len(prefix) // self.block_size
+        blocks = self.block_manager.cached_prefix_blocks(prefix) if self.block_manager.prefix_caching else []
+        if num_full == 0 or len(blocks) < num_full:
+            return
+        self._kept = (prefix, self.kv_cache.index_select(2, torch.tensor(blocks, device=self.kv_cache.device)))
+
+    def _restore_kept(self, prefix: list[int]) -> list[int]:
+        """On an empty block manager: put `prefix`'s kept blocks back into the cache, as computing it alone would
+        leave them (`BlockManager.restore_prefix`); their ids, or [] when nothing of this prefix is kept."""
+        if self._kept is None or self._kept[0] != prefix:
+            return []
+        kv = self._kept[1]
+        blocks = self.block_manager.restore_prefix(prefix)
+        if len(blocks) == kv.shape[2]:
+            self.kv_cache.index_copy_(2, torch.tensor(blocks, device=kv.device), kv)
+            self._kept = None  # in the cache now; `release_kv_cache` copies it aside again
+            return blocks
+        self.block_manager.reset()  # no room for it: compute it
+        return []
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -205,7 +262,8 @@ class Engine:
 
         shared_prefix: token ids the prompts start with (the reward's few-shot header). The call first forgets every
         cached prefix except this one's full blocks, and computes those alone (a prefill of their own) whenever they
-        are not all cached. The result then depends on the prompts only, not on what earlier calls left in the
+        are not all cached, unless `release_kv_cache(keep_prefix=...)` or a growth of the cache kept them: then their
+        K/V is copied back. The result then depends on the prompts only, not on what earlier calls left in the
         cache (a resumed training run reproduces it bit for bit), and the prefix is computed once per cache instead
         of once per call. Ignored with prefix caching off.
         """
@@ -226,11 +284,14 @@ class Engine:
     def _keep_only_prefix(self, prefix: list[int], seqs: list[Sequence]) -> None:
         """The prefix cache afterwards holds `prefix`'s full blocks and nothing else, computed by a prefill of the
         prefix alone (now, or by an earlier call)."""
-        self._ensure_cache(seqs)  # sized for the whole call first: growing it later would drop the prefix again
+        self._shared_prefix = prefix  # growing the cache keeps its full blocks (`_ensure_cache`)
+        self._ensure_cache(seqs)  # sized for the whole call first: no copy of the prefix for a later growth
         bm, num_full = self.block_manager, len(prefix) // self.block_size
         blocks = bm.cached_prefix_blocks(prefix)
         if len(blocks) < num_full:
             bm.reset()  # partly cached is not enough: its K/V must come from the same computation every time
+            blocks = self._restore_kept(prefix)  # the K/V of that computation, kept across a release or a growth
+        if len(blocks) < num_full:
             before = self.stats.prefill_tokens
             self._run([Sequence(self._new_id(), prefix, SamplingParams(), request_index=-1, prefill_only=True)],
                       progress=False, total=1)  # fmt: skip

@@ -97,10 +97,10 @@ def check_fits(
         )
 
 
-def check_prefix(prefix, vocab_size: int) -> list[int]:
-    """`prefill(shared_prefix=...)`: a list of token ids in [0, vocab_size)."""
+def check_prefix(prefix, vocab_size: int, name: str = "shared_prefix") -> list[int]:
+    """`prefill(shared_prefix=...)`, `release_kv_cache(keep_prefix=...)`: a list of token ids in [0, vocab_size)."""
     if not isinstance(prefix, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in prefix):
-        raise ValueError("shared_prefix must be a list of token ids (ints)")
+        raise ValueError(f"{name} must be a list of token ids (ints)")
     if any(not 0 <= t < vocab_size for t in prefix):
-        raise ValueError(f"shared_prefix: token ids must be in [0, {vocab_size})")
+        raise ValueError(f"{name}: token ids must be in [0, {vocab_size})")
     return [int(t) for t in prefix]
