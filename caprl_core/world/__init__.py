@@ -33,8 +33,9 @@ from pathlib import Path
 # Seeds of the scene streams: `train` and `heldout` are dataset files (make_world_data); `reader` and `policy` are the
 # streams the shipped models were trained on; `reader_eval` and `policy_eval` measure them after training. Each draws
 # from its own part of the scene space (`splits.PARTS`: the two checks share the part "check"), never by seed alone.
+# `vqa` is the VQA model's training stream (parts "policy" and "reader"), `vqa_eval` its held-out check (`world.vqa`).
 SPLIT_SEEDS = {"train": 1_000, "heldout": 2_000, "reader": 3_000, "policy": 4_000, "reader_eval": 5_000,
-               "policy_eval": 6_000}  # fmt: skip
+               "policy_eval": 6_000, "vqa": 7_000, "vqa_eval": 8_000}  # fmt: skip
 DEFAULT_SIZES = {"train": 256, "heldout": 64}
 # The world's images: 84 px, so that each cell of the 3x3 grid is one 28-px merged patch group, one image token.
 IMAGE_SIZE = 84

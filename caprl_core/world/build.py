@@ -1,9 +1,13 @@
 """Building the miniature world's models: `python -m caprl_core.world build --out DIR`.
 
-Writes DIR/reader and DIR/policy as Hugging Face directories (model.safetensors, config.json, tokenizer files with
-the chat template; the policy also preprocessor_config.json), and DIR/card.json with what the build measured on
-scenes neither model was trained on (the part "check" of `world.splits`): the reader's accuracy from reference, terse
-and empty captions, the start policy's caption precision and recall; and the time of each phase.
+Writes DIR/reader, DIR/policy and DIR/vqa as Hugging Face directories (model.safetensors, config.json, tokenizer
+files with the chat template; the policy and the VQA model also preprocessor_config.json, the VQA model its question
+template caprl_vqa_prompt.json), and DIR/card.json with what the build measured on scenes none of them was trained on:
+the reader's accuracy from reference, terse and empty captions, the start policy's caption precision and recall (the
+part "check" of `world.splits`), the VQA model's accuracies and the curation filter's decisions on held-out candidate
+questions (the part "heldout"); and the time of each phase.
+The VQA stage runs last, from DIR/policy as written, with its own random streams, so that it changes nothing of the
+reader or the policy, and `build --only vqa --out DIR` reruns it alone on an existing build (`build_vqa`).
 Deterministic for a given torch build and thread count: the same seed gives the same weights.
 """
 
@@ -51,6 +55,12 @@ class BuildConfig:
     policy_layers: int = 4
     eval_pairs: int = 400  # (caption, question) pairs of the reader's check
     eval_images: int = 64  # images of the policy's check
+    # The VQA model (`world.vqa`): fine-tuned from the start policy; measured on vqa_eval_images held-out images, two
+    # candidate questions each (half of them leaky).
+    vqa_steps: int = 300
+    vqa_batch: int = 32
+    vqa_lr: float = 3e-3
+    vqa_eval_images: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +119,43 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
     card["policy"] = check_policy(policy, prompter, config.eval_images)
     _save(policy, tokenizer, out_dir / "policy", image_processor=prompter.image_processor)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return build_vqa(out_dir, config, progress=progress)
+
+
+def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict:
+    """The VQA stage of a build (`world.vqa`): fine-tune DIR/policy into DIR/vqa, measure it on held-out candidate
+    questions and record that in DIR/card.json (its "vqa" section, config and seconds); returns the card. Runs alone on
+    any existing build (`python -m caprl_core.world build --only vqa --out DIR`): the reader and the policy are read,
+    never retrained."""
+    from caprl_core.curate.prompts import save_vqa_template
+    from caprl_core.policy import load_policy
+    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, measure, train_vqa, world_prompter
+
+    config = config or BuildConfig()
+    out_dir = Path(out_dir)
+    card_path = out_dir / "card.json"
+    if not card_path.is_file() or not (out_dir / "policy" / "config.json").is_file():
+        raise ValueError(f"out: {out_dir} holds no build (card.json and policy/); run the full build first")
+    card = json.loads(card_path.read_text())
+    for name in ("vqa_steps", "vqa_batch", "vqa_lr", "vqa_eval_images"):
+        card["config"][name] = getattr(config, name)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, tokenizer, image_processor = load_policy(out_dir / "policy", dtype=torch.float32)
+    prompter = world_prompter(tokenizer, image_processor)
+    with _bar(config.vqa_steps, "vqa", progress) as bar:
+
+        def log(step, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        train_vqa(model, prompter, steps=config.vqa_steps, batch_size=config.vqa_batch, lr=config.vqa_lr,
+                  seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)  # fmt: skip
+    card["seconds"]["vqa"] = round(time.perf_counter() - started, 1)
+    card["vqa"] = measure(model, prompter, heldout_items(config.vqa_eval_images, SPLIT_SEEDS["vqa_eval"]))
+    _save(model, tokenizer, out_dir / "vqa", image_processor=image_processor)
+    save_vqa_template(WORLD_VQA_TEMPLATE, out_dir / "vqa")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
