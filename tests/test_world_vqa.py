@@ -145,13 +145,16 @@ def test_the_shipped_vqa_model_keeps_visual_and_drops_leaky_questions(heldout):
 def test_a_random_vqa_model_fails_the_acceptance(heldout):
     """The same check with the shipped architecture and random weights keeps almost no visual question: the figure
     above is the trained model's."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     from caprl_core.curate.prompts import VQAPrompter
     from caprl_core.policy import load_policy
     from caprl_core.world import SHIPPED
-    from caprl_core.world.policy import make_policy
     from caprl_core.world.vqa import measure
 
-    _, tokenizer, image_processor = load_policy(SHIPPED / "vqa")
-    model = make_policy(tokenizer, hidden_size=64, num_layers=4, seed=0).eval()
+    shipped, tokenizer, image_processor = load_policy(SHIPPED / "vqa")
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(shipped.config).eval()
     figures = measure(model, VQAPrompter.from_directory(SHIPPED / "vqa", tokenizer, image_processor), heldout)
     assert figures["soft"]["visual"]["kept"] < 0.5, figures

@@ -55,17 +55,19 @@ class BuildConfig:
     policy_layers: int = 4
     eval_pairs: int = 400  # (caption, question) pairs of the reader's check
     eval_images: int = 64  # images of the policy's check
-    # The VQA model (`world.vqa`): fine-tuned from the start policy; measured on vqa_eval_images held-out images, two
-    # candidate questions each (half of them leaky).
-    vqa_steps: int = 300
-    vqa_batch: int = 32
-    vqa_lr: float = 3e-3
+    # The VQA model (`world.vqa`): the policy's vision tower and the reader's language model, fine-tuned; measured on
+    # vqa_eval_images held-out images, two candidate questions each (half of them leaky).
+    vqa_steps: int = 2000
+    vqa_batch: int = 16
+    vqa_lr: float = 6e-3  # the vision tower's; the language model (the reader's) gets vqa_language_lr_scale of it
+    vqa_language_lr_scale: float = 0.5
+    vqa_cell_weight: float = 1.0  # the weight of the image tokens' labels (`vqa._Aux.cells`)
     vqa_eval_images: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name != "seed" and not value > 0:
+            if name not in ("seed", "vqa_cell_weight") and not value > 0:
                 raise ValueError(f"{name}: expected > 0, got {value!r}")
 
 
@@ -123,33 +125,38 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
 
 
 def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict:
-    """The VQA stage of a build (`world.vqa`): fine-tune DIR/policy into DIR/vqa, measure it on held-out candidate
+    """The VQA stage of a build (`world.vqa`): join DIR/policy's vision tower and DIR/reader's language model
+    (`vqa.make_vqa`), fine-tune that into DIR/vqa, measure it on held-out candidate
     questions and record that in DIR/card.json (its "vqa" section, config and seconds); returns the card. Runs alone on
     any existing build (`python -m caprl_core.world build --only vqa --out DIR`): the reader and the policy are read,
     never retrained."""
     from caprl_core.curate.prompts import save_vqa_template
-    from caprl_core.policy import load_policy
-    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, measure, train_vqa, world_prompter
+    from caprl_core.policy import load_policy, load_reader
+    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, make_vqa, measure, train_vqa, world_prompter
 
     config = config or BuildConfig()
     out_dir = Path(out_dir)
     card_path = out_dir / "card.json"
-    if not card_path.is_file() or not (out_dir / "policy" / "config.json").is_file():
-        raise ValueError(f"out: {out_dir} holds no build (card.json and policy/); run the full build first")
+    if not card_path.is_file() or not all((out_dir / role / "config.json").is_file() for role in ("reader", "policy")):
+        raise ValueError(f"out: {out_dir} holds no build (card.json, reader/, policy/); run the full build first")
     card = json.loads(card_path.read_text())
-    for name in ("vqa_steps", "vqa_batch", "vqa_lr", "vqa_eval_images"):
+    for name in ("vqa_steps", "vqa_batch", "vqa_lr", "vqa_language_lr_scale", "vqa_cell_weight", "vqa_eval_images"):
         card["config"][name] = getattr(config, name)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model, tokenizer, image_processor = load_policy(out_dir / "policy", dtype=torch.float32)
+    policy, tokenizer, image_processor = load_policy(out_dir / "policy", dtype=torch.float32)
+    reader, _ = load_reader(out_dir / "reader", dtype=torch.float32)
+    model = make_vqa(reader, policy)
+    tokenizer.chat_template = None  # the reader's raw prompts (WORLD_VQA_TEMPLATE), not the policy's chat turn
     prompter = world_prompter(tokenizer, image_processor)
     with _bar(config.vqa_steps, "vqa", progress) as bar:
 
-        def log(step, loss):
+        def log(step, loss, parts):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
         train_vqa(model, prompter, steps=config.vqa_steps, batch_size=config.vqa_batch, lr=config.vqa_lr,
+                  language_lr_scale=config.vqa_language_lr_scale, cell_weight=config.vqa_cell_weight,
                   seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)  # fmt: skip
     card["seconds"]["vqa"] = round(time.perf_counter() - started, 1)
     card["vqa"] = measure(model, prompter, heldout_items(config.vqa_eval_images, SPLIT_SEEDS["vqa_eval"]))
