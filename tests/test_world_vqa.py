@@ -91,6 +91,30 @@ def test_question_files_are_data_files_of_their_split(tmp_path):
         main(["questions", "--split", "heldout", "--out", str(tmp_path / "d"), "--leaky-fraction", "2"])
 
 
+def test_filter_truth_reads_a_filter_against_the_ground_truth(tmp_path):
+    """`world filter-truth` joins a filter's NAME.scores.jsonl with the candidates' "leaky" keys: a filter that keeps
+    exactly the visual questions scores 1.0 / 1.0, one that keeps everything 1.0 / 0.0; another file is an error."""
+    from caprl_core.world.questions import filter_truth
+
+    candidates = make_question_data(tmp_path / "c", "heldout", 6)
+    rows = [json.loads(line) for line in candidates.read_text().splitlines()]
+
+    def scores(name: str, keep) -> object:
+        path = tmp_path / name
+        out = [{**r, "questions": [{**q, "kept": keep(q), "visual_accuracy": 1.0, "text_accuracy": float(q["leaky"])}
+                                   for q in r["questions"]]} for r in rows]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in out))
+        return path
+
+    perfect = filter_truth(candidates, scores("perfect.jsonl", lambda q: not q["leaky"]))
+    assert perfect["visual_kept"] == perfect["leaky_dropped"] == 1.0
+    assert perfect["visual"]["questions"] + perfect["leaky"]["questions"] == 36
+    everything = filter_truth(candidates, scores("all.jsonl", lambda q: True))
+    assert (everything["visual_kept"], everything["leaky_dropped"]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="lacks"):
+        filter_truth(candidates, scores("few.jsonl", lambda q: True).write_text("") or tmp_path / "few.jsonl")
+
+
 def test_the_vqa_stream_draws_only_its_parts():
     """The VQA model trains on scenes of the parts "policy" and "reader" only: never a held-out or check scene."""
     from caprl_core.world.vqa import TRAIN_PARTS, vqa_draws

@@ -4,6 +4,7 @@ python -m caprl_core.world build --out DIR [--reader-steps N] [--policy-steps N]
 python -m caprl_core.world build --only vqa --out DIR      # the VQA stage alone, on an existing build
 python -m caprl_core.world data --split heldout --out DIR [--num 64]
 python -m caprl_core.world questions --split heldout --out DIR [--num 64] [--leaky-fraction 0.5]
+python -m caprl_core.world filter-truth --candidates DIR/data.jsonl --scores OUT.scores.jsonl
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from caprl_core.world import DEFAULT_SIZES, make_world_data
 from caprl_core.world.build import BuildConfig, build, build_vqa
-from caprl_core.world.questions import DEFAULT_LEAKY_FRACTION, QUESTIONS_PER_IMAGE, make_question_data
+from caprl_core.world.questions import DEFAULT_LEAKY_FRACTION, QUESTIONS_PER_IMAGE, filter_truth, make_question_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--leaky-fraction", type=float, default=DEFAULT_LEAKY_FRACTION,
                    help="share of leaky questions (answerable from their text)")  # fmt: skip
     q.add_argument("--per-image", type=int, default=QUESTIONS_PER_IMAGE, help="questions per image")
+    t = commands.add_parser("filter-truth", help="a curation filter's decisions on `questions` candidates against "
+                            "their ground truth: visual questions kept, leaky ones dropped")  # fmt: skip
+    t.add_argument("--candidates", required=True, type=Path, help="the candidates' data.jsonl")
+    t.add_argument("--scores", required=True, type=Path, help="the filter's NAME.scores.jsonl")
     args = parser.parse_args(argv)
+    if args.command == "filter-truth":
+        try:
+            print(json.dumps(filter_truth(args.candidates, args.scores)))
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        return 0
     if args.command in ("data", "questions"):
         try:
             if args.command == "data":

@@ -137,3 +137,43 @@ def make_question_data(
         sample=lambda rng: sample_scene(rng, split),
         questions=lambda scene, rng, n: candidate_questions(scene, rng, n, leaky_fraction),
     )  # fmt: skip
+
+
+def filter_truth(candidates: str | Path, scores: str | Path) -> dict:
+    """How a curation filter's decisions (its NAME.scores.jsonl: every candidate with "kept" and its accuracies, in
+    the candidates' order) match the candidates' ground truth ("leaky"): the share of visual questions kept and of
+    leaky ones dropped, with the counts and mean accuracies of each group. ValueError naming the file when the two
+    files do not list the same questions."""
+    import json
+
+    truth = {}
+    for line in Path(candidates).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            truth[row["id"]] = [(q["question"], tuple(q["options"]), q["leaky"]) for q in row["questions"]]
+    groups: dict[str, list[dict]] = {"visual": [], "leaky": []}
+    for line in Path(scores).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        expected = truth.pop(row.get("id"), None)
+        if expected is None or len(expected) != len(row["questions"]):
+            raise ValueError(
+                f"scores: {scores}: image {row.get('id')!r} is not in {candidates} with the same questions"
+            )
+        for (question, options, leaky), q in zip(expected, row["questions"], strict=True):
+            if (q["question"], tuple(q["options"])) != (question, options):
+                raise ValueError(f"scores: {scores}: image {row['id']!r} has another question than {candidates}")
+            groups["leaky" if leaky else "visual"].append(q)
+    if truth:
+        raise ValueError(f"scores: {scores} lacks {len(truth)} images of {candidates} (an unfinished filter run?)")
+    out: dict = {}
+    for name, rows in groups.items():
+        n = max(len(rows), 1)
+        kept = sum(q["kept"] for q in rows)
+        out[name] = {"questions": len(rows), "kept": kept, "dropped": len(rows) - kept,
+                     "visual_accuracy": round(sum(q["visual_accuracy"] for q in rows) / n, 4),
+                     "text_accuracy": round(sum(q["text_accuracy"] for q in rows) / n, 4)}  # fmt: skip
+    out["visual_kept"] = round(out["visual"]["kept"] / max(out["visual"]["questions"], 1), 4)
+    out["leaky_dropped"] = round(out["leaky"]["dropped"] / max(out["leaky"]["questions"], 1), 4)
+    return out
