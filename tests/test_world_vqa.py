@@ -124,6 +124,31 @@ def test_the_vqa_stream_draws_only_its_parts():
     assert {x[2] for x in draws} == {True, False}
 
 
+def test_make_vqa_keeps_the_readers_logits_on_text():
+    """The VQA model starts as the shipped policy's vision tower and the shipped reader: on a text prompt it gives the
+    reader's logits exactly (M-RoPE on text is the reader's RoPE), so it starts able to read options."""
+    import torch
+
+    from caprl_core.policy import load_policy, load_reader
+    from caprl_core.world import SHIPPED
+    from caprl_core.world.vqa import make_vqa
+
+    policy, _, _ = load_policy(SHIPPED / "policy")
+    reader, tokenizer = load_reader(SHIPPED / "reader")
+    model = make_vqa(reader, policy)
+    text = ("Answer from the caption only.\nCaption: top: red circle. left: none.\n\nQuestion: What is at the top?\n"
+            "Options:\n A. blue square\n B. red circle\nAnswer:")  # fmt: skip
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected, got = reader(input_ids=ids).logits[0, -1], model(input_ids=ids).logits[0, -1]
+    assert torch.equal(expected, got)
+    letters = [
+        tokenizer(" A", add_special_tokens=False)["input_ids"][0],
+        tokenizer(" B", add_special_tokens=False)["input_ids"][0],
+    ]
+    assert got[letters].argmax() == 1  # of the two options, "red circle"
+
+
 def test_rotations_put_the_answer_in_distinct_slots():
     from caprl_core.world.vqa import rotations
 
