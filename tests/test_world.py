@@ -134,13 +134,15 @@ def test_a_small_build_learns_and_is_deterministic(tmp_path):
     from caprl_core.world.reader import make_reader, train_reader
 
     config = BuildConfig(reader_steps=2, policy_steps=2, reader_batch=4, policy_batch=4, reader_hidden=32,
-                         reader_layers=1, policy_hidden=32, policy_layers=1, eval_pairs=8, eval_images=2)  # fmt: skip
+                         reader_layers=1, policy_hidden=32, policy_layers=1, eval_pairs=8, eval_images=2,
+                         vqa_steps=2, vqa_batch=4, vqa_eval_images=2)  # fmt: skip
     card = build(tmp_path / "a", config, progress=False)
     build(tmp_path / "b", config, progress=False)
-    for name in ("reader", "policy"):
+    for name in ("reader", "policy", "vqa"):
         assert (tmp_path / "a" / name / "model.safetensors").read_bytes() == \
             (tmp_path / "b" / name / "model.safetensors").read_bytes()  # fmt: skip
     assert set(card["reader"]) == {"reference", "terse", "empty"}
+    assert set(card["vqa"]) == {"questions", "hard", "soft"} and set(card["seconds"]) == {"reader", "policy", "vqa"}
     # Learning: over 30 steps the reader's training loss (the answer and the auxiliary labels: key, look, option,
     # letter) falls well below where it starts.
     from caprl_core.models import tiny_tokenizer

@@ -12,8 +12,10 @@ complete captions of the grammar (the synthetic shapes data are).
 
 `python -m caprl_core.world build --out DIR` trains a reader (`world.reader`: a small Qwen2 that answers through
 CapRLReward's own prompts) and a start policy (`world.policy`: a small Qwen2.5-VL fine-tuned to terse captions) and
-writes them as Hugging Face directories with a card of measured figures. The package ships the build of the default
-BuildConfig in `SHIPPED` (caprl_core/world/shipped: reader/, policy/, card.json); `python -m caprl_core.train` and
+writes them as Hugging Face directories with a card of measured figures; a last stage joins them into the world's VQA
+model (`world.vqa`), which QA curation's filter scores the world's candidate questions with (`world.questions`:
+visual and leaky questions with known ground truth). The package ships the build of the default BuildConfig in
+`SHIPPED` (caprl_core/world/shipped: reader/, policy/, vqa/, card.json); `python -m caprl_core.train` and
 `python -m caprl_core.eval` use them, and this world's data, when given no models and no data (docs/world.md has the
 figures).
 
@@ -23,7 +25,9 @@ streams and the build's checks, and each draws only scenes of its own part; a se
 of its part a split draws.
 
     python -m caprl_core.world build --out DIR          # train both models (deterministic for a torch build)
+    python -m caprl_core.world build --only vqa --out DIR   # the VQA stage alone, on an existing build
     python -m caprl_core.world data --split heldout --out DIR [--num 64]
+    python -m caprl_core.world questions --split heldout --out DIR [--leaky-fraction 0.5]
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from pathlib import Path
 # Seeds of the scene streams: `train` and `heldout` are dataset files (make_world_data); `reader` and `policy` are the
 # streams the shipped models were trained on; `reader_eval` and `policy_eval` measure them after training. Each draws
 # from its own part of the scene space (`splits.PARTS`: the two checks share the part "check"), never by seed alone.
+# `vqa` is the VQA model's training stream (parts "policy" and "reader"), `vqa_eval` its held-out check (`world.vqa`).
 SPLIT_SEEDS = {"train": 1_000, "heldout": 2_000, "reader": 3_000, "policy": 4_000, "reader_eval": 5_000,
-               "policy_eval": 6_000}  # fmt: skip
+               "policy_eval": 6_000, "vqa": 7_000, "vqa_eval": 8_000}  # fmt: skip
 DEFAULT_SIZES = {"train": 256, "heldout": 64}
 # The world's images: 84 px, so that each cell of the 3x3 grid is one 28-px merged patch group, one image token.
 IMAGE_SIZE = 84
-# The shipped models: reader/, policy/ and card.json (`python -m caprl_core.world build --out` this rebuilds them).
+# The shipped models: reader/, policy/, vqa/ and card.json (`python -m caprl_core.world build --out` this rebuilds).
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 

@@ -1,7 +1,10 @@
-"""`python -m caprl_core.world`: build the world's models, or write one of its data splits.
+"""`python -m caprl_core.world`: build the world's models, or write one of its data splits or candidate-question files.
 
-python -m caprl_core.world build --out DIR [--reader-steps N] [--policy-steps N] [--seed S]
+python -m caprl_core.world build --out DIR [--reader-steps N] [--policy-steps N] [--vqa-steps N] [--seed S]
+python -m caprl_core.world build --only vqa --out DIR      # the VQA stage alone, on an existing build
 python -m caprl_core.world data --split heldout --out DIR [--num 64]
+python -m caprl_core.world questions --split heldout --out DIR [--num 64] [--leaky-fraction 0.5]
+python -m caprl_core.world filter-truth --candidates DIR/data.jsonl --scores OUT.scores.jsonl
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from caprl_core.world import DEFAULT_SIZES, make_world_data
-from caprl_core.world.build import BuildConfig, build
+from caprl_core.world.build import BuildConfig, build, build_vqa
+from caprl_core.world.questions import DEFAULT_LEAKY_FRACTION, QUESTIONS_PER_IMAGE, filter_truth, make_question_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,26 +33,59 @@ def main(argv: list[str] | None = None) -> int:
         b.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name), help=f"default {getattr(defaults, f.name)}")  # fmt: skip
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--only", choices=["vqa"], help="run one stage on the existing build in --out (vqa: the VQA model, "
+                   "from its policy/; card.json gets its section)")  # fmt: skip
     d = commands.add_parser("data", help="write a split of the world's data (PNGs + data.jsonl)")
     d.add_argument("--split", choices=sorted(DEFAULT_SIZES), required=True, help="train or heldout")
     d.add_argument("--out", required=True, type=Path, help="output directory")
     d.add_argument("--num", type=int, help="images (default: the split's size, train 256, heldout 64)")
+    q = commands.add_parser("questions", help="write candidate questions for QA curation, visual and leaky ones with "
+                            "their ground truth (PNGs + data.jsonl)")  # fmt: skip
+    q.add_argument("--split", choices=sorted(DEFAULT_SIZES), required=True, help="train or heldout")
+    q.add_argument("--out", required=True, type=Path, help="output directory")
+    q.add_argument("--num", type=int, help="images (default: the split's size, train 256, heldout 64)")
+    q.add_argument("--leaky-fraction", type=float, default=DEFAULT_LEAKY_FRACTION,
+                   help="share of leaky questions (answerable from their text)")  # fmt: skip
+    q.add_argument("--per-image", type=int, default=QUESTIONS_PER_IMAGE, help="questions per image")
+    t = commands.add_parser("filter-truth", help="a curation filter's decisions on `questions` candidates against "
+                            "their ground truth: visual questions kept, leaky ones dropped")  # fmt: skip
+    t.add_argument("--candidates", required=True, type=Path, help="the candidates' data.jsonl")
+    t.add_argument("--scores", required=True, type=Path, help="the filter's NAME.scores.jsonl")
     args = parser.parse_args(argv)
-    if args.command == "data":
+    if args.command == "filter-truth":
         try:
-            print(make_world_data(args.out, args.split, args.num))
+            print(json.dumps(filter_truth(args.candidates, args.scores)))
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        return 0
+    if args.command in ("data", "questions"):
+        try:
+            if args.command == "data":
+                print(make_world_data(args.out, args.split, args.num))
+            else:
+                print(make_question_data(args.out, args.split, args.num, leaky_fraction=args.leaky_fraction,
+                                         questions_per_image=args.per_image))  # fmt: skip
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(str(e).replace("leaky_fraction:", "--leaky-fraction:").replace("questions_per_image:",
+                                                                                        "--per-image:"))  # fmt: skip
         return 0
     try:
         config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
     except ValueError as e:
         parser.error(str(e))
     started = time.perf_counter()
+    if args.only == "vqa":
+        try:
+            card = build_vqa(args.out, config, progress=not args.no_progress)
+        except ValueError as e:
+            parser.error(str(e))
+        summary = {"seconds": round(time.perf_counter() - started, 1), "vqa": card["vqa"], "out": str(args.out)}
+        print(json.dumps(summary))
+        return 0
     card = build(args.out, config, progress=not args.no_progress)
     policy = {k: v for k, v in card["policy"].items() if k != "examples"}
     summary = {"seconds": round(time.perf_counter() - started, 1), "reader": card["reader"], "policy": policy,
-               "out": str(args.out)}  # fmt: skip
+               "vqa": card["vqa"], "out": str(args.out)}  # fmt: skip
     print(json.dumps(summary))
     return 0
 

@@ -1,9 +1,13 @@
 """Building the miniature world's models: `python -m caprl_core.world build --out DIR`.
 
-Writes DIR/reader and DIR/policy as Hugging Face directories (model.safetensors, config.json, tokenizer files with
-the chat template; the policy also preprocessor_config.json), and DIR/card.json with what the build measured on
-scenes neither model was trained on (the part "check" of `world.splits`): the reader's accuracy from reference, terse
-and empty captions, the start policy's caption precision and recall; and the time of each phase.
+Writes DIR/reader, DIR/policy and DIR/vqa as Hugging Face directories (model.safetensors, config.json, tokenizer
+files with the chat template; the policy and the VQA model also preprocessor_config.json, the VQA model its question
+template caprl_vqa_prompt.json), and DIR/card.json with what the build measured on scenes none of them was trained on:
+the reader's accuracy from reference, terse and empty captions, the start policy's caption precision and recall (the
+part "check" of `world.splits`), the VQA model's accuracies and the curation filter's decisions on held-out candidate
+questions (the part "heldout"); and the time of each phase.
+The VQA stage runs last, from DIR/policy as written, with its own random streams, so that it changes nothing of the
+reader or the policy, and `build --only vqa --out DIR` reruns it alone on an existing build (`build_vqa`).
 Deterministic for a given torch build and thread count: the same seed gives the same weights.
 """
 
@@ -51,11 +55,19 @@ class BuildConfig:
     policy_layers: int = 4
     eval_pairs: int = 400  # (caption, question) pairs of the reader's check
     eval_images: int = 64  # images of the policy's check
+    # The VQA model (`world.vqa`): the policy's vision tower and the reader's language model, fine-tuned; measured on
+    # vqa_eval_images held-out images, two candidate questions each (half of them leaky).
+    vqa_steps: int = 2000
+    vqa_batch: int = 16
+    vqa_lr: float = 6e-3  # the vision tower's; the language model (the reader's) gets vqa_language_lr_scale of it
+    vqa_language_lr_scale: float = 0.5
+    vqa_cell_weight: float = 1.0  # the weight of the image tokens' labels (`vqa._Aux.cells`)
+    vqa_eval_images: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name != "seed" and not value > 0:
+            if name not in ("seed", "vqa_cell_weight") and not value > 0:
                 raise ValueError(f"{name}: expected > 0, got {value!r}")
 
 
@@ -109,6 +121,48 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
     card["policy"] = check_policy(policy, prompter, config.eval_images)
     _save(policy, tokenizer, out_dir / "policy", image_processor=prompter.image_processor)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return build_vqa(out_dir, config, progress=progress)
+
+
+def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progress: bool = True) -> dict:
+    """The VQA stage of a build (`world.vqa`): join DIR/policy's vision tower and DIR/reader's language model
+    (`vqa.make_vqa`), fine-tune that into DIR/vqa, measure it on held-out candidate
+    questions and record that in DIR/card.json (its "vqa" section, config and seconds); returns the card. Runs alone on
+    any existing build (`python -m caprl_core.world build --only vqa --out DIR`): the reader and the policy are read,
+    never retrained."""
+    from caprl_core.curate.prompts import save_vqa_template
+    from caprl_core.policy import load_policy, load_reader
+    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, make_vqa, measure, train_vqa, world_prompter
+
+    config = config or BuildConfig()
+    out_dir = Path(out_dir)
+    card_path = out_dir / "card.json"
+    if not card_path.is_file() or not all((out_dir / role / "config.json").is_file() for role in ("reader", "policy")):
+        raise ValueError(f"out: {out_dir} holds no build (card.json, reader/, policy/); run the full build first")
+    card = json.loads(card_path.read_text())
+    for name in ("vqa_steps", "vqa_batch", "vqa_lr", "vqa_language_lr_scale", "vqa_cell_weight", "vqa_eval_images"):
+        card["config"][name] = getattr(config, name)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    policy, tokenizer, image_processor = load_policy(out_dir / "policy", dtype=torch.float32)
+    reader, _ = load_reader(out_dir / "reader", dtype=torch.float32)
+    model = make_vqa(reader, policy)
+    tokenizer.chat_template = None  # the reader's raw prompts (WORLD_VQA_TEMPLATE), not the policy's chat turn
+    prompter = world_prompter(tokenizer, image_processor)
+    with _bar(config.vqa_steps, "vqa", progress) as bar:
+
+        def log(step, loss, parts):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        train_vqa(model, prompter, steps=config.vqa_steps, batch_size=config.vqa_batch, lr=config.vqa_lr,
+                  language_lr_scale=config.vqa_language_lr_scale, cell_weight=config.vqa_cell_weight,
+                  seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)  # fmt: skip
+    card["seconds"]["vqa"] = round(time.perf_counter() - started, 1)
+    card["vqa"] = measure(model, prompter, heldout_items(config.vqa_eval_images, SPLIT_SEEDS["vqa_eval"]))
+    _save(model, tokenizer, out_dir / "vqa", image_processor=image_processor)
+    save_vqa_template(WORLD_VQA_TEMPLATE, out_dir / "vqa")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 

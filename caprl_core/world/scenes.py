@@ -143,9 +143,12 @@ def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
 def make_synthetic_dataset(
     out_dir: str | os.PathLike, num_images: int = 32, *, seed: int = 0, image_size: int = 84,
     questions_per_image: int = 6, sample: Callable[[random.Random], Scene] = synthetic_scene,
+    questions: Callable[[Scene, random.Random, int], list[dict]] | None = None,
 ) -> Path:  # fmt: skip
     """Write `num_images` PNGs under out_dir/images and out_dir/data.jsonl (relative paths); return the JSONL path.
-    `sample` draws each scene (the world's splits pass one that keeps to their part: `world.splits.sample_scene`).
+    `sample` draws each scene (the world's splits pass one that keeps to their part: `world.splits.sample_scene`);
+    `questions(scene, rng, n)` writes each image's question rows (default: `scene_questions`; the curation candidates
+    of `world.questions` pass theirs, with extra keys).
 
     Deterministic: the same arguments give the same JSONL text and the same PNG bytes.
     """
@@ -161,14 +164,18 @@ def make_synthetic_dataset(
     lines = []
     for i in range(num_images):
         scene = sample(rng)
-        questions = scene_questions(scene, rng, questions_per_image)
+        if questions is None:
+            rows = [{"question": q.question, "options": list(q.options), "answer": q.answer}
+                    for q in scene_questions(scene, rng, questions_per_image)]  # fmt: skip
+        else:
+            rows = questions(scene, rng, questions_per_image)
         image = f"images/{i:05d}.png"
         draw_scene(scene, image_size).save(out_dir / image)
         record = {
             "id": f"synthetic-{seed}-{i:05d}",
             "image": image,
             "caption": describe(scene),
-            "questions": [{"question": q.question, "options": list(q.options), "answer": q.answer} for q in questions],
+            "questions": rows,
         }
         lines.append(json.dumps(record) + "\n")
     jsonl = out_dir / "data.jsonl"
