@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -79,3 +80,23 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             ablations.main(["--out", str(tmp_path), *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
+    from caprl_core.world.__main__ import main as world_main  # the same command through python -m caprl_core.world
+
+    with pytest.raises(SystemExit) as e:
+        world_main(["ablations", "--out", str(tmp_path), "--families", "nope"])
+    assert e.value.code == 2 and "--families: unknown nope" in capsys.readouterr().err
+
+
+def test_the_qa_family_trains_on_the_same_images_with_and_without_leaky_questions(tmp_path):
+    files = ablations.prepare_data(tmp_path, {"@qa-leaky", "@qa-filtered"})
+    rows = {name: [json.loads(line) for line in open(files[name])] for name in ("@qa-leaky", "@qa-filtered")}
+    leaky = [q["leaky"] for r in rows["@qa-leaky"] for q in r["questions"]]
+    assert len(rows["@qa-leaky"]) == 256 and 0.4 < sum(leaky) / len(leaky) < 0.6
+    assert not any(q["leaky"] for r in rows["@qa-filtered"] for q in r["questions"])
+    images = {r["image"] for r in rows["@qa-leaky"]}
+    assert {r["image"] for r in rows["@qa-filtered"]} <= images and len(rows["@qa-filtered"]) >= 240
+    before = {name: os.path.getmtime(path) for name, path in files.items()}
+    assert ablations.prepare_data(tmp_path, {"@qa-leaky"})["@qa-leaky"] == files["@qa-leaky"]  # reused, not rewritten
+    assert os.path.getmtime(files["@qa-leaky"]) == before["@qa-leaky"]
+    with pytest.raises(ValueError, match="no data file named @nope"):
+        ablations.prepare_data(tmp_path, {"@nope"})

@@ -5,6 +5,7 @@ python -m caprl_core.world build --only vqa --out DIR      # the VQA stage alone
 python -m caprl_core.world data --split heldout --out DIR [--num 64]
 python -m caprl_core.world questions --split heldout --out DIR [--num 64] [--leaky-fraction 0.5]
 python -m caprl_core.world filter-truth --candidates DIR/data.jsonl --scores OUT.scores.jsonl
+python -m caprl_core.world ablations --out DIR [--families ...] [--seeds 0 1 2]   # see caprl_core.world.ablations
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from caprl_core.world.questions import DEFAULT_LEAKY_FRACTION, QUESTIONS_PER_IMA
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ablations"]:  # a command of its own, with its own options (--help there lists them)
+        from caprl_core.world import ablations
+
+        return ablations.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m caprl_core.world", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--leaky-fraction", type=float, default=DEFAULT_LEAKY_FRACTION,
                    help="share of leaky questions (answerable from their text)")  # fmt: skip
     q.add_argument("--per-image", type=int, default=QUESTIONS_PER_IMAGE, help="questions per image")
+    commands.add_parser("ablations", help="the CapRL paper's ablations over seeds: a table with 95%% intervals and a "
+                        "figure (python -m caprl_core.world ablations --help)", add_help=False)  # fmt: skip
     t = commands.add_parser("filter-truth", help="a curation filter's decisions on `questions` candidates against "
                             "their ground truth: visual questions kept, leaky ones dropped")  # fmt: skip
     t.add_argument("--candidates", required=True, type=Path, help="the candidates' data.jsonl")
