@@ -129,7 +129,10 @@ class TokenLogprobs(torch.nn.Module):
     def forward(self, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         # Views of the op's flat outputs become tensors of their own: FSDP2 attaches its pre-backward hook to the
         # root's outputs, and warns (once per rank and run) that an in-place op on a view would drop it. [M, T] floats.
-        return tuple(t.clone() if t._base is not None else t for t in self._fn(self.policy, batch, temperature))
+        out = self._fn(self.policy, batch, temperature)
+        if isinstance(out, torch.Tensor):
+            return out.clone() if out._base is not None else out
+        return tuple(t.clone() if t._base is not None else t for t in out)
 
 
 def shard_units(policy: torch.nn.Module) -> list[torch.nn.Module]:

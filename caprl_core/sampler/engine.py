@@ -26,8 +26,9 @@ import torch
 from caprl_core.sampler import cache_size, requests
 from caprl_core.sampler.attention import select_backend
 from caprl_core.sampler.block_manager import BlockManager
+from caprl_core.sampler.kept_prefix import KeptPrefix
 from caprl_core.sampler.model import ModelAdapter
-from caprl_core.sampler.sampling import sample_with_policy
+from caprl_core.sampler.sampling import sample_rows
 from caprl_core.sampler.scheduler import Scheduler
 from caprl_core.sampler.sequence import Completion, SamplingParams, Sequence
 from caprl_core.sampler.step_inputs import step_inputs
@@ -109,9 +110,7 @@ class Engine:
         # The shared prefix of the last `prefill(shared_prefix=...)`: the one prefix whose cached blocks are known to
         # be computed alone, so the one that may be kept across a release or a growth of the cache.
         self._shared_prefix: list[int] | None = None
-        # That prefix's full blocks while they are out of the cache: (the prefix, their K/V [2, layers, blocks,
-        # block_size, kv_heads, head_dim]); the next `prefill(shared_prefix=...)` of the same prefix copies them back.
-        self._kept: tuple[list[int], torch.Tensor] | None = None
+        self._kept = KeptPrefix()  # its full blocks while out of the cache, until a prefill copies them back
         self.stats = EngineStats()
         self._next_seq_id = 0
         self._done: list[Sequence] = []
@@ -153,7 +152,7 @@ class Engine:
         if self.kv_cache is None or blocks > self.num_kv_blocks:
             a = self.adapter
             if self.kv_cache is not None and self._shared_prefix is not None:
-                self._keep(self._shared_prefix)  # growing: the shared prefix's blocks go to the new cache
+                self._kept.keep(self._shared_prefix, self.kv_cache, self.block_manager)  # growing: into the new cache
             self.kv_cache = None  # release the old cache before allocating the new one
             shape = (2, a.num_layers, blocks, self.block_size, a.num_kv_heads, a.head_dim)
             # empty, not zeros: no page is touched before it is used (zeros would write the whole cache up front).
@@ -170,18 +169,15 @@ class Engine:
 
     def release_kv_cache(self, keep_prefix: SequenceABC[int] | None = None) -> None:
         """Release the KV cache memory and forget the prefix cache, except the full blocks of `keep_prefix` when it is
-        the last `prefill(shared_prefix=...)`'s prefix and the cache holds all of them: their K/V is copied aside
-        (those blocks' bytes, nothing more) and the next `prefill(shared_prefix=keep_prefix)` copies it back into
-        its cache instead of computing the prefix alone again. The same bits and the same block layout as computing
-        it, so results are those of recomputing. Nothing is kept with prefix caching off, and `generate` never sees
-        the kept blocks."""
+        the last `prefill(shared_prefix=...)`'s prefix and all cached: copied aside (`KeptPrefix`: those blocks'
+        bytes only), the next `prefill(shared_prefix=keep_prefix)` copies them back instead of computing the prefix
+        again, with the same bits. Nothing is kept with prefix caching off; `generate` never sees them."""
         prefix = None
         if keep_prefix is not None:
             prefix = requests.check_prefix(keep_prefix, self.adapter.vocab_size, name="keep_prefix")
-        if self._kept is not None and self._kept[0] != prefix:
-            self._kept = None
+        self._kept.forget_unless(prefix)
         if prefix is not None and self.kv_cache is not None and prefix == self._shared_prefix:
-            self._keep(prefix)
+            self._kept.keep(prefix, self.kv_cache, self.block_manager)
         self.kv_cache = None
         self.num_kv_blocks = self.fixed_kv_blocks
         self.block_manager.reset()
@@ -189,33 +185,8 @@ class Engine:
     @property
     def held_kv_bytes(self) -> int:
         """Bytes of K/V the engine holds now: the cache, if allocated, and the prefix blocks kept aside."""
-        tensors = [t for t in (self.kv_cache, self._kept[1] if self._kept else None) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def _keep(self, prefix: list[int]) -> None:
-        """Copy aside `prefix`'s full blocks if the prefix cache holds every one of them (see `release_kv_cache`)
-        and no copy is kept yet (one kept and not copied back since is the computation alone)."""
-        if self._kept is not None and self._kept[0] == prefix:
-            return
-        num_full = len(prefix) // self.block_size
-        blocks = self.block_manager.cached_prefix_blocks(prefix) if self.block_manager.prefix_caching else []
-        if num_full == 0 or len(blocks) < num_full:
-            return
-        self._kept = (prefix, self.kv_cache.index_select(2, torch.tensor(blocks, device=self.kv_cache.device)))
-
-    def _restore_kept(self, prefix: list[int]) -> list[int]:
-        """On an empty block manager: put `prefix`'s kept blocks back into the cache, as computing it alone would
-        leave them (`BlockManager.restore_prefix`); their ids, or [] when nothing of this prefix is kept."""
-        if self._kept is None or self._kept[0] != prefix:
-            return []
-        kv = self._kept[1]
-        blocks = self.block_manager.restore_prefix(prefix)
-        if len(blocks) == kv.shape[2]:
-            self.kv_cache.index_copy_(2, torch.tensor(blocks, device=kv.device), kv)
-            self._kept = None  # in the cache now; `release_kv_cache` copies it aside again
-            return blocks
-        self.block_manager.reset()  # no room for it: compute it
-        return []
+        cache = self.kv_cache.numel() * self.kv_cache.element_size() if self.kv_cache is not None else 0
+        return cache + self._kept.nbytes
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -290,7 +261,7 @@ class Engine:
         blocks = bm.cached_prefix_blocks(prefix)
         if len(blocks) < num_full:
             bm.reset()  # partly cached is not enough: its K/V must come from the same computation every time
-            blocks = self._restore_kept(prefix)  # the K/V of that computation, kept across a release or a growth
+            blocks = self._kept.restore(prefix, self.kv_cache, bm)  # that computation's K/V, kept across a release
         if len(blocks) < num_full:
             before = self.stats.prefill_tokens
             self._run([Sequence(self._new_id(), prefix, SamplingParams(), request_index=-1, prefill_only=True)],
@@ -410,22 +381,10 @@ class Engine:
         return children
 
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> None:
-        device = hidden.device
         logits = self.adapter.logits(hidden)  # [S, V] fp32
-        params = [s.params for s in seqs]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        banned = [p.banned_token_ids for p in params]
-        # policy_logprobs: the policy's own distribution (before bans, top-k, top-p), as the trainer's fused
-        # log-prob computes it; logprobs: the distribution the token was drawn from.
-        penalised = _penalise_repetitions(logits, seqs)
-        tokens, logprobs, policy_logprobs = sample_with_policy(
-            logits if penalised is None else penalised, temperature, top_k, top_p, [s.generator for s in seqs], banned
+        tokens, logprobs, policy_logprobs = sample_rows(
+            logits, [s.params for s in seqs], [s.generator for s in seqs], [s.token_ids for s in seqs]
         )
-        if penalised is not None:  # the policy's own log-probs come from the logits before the penalty
-            t = torch.where(temperature > 0, temperature, 1.0)
-            policy_logprobs = (logits / t[:, None]).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         self.stats.sampled_tokens += len(seqs)
         max_len = self.adapter.max_length
         for seq, token, logprob, policy_logprob in zip(seqs, tokens.tolist(), logprobs.tolist(),
@@ -439,18 +398,3 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self._done.append(seq)
-
-
-def _penalise_repetitions(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor | None:
-    """A copy of logits [S, V] with each row's repetition penalty applied to the tokens its sequence holds (HF's
-    rule: a positive logit divided by the penalty, a negative one multiplied); None when no row has one (the common
-    case costs nothing)."""
-    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-    if not rows:
-        return None
-    out = logits.clone()
-    for i in rows:
-        ids = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device)
-        penalty, seen = seqs[i].params.repetition_penalty, out[i, ids]
-        out[i, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return out

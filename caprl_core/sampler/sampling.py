@@ -165,3 +165,40 @@ def _inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if bool(hit.all()):  # the usual case: skip the argmax pass over [S, V]
         return index
     return torch.where(hit, index, probs.argmax(-1))
+
+
+def sample_rows(logits: torch.Tensor, params: list, generators: list[torch.Generator | None],
+                token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One token per row of logits [S, V] under row s's SamplingParams `params[s]` (temperature, top-k, top-p,
+    banned tokens, repetition penalty over `token_ids[s]`, the sequence so far): (tokens [S], logprobs [S] under the
+    distribution each was drawn from, policy_logprobs [S] under the policy's own log_softmax(logits / T), before
+    bans, filters and the penalty, as the trainer's fused log-prob computes it)."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    banned = [p.banned_token_ids for p in params]
+    penalised = penalise_repetitions(logits, [p.repetition_penalty for p in params], token_ids)
+    tokens, logprobs, policy_logprobs = sample_with_policy(
+        logits if penalised is None else penalised, temperature, top_k, top_p, generators, banned
+    )
+    if penalised is not None:  # the policy's own log-probs come from the logits before the penalty
+        t = torch.where(temperature > 0, temperature, 1.0)
+        policy_logprobs = (logits / t[:, None]).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs, policy_logprobs
+
+
+def penalise_repetitions(
+    logits: torch.Tensor, penalties: list[float], token_ids: list[list[int]]
+) -> torch.Tensor | None:
+    """A copy of logits [S, V] with row s's repetition penalty applied to the tokens of token_ids[s] (HF's rule: a
+    positive logit divided by the penalty, a negative one multiplied); None when every penalty is 1 (no copy)."""
+    rows = [s for s, penalty in enumerate(penalties) if penalty != 1.0]
+    if not rows:
+        return None
+    out = logits.clone()
+    for s in rows:
+        ids = torch.tensor(sorted(set(token_ids[s])), device=logits.device)
+        seen = out[s, ids]
+        out[s, ids] = torch.where(seen > 0, seen / penalties[s], seen * penalties[s])
+    return out
