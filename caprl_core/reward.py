@@ -38,7 +38,7 @@ from caprl_core import ops
 from caprl_core.data import MCQ
 from caprl_core.qa_rows import good_questions
 from caprl_core.reward_config import RewardConfig
-from caprl_core.reward_prompts import DEFAULT_TEMPLATE, LETTERS, reader_template
+from caprl_core.reward_prompts import DEFAULT_TEMPLATE, LETTERS, chat_wrapping, reader_template
 from caprl_core.reward_recipe import cached_token_option_map, first_capital_letter
 from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
@@ -125,16 +125,7 @@ class CapRLReward:
 
     def _chat_wrapping(self) -> tuple[str, str]:
         """The reader's chat template around one user message, split at the message: (before, after)."""
-        if not self._chat:
-            return "", ""
-        marker = "\x00CAPRL_CONTENT\x00"
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-        )
-        if text.count(marker) != 1:
-            raise ValueError("reader_tokenizer: its chat template does not place the user message exactly once")
-        before, after = text.split(marker)
-        return before, after
+        return chat_wrapping(self.tokenizer, "reader_tokenizer") if self._chat else ("", "")
 
     def _letter_token_ids(self) -> list[int]:
         """Token id of each option letter as it follows the answer cue; a letter that is not exactly one token

@@ -137,20 +137,35 @@ def load_prompt_template(directory) -> PromptTemplate | None:
     """The template in directory/caprl_prompt.json, or None when there is none. ValueError naming the file when it is
     not a JSON object of PromptTemplate's string fields (or misses a placeholder)."""
     path = Path(directory) / PROMPT_FILE
-    if not path.is_file():
-        return None
+    return read_template_file(path, PromptTemplate, {"header": DEFAULT_HEADER}) if path.is_file() else None
+
+
+def read_template_file(path: Path, cls, defaults: dict[str, str] | None = None):
+    """`cls(**fields)` from the JSON object in `path` (string values, keys among the dataclass `cls`'s fields, missing
+    ones from `defaults` or cls's own); a ValueError naming the file otherwise, or when cls rejects a value."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
-    names = {f.name for f in fields(PromptTemplate)}
+    names = {f.name for f in fields(cls)}
     if not isinstance(raw, dict) or not set(raw) <= names or not all(isinstance(v, str) for v in raw.values()):
         raise ValueError(f"{path}: expected a JSON object of strings with keys among {sorted(names)}")
-    raw.setdefault("header", DEFAULT_HEADER)
     try:
-        return PromptTemplate(**raw)
+        return cls(**{**(defaults or {}), **raw})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def chat_wrapping(tokenizer, name: str = "tokenizer") -> tuple[str, str]:
+    """The tokenizer's chat template around one user message, split at the message: (before, after); a ValueError
+    naming `name` when the template does not place the message exactly once."""
+    marker = "\x00CAPRL_CONTENT\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    if text.count(marker) != 1:
+        raise ValueError(f"{name}: its chat template does not place the user message exactly once")
+    before, after = text.split(marker)
+    return before, after
 
 
 def reader_template(reader_model) -> PromptTemplate | None:

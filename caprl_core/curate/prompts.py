@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from caprl_core.policy import IMAGE_PAD, VISION_END, VISION_START
-from caprl_core.reward_prompts import LETTERS
+from caprl_core.reward_prompts import LETTERS, chat_wrapping, read_template_file
 
 VQA_PROMPT_FILE = "caprl_vqa_prompt.json"
 # Our wording, in the style of the official CapRL filtering prompt: the question, its options one per line as "A) text",
@@ -86,19 +86,7 @@ def load_vqa_template(directory: str | Path) -> VQATemplate:
     """The template in directory/caprl_vqa_prompt.json, or DEFAULT_VQA_TEMPLATE when there is none. ValueError naming
     the file when it is not a JSON object of VQATemplate's string fields (or misses a placeholder)."""
     path = Path(directory) / VQA_PROMPT_FILE
-    if not path.is_file():
-        return DEFAULT_VQA_TEMPLATE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    names = {f.name for f in fields(VQATemplate)}
-    if not isinstance(raw, dict) or not set(raw) <= names or not all(isinstance(v, str) for v in raw.values()):
-        raise ValueError(f"{path}: expected a JSON object of strings with keys among {sorted(names)}")
-    try:
-        return VQATemplate(**raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return read_template_file(path, VQATemplate) if path.is_file() else DEFAULT_VQA_TEMPLATE
 
 
 class VQAPrompter:
@@ -118,7 +106,7 @@ class VQAPrompter:
         if use_chat_template and chat is None:
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
         use_chat = chat is not None and use_chat_template is not False
-        self._before, self._after = self._chat_wrapping() if use_chat else ("", "")
+        self._before, self._after = chat_wrapping(tokenizer) if use_chat else ("", "")
         self._tail = self._after + template.answer_cue
         # [turn opening][vision start] [image pads] [vision end]: the pads are expanded per image.
         self._head_ids = self._encode(self._before + VISION_START)
@@ -138,17 +126,6 @@ class VQAPrompter:
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def _chat_wrapping(self) -> tuple[str, str]:
-        """The chat template around one user message, split at the message: (before, after)."""
-        marker = "\x00CAPRL_CONTENT\x00"
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-        )
-        if text.count(marker) != 1:
-            raise ValueError("tokenizer: its chat template does not place the user message exactly once")
-        before, after = text.split(marker)
-        return before, after
 
     def image_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """The image's patches and grid: {"pixel_values" [t*h*w, C*t*p*p], "image_grid_thw" [1, 3]}; compute it once
