@@ -16,7 +16,8 @@ The families and what the paper reports for each (CapRL, arXiv 2509.22647; Prism
 - reward: the CapRL reward against a judge that prefers long captions, as the paper's judge-model rewards were hacked
   into long or self-praising captions (Fig. 1; Table 3: 38.4 and 42.5 against 48.3);
 - mode: the reader's soft probability of the right letter against its hard argmax;
-- estimator: GRPO against RLOO advantages;
+- estimator: GRPO against RLOO advantages (the same run up to a constant AdamW removes, see FAMILIES);
+- scale: advantages divided by the group's standard deviation, or not (Dr.GRPO);
 - length: with and without the caption-length term;
 - control: the true reward against rewards shuffled across the batch (any gain of the shuffled run is not the
   reward's doing);
@@ -43,7 +44,10 @@ FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "draws": {"N=1": ("--num-draws", "1"), "N=4": (), "N=8": ("--num-draws", "8")},
     "reward": {"CapRL": (), "judge (length)": ("--judge", "length")},
     "mode": {"soft": (), "hard": ("--mode", "hard")},
+    # With the group-std scaling RLOO's advantage is G/(G-1) times GRPO's, a constant AdamW removes: the two runs are
+    # the same (measured: equal rewards at every step, grad norms in the ratio 7/8). "scale" varies what differs.
     "estimator": {"grpo": (), "rloo": ("--advantage", "rloo")},
+    "scale": {"group std": (), "none (Dr.GRPO)": ("--scale", "none")},
     "length": {"off": (), "on": ("--length-weight", "0.2", "--length-l1", "16", "--length-l2", "32")},
     "control": {"true reward": (), "shuffled": ("--shuffle-rewards", "true")},
     # The same 256 training images with the curation candidates' questions (caprl_core.world.questions), half of them
