@@ -28,6 +28,7 @@ tensorboard/ or wandb/ (caprl_core.rl.report).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ from caprl_core._cli import plain_warnings
 from caprl_core.config import TrainConfig, _flag
 from caprl_core.config_cli import parse_command, print_config
 from caprl_core.data import DataError
-from caprl_core.distributed import World, WorldSizeError, close_world, init_world, local_images
+from caprl_core.distributed import World, WorldSizeError, barrier, close_world, init_world, local_images
 from caprl_core.policy import DeviceError, ModelLoadError
 from caprl_core.precision import NonFiniteGradientError
 from caprl_core.resume import ResumeError, latest_checkpoint
@@ -73,7 +74,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     world = init_world(device.type)
     try:
         local_images(config.rollout.images_per_step, world)  # before any model loads: a batch that cannot split
-        return _train(config, resume, overwrite, world)
+        out = _train(config, resume, overwrite, world)
+        # Rank 0 ends seconds after the others (the last checkpoint, plot.png): no rank tears its gloo/NCCL connections
+        # down while another is still running. A 2-rank CPU run once aborted in teardown without this (CI, 2026-12-07).
+        barrier(world)
+        return out
     finally:
         close_world(world)
 
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command: 0 done, 1 stopped by non-finite gradients, 2 a bad flag, directory or checkpoint (one line),
     130 Ctrl-C (one line: the step abandoned, the last checkpoint, how to resume; rank 0 only)."""
     watch_sigint()
+    if "WORLD_SIZE" in os.environ:  # torchrun reports a rank's fatal signal as "Signal 6": print where it was too
+        faulthandler.enable()
     try:
         return _main(argv)
     except Interrupted as e:
