@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from caprl_core._cli import plain_warnings
-from caprl_core.curate.filter import MODES, FilterConfig, QuestionFilter
+from caprl_core.curate.filter import MODES, SCORES, FilterConfig, QuestionFilter
 from caprl_core.curate.generate import GenerateConfig, QuestionGenerator
 from caprl_core.curate.prompts import VQA_PROMPT_FILE, VQAPrompter
 from caprl_core.curate.run import filter_line, generate_line, run_filter, run_generate
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "below this (default 0.25)")  # fmt: skip
     f.add_argument("--mode", choices=MODES, default="logits", help="logits: option-letter logits of one prefill "
                    "(default); sampled: generate a reply and parse its letter (the official way)")  # fmt: skip
+    f.add_argument("--score", choices=SCORES, default="hard", help="--mode logits: hard, a rotation is right when the "
+                   "right letter's logit is highest (default); soft, the right letter's probability over the options "
+                   "(docs/curate.md: why a blind model cannot pass 'hard' on every visual question)")  # fmt: skip
     f.add_argument("--no-resume", action="store_true", help="start over even if a progress log of OUT exists")
     for sp in (g, f):
         sp.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -110,7 +113,7 @@ def _generate(args) -> dict:
 def _filter(args) -> dict:
     try:
         config = FilterConfig(rotations=args.rotations, min_visual=args.min_visual_accuracy,
-                              max_text=args.max_text_accuracy, mode=args.mode)  # fmt: skip
+                              max_text=args.max_text_accuracy, mode=args.mode, score=args.score)  # fmt: skip
     except ValueError as e:
         _fail(str(e))
     if not args.inp.is_file():

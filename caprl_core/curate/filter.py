@@ -3,9 +3,14 @@ it (the same prompt, image left out), once per rotation of its options; a questi
 the image (visual accuracy > min_visual) and not without it (text-only accuracy < max_text). The CapRL paper's
 defaults: 4 option orders, 0.75 and 0.25 (so with 4 rotations: right 4 times of 4 with the image, 0 of 4 without).
 
-mode "logits" (ours): one `Engine.prefill` per image over all its prompts, and the answer is the option letter with
-the highest logit at the last position, read by `caprl_core.ops.mcq_rewards` from the letters' rows of the model's
-head (hard mode: right only when the right letter is strictly above every other option's). The prompts of one image
+mode "logits" (ours): one `Engine.prefill` per image over all its prompts, read by `caprl_core.ops.mcq_rewards` from
+the option letters' rows of the model's head at the last position. score "hard" (the default): a rotation is right
+when the right letter's logit is strictly above every other option's; "soft": the right letter's probability over the
+options, so a question's accuracy is what sampling its answer at temperature 1 would score on average. Why soft
+exists: under "hard", a model that cannot tell a visual question's options apart without the image still picks one
+of them in each rotation, and the picks of 4 rotations include the right option with probability >= 1/k (k options),
+so at most 1 - 1/k of visual questions can pass max_text (0.8 with 5 options) however well the model sees; a blind
+model whose letter distribution is uniform scores 1/k < 0.25 under "soft". The prompts of one image
 are ordered question by question, rotations together, so the engine's prefix cache computes the image once for all
 its questions and each question's stem once for its rotations (`engine.stats.cached_tokens` counts what it saved).
 mode "sampled": the official scripts' way, kept for comparison: a greedy reply of at most max_new_tokens, parsed for
@@ -31,6 +36,7 @@ from caprl_core.sampler.engine import Engine
 from caprl_core.sampler.sequence import SamplingParams
 
 MODES = ("logits", "sampled")
+SCORES = ("hard", "soft")  # how mode "logits" scores a rotation (module docstring)
 # Why a question is dropped (exclusive): answerable without the image, not answered with it, or both.
 DROP_REASONS = ("leaky", "not_visual", "leaky_and_not_visual")
 
@@ -39,13 +45,15 @@ DROP_REASONS = ("leaky", "not_visual", "leaky_and_not_visual")
 class FilterConfig:
     """rotations: option orders per question and per mode (image / text only). min_visual, max_text: keep a question
     when its visual accuracy is > min_visual and its text-only accuracy < max_text. mode: "logits" or "sampled"
-    (module docstring); max_new_tokens: the reply length of "sampled"."""
+    (module docstring); max_new_tokens: the reply length of "sampled"; score: "hard" or "soft", how mode "logits"
+    scores a rotation."""
 
     rotations: int = 4
     min_visual: float = 0.75
     max_text: float = 0.25
     mode: str = "logits"
     max_new_tokens: int = 8
+    score: str = "hard"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rotations, int) and self.rotations >= 1):
@@ -57,6 +65,18 @@ class FilterConfig:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {self.mode!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.score not in SCORES:
+            raise ValueError(f"score: expected one of {list(SCORES)}, got {self.score!r}")
+        if self.score == "soft" and self.mode != "logits":
+            raise ValueError('score "soft" needs mode "logits" (a sampled reply is right or wrong)')
+
+    def settings(self) -> dict:
+        """What a question's record depends on, by flag: the progress log records it with every image, so that a
+        resume with other settings is refused instead of mixing two runs' decisions."""
+        return {"--mode": self.mode, "--rotations": self.rotations, "--min-visual-accuracy": self.min_visual,
+                "--max-text-accuracy": self.max_text} | (
+            {"--score": self.score} if self.mode == "logits" else {"--max-new-tokens": self.max_new_tokens}
+        )  # fmt: skip
 
     def drop_reason(self, visual: float, text: float) -> str | None:
         """None when a question with these accuracies is kept, else its DROP_REASONS entry."""
@@ -103,7 +123,7 @@ class QuestionFilter:
 
     @torch.inference_mode()
     def _logit_accuracy(self, prompts: list[dict], answers: list[int], num_options: list[int]) -> list[float]:
-        """Mean hard correctness per (question, mode) group of config.rotations consecutive prompts."""
+        """Mean correctness (config.score) per (question, mode) group of config.rotations consecutive prompts."""
         hidden = self.engine.prefill(prompts)  # [P, H]
         device = hidden.device
         letters = torch.tensor(self.prompter.letter_token_ids(max(num_options)), device=device)  # [K]
@@ -111,7 +131,7 @@ class QuestionFilter:
         accuracy, _ = ops.mcq_rewards(
             hidden, self.lm_head.weight, letters, torch.tensor(answers, device=device), groups,
             len(prompts) // self.config.rotations, num_options=torch.tensor(num_options, device=device),
-            bias=getattr(self.lm_head, "bias", None), mode="hard",
+            bias=getattr(self.lm_head, "bias", None), mode=self.config.score,
         )  # fmt: skip
         return accuracy.float().tolist()
 

@@ -113,6 +113,7 @@ def run_filter(qfilter: QuestionFilter, in_path: str | Path, out: str | Path, *,
     log = ProgressLog(paths["progress"], resume=resume)
     try:
         log.check_order([ex.id for ex in examples])
+        log.check_settings(qfilter.config.settings())
         resumed = len(log.done)
         qfilter.engine.reset_stats()
         with _bar(len(examples), "filter", progress, initial=resumed) as bar:
@@ -152,7 +153,7 @@ def _score_image(qfilter: QuestionFilter, ex) -> dict:
         reason = qfilter.config.drop_reason(visual, text)
         scored.append(question_dict(mcq, visual_accuracy=visual, text_accuracy=text, kept=reason is None,
                                     reason=reason))  # fmt: skip
-    return {"id": ex.id, "image": str(ex.image), "questions": scored}
+    return {"id": ex.id, "image": str(ex.image), "questions": scored, "settings": qfilter.config.settings()}
 
 
 def _filter_summary(qfilter: QuestionFilter, records: list[dict], images_kept: int, resumed: int, in_path,
@@ -163,7 +164,8 @@ def _filter_summary(qfilter: QuestionFilter, records: list[dict], images_kept: i
     summary = {
         "stage": "filter", "images": len(records), "images_kept": images_kept, "candidates": len(questions),
         "kept": sum(q["kept"] for q in questions), "dropped": {r: reasons[r] for r in DROP_REASONS if reasons[r]},
-        "mode": c.mode, "rotations": c.rotations, "min_visual": c.min_visual, "max_text": c.max_text,
+        "mode": c.mode, "score": c.score if c.mode == "logits" else None, "rotations": c.rotations,
+        "min_visual": c.min_visual, "max_text": c.max_text,
         "resumed_images": resumed, "engine": qfilter.engine.stats.as_dict(),
         "in": str(in_path), "out": str(paths["data"]), "verl_out": str(paths["verl"]), "scores": str(paths["scores"]),
     }  # fmt: skip

@@ -148,6 +148,17 @@ class ProgressLog:
             raise DataError(f"{self.path}: the progress log is not of this input (its images are not the input's "
                             f"first {len(logged)}); delete it or pass --no-resume")  # fmt: skip
 
+    def check_settings(self, settings: dict) -> None:
+        """Every logged image must have been scored with `settings` (flag -> value): otherwise resuming would mix
+        two runs' decisions. The error names the flags that differ."""
+        for record in self.done:
+            if record.get("settings") != settings:
+                logged = record.get("settings") or {}
+                differ = [f"{k} {logged.get(k)} (logged) vs {v}" for k, v in settings.items() if logged.get(k) != v]
+                raise DataError(f"{self.path}: the progress log was written with other settings ("
+                                f"{'; '.join(differ) or 'none recorded'}); rerun with the logged ones, or pass "
+                                f"--no-resume to start over")  # fmt: skip
+
     def append(self, record: dict) -> None:
         """Log one finished image durably: written, flushed and fsynced before this returns."""
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
