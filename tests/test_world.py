@@ -135,7 +135,8 @@ def test_a_small_build_learns_and_is_deterministic(tmp_path):
 
     config = BuildConfig(reader_steps=2, policy_steps=2, reader_batch=4, policy_batch=4, reader_hidden=32,
                          reader_layers=1, policy_hidden=32, policy_layers=1, eval_pairs=8, eval_images=2,
-                         vqa_steps=2, vqa_batch=4, vqa_eval_images=2)  # fmt: skip
+                         vqa_read_steps=2, vqa_see_steps=2, vqa_batch=4,
+                         vqa_eval_images=2)  # fmt: skip
     card = build(tmp_path / "a", config, progress=False)
     build(tmp_path / "b", config, progress=False)
     for name in ("reader", "policy", "vqa"):

@@ -1,6 +1,6 @@
 """The world's side of QA curation (issue 26): candidate questions with known ground truth (visual ones only the image
 answers, leaky ones their own text answers), the VQA model's training stream (its parts of the scene space only), its
-build stage, and the acceptance figure: the curation filter, scored by the shipped VQA model, keeps the visual
+build stages, and the acceptance figure: the curation filter, scored by the shipped VQA model, keeps the visual
 questions and drops the leaky ones of held-out images."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections import Counter
 import pytest
 
 from caprl_core.data import MAX_OPTIONS, MCQ, load_jsonl
+from caprl_core.world import IMAGE_SIZE
 from caprl_core.world.grammar import reference_scene
 from caprl_core.world.questions import MIN_OPTIONS, candidate_questions, make_question_data
-from caprl_core.world.scenes import COLOURS, POSITIONS, SHAPES, cell_contents, synthetic_scene
+from caprl_core.world.scenes import COLOURS, POSITIONS, SHAPES, cell_contents, draw_scene, synthetic_scene
 from caprl_core.world.splits import scene_part
 
 KINDS = {"visual-content", "visual-colour", "leaky-stated", "leaky-typed"}
@@ -117,7 +118,7 @@ def test_filter_truth_reads_a_filter_against_the_ground_truth(tmp_path):
 
 def test_the_vqa_stream_draws_only_its_parts():
     """The VQA model trains on scenes of the parts "policy" and "reader" only: never a held-out or check scene."""
-    from caprl_core.world.vqa import TRAIN_PARTS, vqa_draws
+    from caprl_core.world.vqa_train import TRAIN_PARTS, vqa_draws
 
     draws = vqa_draws(random.Random(7_000), 200)
     assert Counter(scene_part(x[3]) for x in draws).keys() == set(TRAIN_PARTS)
@@ -149,6 +150,87 @@ def test_make_vqa_keeps_the_readers_logits_on_text():
     assert got[letters].argmax() == 1  # of the two options, "red circle"
 
 
+@pytest.fixture(scope="module")
+def fresh_vqa():
+    """The VQA model before training (`make_vqa` of the shipped reader and policy) and its prompter."""
+    from caprl_core.policy import load_policy, load_reader
+    from caprl_core.world import SHIPPED
+    from caprl_core.world.vqa import make_vqa, world_prompter
+
+    policy, tokenizer, image_processor = load_policy(SHIPPED / "policy")
+    reader, _ = load_reader(SHIPPED / "reader")
+    tokenizer.chat_template = None
+    return make_vqa(reader, policy), world_prompter(tokenizer, image_processor)
+
+
+def test_ideal_tokens_hold_each_cells_content_words(fresh_vqa):
+    """Stage "read"'s image tokens: row-major over the 3x3 grid, a cell's " colour" + " kind" input embeddings, " none"
+    at an empty cell and at the corners and centre; frozen copies, not views of the model's table."""
+    import torch
+
+    from caprl_core.world.scenes import Scene, Shape
+    from caprl_core.world.vqa_train import IdealTokens
+
+    model, prompter = fresh_vqa
+    ideal = IdealTokens(model, prompter.tokenizer)
+    table = model.get_input_embeddings().weight
+    word = lambda w: table[prompter.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]]  # noqa: E731
+    scene = Scene((Shape("circle", "red", "top"), Shape("square", "blue", "right")))
+    tokens = ideal(scene)
+    assert tokens.shape == (9, table.shape[1])
+    assert torch.equal(tokens[1], word("red") + word("circle"))  # top: row 0, column 1
+    assert torch.equal(tokens[5], word("blue") + word("square"))  # right: row 1, column 2
+    for empty in (0, 2, 3, 4, 6, 7, 8):  # left and bottom are empty; the corners and the centre always are
+        assert torch.equal(tokens[empty], word("none")), empty
+    with torch.no_grad():
+        table.add_(1.0)
+    try:
+        torch.testing.assert_close(ideal(scene)[0], (word("none") - 1.0).detach())  # the targets did not move
+    finally:
+        with torch.no_grad():
+            table.sub_(1.0)
+
+
+def test_given_image_tokens_stand_in_for_the_vision_towers(fresh_vqa):
+    """`_hidden` with image tokens (stage "read") gives the hidden states of the pixel path when the tokens given are
+    the vision tower's own: the tokens go where the tower's would."""
+    import torch
+
+    from caprl_core.world.scenes import synthetic_scene
+    from caprl_core.world.vqa import _hidden
+
+    model, prompter = fresh_vqa
+    image = draw_scene(synthetic_scene(random.Random(3)), IMAGE_SIZE)
+    prompt = prompter(prompter.image_inputs(image), "What is at the top?", ["none", "red circle", "blue square"])
+    ids = [prompt["input_ids"].tolist()]
+    with torch.no_grad():
+        tower = model.model.visual(prompt["pixel_values"], grid_thw=prompt["image_grid_thw"]).pooler_output
+        from_pixels = _hidden(model, ids, [prompt])
+        given = _hidden(model, ids, [prompt], [tower])
+        other = _hidden(model, ids, [prompt], [torch.zeros_like(tower)])
+    torch.testing.assert_close(given, from_pixels, rtol=0, atol=1e-5)
+    assert (other - from_pixels).abs().max() > 1e-2  # and they do matter
+
+
+def test_each_stage_trains_only_its_parameters(fresh_vqa):
+    """read: the language model only; see: the vision tower only."""
+    import copy
+
+    import torch
+
+    from caprl_core.world.vqa_train import Stage, train_vqa
+
+    base, prompter = fresh_vqa
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    for stage, moved in (("read", {"language"}), ("see", {"vision"})):
+        model = copy.deepcopy(base)
+        steps = {name: Stage(name, int(name == stage), 2, 1e-3) for name in ("read", "see")}
+        train_vqa(model, prompter, **steps, seed=0)
+        changed = {"vision" if n.startswith("model.visual.") else "language"
+                   for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}  # fmt: skip
+        assert changed == moved, stage
+
+
 def test_rotations_put_the_answer_in_distinct_slots():
     from caprl_core.world.vqa import rotations
 
@@ -176,15 +258,15 @@ def heldout():
 
 
 def shortfalls(figures: dict) -> list[str]:
-    """What the filter with a VQA model gets wrong on the held-out sample, by the bars the shipped model meets: leaky
-    questions dropped (>= 95%, the acceptance figure) because the model answers them from their text (>= 90% of
-    rotations right without the image, not merely because it answers nothing); visual questions seen (soft accuracy
-    with the image >= 0.4 where chance is about 0.17) and not answered blind (text-only <= 0.25)."""
+    """What the filter with a VQA model gets wrong on the held-out sample, by the acceptance bars: visual questions
+    kept (>= 90% with the soft score) because the model sees them (soft accuracy with the image >= 0.9); leaky ones
+    dropped (>= 95%, in both scores) because the model answers them from their text (>= 90% of rotations right without
+    the image), not merely because it answers nothing."""
     soft, hard = figures["soft"], figures["hard"]
-    checks = {"leaky dropped >= 0.95": soft["leaky"]["dropped"] >= 0.95 and hard["leaky"]["dropped"] >= 0.95,
-              "leaky answered blind >= 0.9": hard["leaky"]["text_accuracy"] >= 0.9,
-              "visual seen >= 0.4": soft["visual"]["image_accuracy"] >= 0.4,
-              "visual not answered blind <= 0.25": soft["visual"]["text_accuracy"] <= 0.25}  # fmt: skip
+    checks = {"visual kept >= 0.9": soft["visual"]["kept"] >= 0.9,
+              "visual seen >= 0.9": soft["visual"]["image_accuracy"] >= 0.9,
+              "leaky dropped >= 0.95": soft["leaky"]["dropped"] >= 0.95 and hard["leaky"]["dropped"] >= 0.95,
+              "leaky answered blind >= 0.9": hard["leaky"]["text_accuracy"] >= 0.9}  # fmt: skip
     return [name for name, ok in checks.items() if not ok]
 
 
@@ -204,18 +286,19 @@ def shipped_figures(heldout, random_weights: bool) -> dict:
     return measure(model, VQAPrompter.from_directory(SHIPPED / "vqa", tokenizer, image_processor), heldout)
 
 
-def test_the_shipped_vqa_model_drops_leaky_questions_and_sees(heldout):
+def test_the_shipped_vqa_model_keeps_visual_questions_and_drops_leaky_ones(heldout):
     """On 48 candidate questions of held-out images, scored as the curation filter scores (4 rotations, with and
-    without the image): the leaky ones are dropped (acceptance: >= 95%). The other half of the acceptance, >= 90% of
-    visual questions kept, is NOT met: the shipped model reads about half of the visual questions right with the image
-    (docs/world.md has the figures), and with hard scoring no model could keep more than 1 - 1/k of them."""
+    without the image): the acceptance bars hold with the soft score (docs/world.md has the 384-question figures).
+    With the hard score the visual bar cannot hold for any model that cannot see without the image (docs/curate.md):
+    there the shipped model keeps about 40%."""
     figures = shipped_figures(heldout, random_weights=False)
     assert figures["questions"]["visual"] >= 15 and figures["questions"]["leaky"] >= 15, figures
     assert shortfalls(figures) == [], figures
+    assert figures["hard"]["visual"]["kept"] < 0.9, figures  # the floor of the hard score, as documented
 
 
 def test_a_random_vqa_model_fails_those_checks(heldout):
     """The shipped architecture with random weights drops the leaky questions too, but because it answers nothing:
     the checks above tell it from the trained model."""
     figures = shipped_figures(heldout, random_weights=True)
-    assert {"leaky answered blind >= 0.9", "visual seen >= 0.4"} <= set(shortfalls(figures)), figures
+    assert {"leaky answered blind >= 0.9", "visual seen >= 0.9", "visual kept >= 0.9"} <= set(shortfalls(figures))

@@ -1,6 +1,6 @@
 """`python -m caprl_core.world`: build the world's models, or write one of its data splits or candidate-question files.
 
-python -m caprl_core.world build --out DIR [--reader-steps N] [--policy-steps N] [--vqa-steps N] [--seed S]
+python -m caprl_core.world build --out DIR [--reader-steps N] [--policy-steps N] [--vqa-read-steps N] ... [--seed S]
 python -m caprl_core.world build --only vqa --out DIR      # the VQA stage alone, on an existing build
 python -m caprl_core.world data --split heldout --out DIR [--num 64]
 python -m caprl_core.world questions --split heldout --out DIR [--num 64] [--leaky-fraction 0.5]

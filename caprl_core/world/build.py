@@ -55,19 +55,20 @@ class BuildConfig:
     policy_layers: int = 4
     eval_pairs: int = 400  # (caption, question) pairs of the reader's check
     eval_images: int = 64  # images of the policy's check
-    # The VQA model (`world.vqa`): the policy's vision tower and the reader's language model, fine-tuned; measured on
-    # vqa_eval_images held-out images, two candidate questions each (half of them leaky).
-    vqa_steps: int = 2000
-    vqa_batch: int = 16
-    vqa_lr: float = 6e-3  # the vision tower's; the language model (the reader's) gets vqa_language_lr_scale of it
-    vqa_language_lr_scale: float = 0.5
-    vqa_cell_weight: float = 1.0  # the weight of the image tokens' labels (`vqa._Aux.cells`)
+    # The VQA model (`world.vqa`): the policy's vision tower and the reader's language model, fine-tuned in two
+    # stages (`vqa_train.train_vqa`: read, then see); measured on vqa_eval_images held-out images, two candidate
+    # questions each (half of them leaky).
+    vqa_read_steps: int = 3500
+    vqa_read_lr: float = 3e-3
+    vqa_see_steps: int = 1500
+    vqa_see_lr: float = 1e-2
+    vqa_batch: int = 16  # questions of a read step; a see step takes twice as many images
     vqa_eval_images: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name not in ("seed", "vqa_cell_weight") and not value > 0:
+            if name != "seed" and not value > 0:
                 raise ValueError(f"{name}: expected > 0, got {value!r}")
 
 
@@ -132,7 +133,8 @@ def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progres
     never retrained."""
     from caprl_core.curate.prompts import save_vqa_template
     from caprl_core.policy import load_policy, load_reader
-    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, make_vqa, measure, train_vqa, world_prompter
+    from caprl_core.world.vqa import WORLD_VQA_TEMPLATE, heldout_items, make_vqa, measure, world_prompter
+    from caprl_core.world.vqa_train import Stage, train_vqa
 
     config = config or BuildConfig()
     out_dir = Path(out_dir)
@@ -140,8 +142,10 @@ def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progres
     if not card_path.is_file() or not all((out_dir / role / "config.json").is_file() for role in ("reader", "policy")):
         raise ValueError(f"out: {out_dir} holds no build (card.json, reader/, policy/); run the full build first")
     card = json.loads(card_path.read_text())
-    for name in ("vqa_steps", "vqa_batch", "vqa_lr", "vqa_language_lr_scale", "vqa_cell_weight", "vqa_eval_images"):
+    for name in [f for f in asdict(config) if f.startswith("vqa_")]:
         card["config"][name] = getattr(config, name)
+    for gone in ("vqa_steps", "vqa_lr", "vqa_language_lr_scale", "vqa_cell_weight"):  # the one-stage recipe's
+        card["config"].pop(gone, None)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     policy, tokenizer, image_processor = load_policy(out_dir / "policy", dtype=torch.float32)
@@ -149,15 +153,15 @@ def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progres
     model = make_vqa(reader, policy)
     tokenizer.chat_template = None  # the reader's raw prompts (WORLD_VQA_TEMPLATE), not the policy's chat turn
     prompter = world_prompter(tokenizer, image_processor)
-    with _bar(config.vqa_steps, "vqa", progress) as bar:
+    stages = {name: Stage(name, getattr(config, f"vqa_{name}_steps"), config.vqa_batch * (2 if name == "see" else 1),
+                          getattr(config, f"vqa_{name}_lr")) for name in ("read", "see")}  # fmt: skip
+    with _bar(sum(x.steps for x in stages.values()), "vqa", progress) as bar:
 
-        def log(step, loss, parts):
+        def log(stage, step, loss, parts):
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(stage=stage, loss=f"{loss:.3f}")
 
-        train_vqa(model, prompter, steps=config.vqa_steps, batch_size=config.vqa_batch, lr=config.vqa_lr,
-                  language_lr_scale=config.vqa_language_lr_scale, cell_weight=config.vqa_cell_weight,
-                  seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)  # fmt: skip
+        train_vqa(model, prompter, **stages, seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)
     card["seconds"]["vqa"] = round(time.perf_counter() - started, 1)
     card["vqa"] = measure(model, prompter, heldout_items(config.vqa_eval_images, SPLIT_SEEDS["vqa_eval"]))
     _save(model, tokenizer, out_dir / "vqa", image_processor=image_processor)

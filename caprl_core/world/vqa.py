@@ -4,7 +4,9 @@ logits, the world's stand-in for the small VLM of QA curation (issue 26; `python
 It joins the build's start policy's vision tower (`world.policy`: it already sees each cell) and the build's reader as
 its language model (`world.reader`: it already matches an answer against lettered options and copies the letter;
 `make_vqa`), and is fine-tuned on the candidate questions of `world.questions`, drawn from scenes of the "policy" and
-"reader" parts of the scene space only (`splits.PARTS`), in both of the filter's modes:
+"reader" parts of the scene space only (`splits.PARTS`), in two stages (`train_vqa`; `IdealTokens` says why): the
+language model learns to answer from ideal image tokens (each cell's content words, as input embeddings), then the
+vision tower learns to write those tokens. The answering loss trains both of the filter's modes:
 
 - with the image: every question, cross-entropy on the right letter;
 - text-only (the same prompt without the vision block): leaky questions towards their right letter, visual ones
@@ -21,11 +23,11 @@ letters' logits at the prompt's last position are read over the question's optio
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from caprl_core.curate.prompts import VQAPrompter, VQATemplate
 from caprl_core.data import MAX_OPTIONS, MCQ
@@ -40,7 +42,6 @@ from caprl_core.world.splits import sample_scene
 # text, `<|vision_start|>` + image + `<|vision_end|>` + this.
 WORLD_VQA_TEMPLATE = VQATemplate(question="\n\nQuestion: {question}\nOptions:\n{options}\n",
                                  option=" {letter}. {text}", answer_cue="Answer:")  # fmt: skip
-TRAIN_PARTS = ("policy", "reader")  # the scene parts its training stream draws from (never "heldout" or "check")
 ROTATIONS = 4
 VISUAL_MIN, TEXT_MAX = 0.75, 0.25  # the filter's default thresholds: keep visual accuracy > 0.75, text-only < 0.25
 
@@ -50,8 +51,10 @@ def world_prompter(tokenizer, image_processor) -> VQAPrompter:
     return VQAPrompter(tokenizer, image_processor, WORLD_VQA_TEMPLATE)
 
 
-def _hidden(model, ids: list[list[int]], images: list[dict] | None) -> torch.Tensor:
-    """Last-layer hidden states [B, L, H] of right-padded prompts (with their images, or text-only)."""
+def _hidden(model, ids: list[list[int]], images: list[dict] | None, image_tokens: list[torch.Tensor] | None = None
+            ) -> torch.Tensor:  # fmt: skip
+    """Last-layer hidden states [B, L, H] of right-padded prompts: with their images (the vision tower's tokens, or
+    `image_tokens`, one [NUM_CELLS, H] per prompt, in its place: stage "read" of `train_vqa`), or text-only."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), 0, dtype=torch.long)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
@@ -63,8 +66,11 @@ def _hidden(model, ids: list[list[int]], images: list[dict] | None) -> torch.Ten
         types = torch.zeros(len(ids), width, dtype=torch.int)
         for i, p in enumerate(images):
             types[i, : len(p["mm_token_type_ids"])] = p["mm_token_type_ids"]
-        inputs |= {"mm_token_type_ids": types, "pixel_values": torch.cat([p["pixel_values"] for p in images]),
-                   "image_grid_thw": torch.cat([p["image_grid_thw"] for p in images])}  # fmt: skip
+        inputs |= {"mm_token_type_ids": types, "image_grid_thw": torch.cat([p["image_grid_thw"] for p in images])}
+        if image_tokens is None:
+            inputs["pixel_values"] = torch.cat([p["pixel_values"] for p in images])
+        else:  # transformers' own way to hand the language model an image's tokens
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_tokens)}
     return model.model(**inputs, use_cache=False).last_hidden_state
 
 
@@ -78,113 +84,6 @@ def option_logits(model, hidden: torch.Tensor, letter_ids: list[int], num_option
     logits = model.lm_head(hidden)[:, letter_ids].float()
     valid = torch.arange(len(letter_ids))[None] < torch.tensor(num_options)[:, None]
     return logits.masked_fill(~valid, float("-inf"))
-
-
-class _Aux:
-    """Dense auxiliary labels of a VQA prompt, for training only: the world reader's own (`world.reader`), at the same
-    places, so that the language model it lends keeps reading the way it learnt. Each is read through the tied
-    lm_head, so nothing is added to the model: at the newline ending each option line its letter (" A", the token
-    the answer is read as) and whether it is the right option (" yes" / " no"); at the question's "?" and the token
-    after it the first and the last word of the right option (" red", " circle"), where the image or the question's
-    own text gives them.
-    """
-
-    def __init__(self, tokenizer, letter_ids: list[int]) -> None:
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.letter_ids = letter_ids
-        self.yes_no = [encode(" yes")[-1], encode(" no")[-1]]
-        self.question_mark = encode("?")[-1]
-        self.newline = encode("\n")[-1]
-        self.encode = encode
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.parts: dict[str, float] = {}  # the last batch's losses by name, for logs
-
-    def positions(self, ids: list[int], num_options: int) -> tuple[int, list[int]]:
-        """(the question's last "?", the newline ending each option line)."""
-        question = max(i for i, t in enumerate(ids) if t == self.question_mark)
-        return question, [i for i in range(question + 2, len(ids)) if ids[i] == self.newline][1 : 1 + num_options]
-
-    def loss(self, model, hidden: torch.Tensor, ids: list[list[int]], batch: list[tuple], with_image: bool):
-        """The auxiliary losses of a batch of `vqa_draws` prompts, with the image or text-only: text-only, only what
-        the text says is trained (the answer of a leaky question, the words of a stated one)."""
-        rows, where, target, vocab = [], [], [], []
-
-        def add(i: int, position: int, value: int, name: str) -> None:
-            rows.append(i), where.append(position), target.append(value), vocab.append(name)
-
-        for i, (draw, x) in enumerate(zip(batch, ids, strict=True)):
-            q, leaky, kind = draw[1], draw[2], draw[4]
-            question, ends = self.positions(x, len(q.options))
-            for slot, end in enumerate(ends):
-                add(i, end, slot, "letter")
-                if with_image or leaky:
-                    add(i, end, int(slot != q.answer), "option")
-            if with_image or kind == "leaky-stated":
-                words = [self.encode(" " + w)[0] for w in q.options[q.answer].split()]
-                for position, word in ((question, words[0]), (question + 1, words[-1])):
-                    add(i, position, word, "look")
-        return self._sum(model, hidden, rows, where, target, vocab, "image" if with_image else "text")
-
-    def cells(self, model, hidden: torch.Tensor, ids: list[list[int]], batch: list[tuple]) -> torch.Tensor:
-        """At the image token of each of the four cells (one per cell of the 3x3 grid, row-major), what the reader's
-        caption says of it: the cell's word (" top": the reader's "key" label of a caption's content word) and the
-        first and last words of its content (" red", " circle"; " none"), so that the image tokens come to hold what
-        the caption's statements held for the reader's language model."""
-        from caprl_core.world.scenes import GRID_CELLS, cell_contents
-
-        rows, where, target, vocab = [], [], [], []
-        for i, (draw, x) in enumerate(zip(batch, ids, strict=True)):
-            image = [j for j, t in enumerate(x) if t == self.image_token_id]
-            for cell, content in cell_contents(draw[3]).items():
-                row, col = GRID_CELLS[cell]
-                words = content.split()
-                for name, word in (("cell", cell), ("first", words[0]), ("last", words[-1])):
-                    rows.append(i), where.append(image[3 * row + col]), target.append(self.encode(" " + word)[0])
-                    vocab.append(name)
-        return self._sum(model, hidden, rows, where, target, vocab, "image")
-
-    def _sum(self, model, hidden, rows, where, target, vocab, mode: str) -> torch.Tensor:
-        head = model.get_output_embeddings().weight
-        total = hidden.sum() * 0
-        for name in dict.fromkeys(vocab):
-            cols = {"letter": self.letter_ids, "option": self.yes_no}.get(name)  # None: the whole vocabulary
-            pick = [j for j, v in enumerate(vocab) if v == name]
-            h = hidden[torch.tensor([rows[j] for j in pick]), torch.tensor([where[j] for j in pick])]
-            weight = head if cols is None else head[cols]
-            part = torch.nn.functional.cross_entropy(h @ weight.T, torch.tensor([target[j] for j in pick]))
-            self.parts[f"{name}_{mode}"] = float(part.detach())
-            total = total + part
-        return total
-
-
-def vqa_loss(
-    model, prompter: VQAPrompter, aux: _Aux, batch: list[tuple], uniform_weight: float = 1.0, cell_weight: float = 0.0
-) -> torch.Tensor:
-    """The training loss of a batch of `vqa_draws`: cross-entropy on the right letter with the image; text-only, the
-    same for leaky questions and cross-entropy to the uniform distribution over the options for visual ones; plus the
-    auxiliary labels (`_Aux`)."""
-    image_prompts = [prompter(prompter.image_inputs(x[0]), x[1].question, x[1].options) for x in batch]
-    image_ids = [p["input_ids"].tolist() for p in image_prompts]
-    texts = [prompter.prompt_ids(None, x[1].question, x[1].options) for x in batch]
-    k = [len(x[1].options) for x in batch]
-    answers = torch.tensor([x[1].answer for x in batch])
-    leaky = [x[2] for x in batch]
-    hidden_image = _hidden(model, image_ids, image_prompts)
-    hidden_text = _hidden(model, texts, None)
-    with_image = option_logits(model, _last(hidden_image, image_ids), aux.letter_ids, k)
-    text = option_logits(model, _last(hidden_text, texts), aux.letter_ids, k)
-    loss = torch.nn.functional.cross_entropy(with_image, answers)
-    logp = text.log_softmax(-1)
-    right = logp.gather(1, answers[:, None])[:, 0]
-    uniform = torch.stack([logp[i, :n].mean() for i, n in enumerate(k)])
-    is_leaky = torch.tensor(leaky)
-    aux.parts["answer_image"] = float(loss.detach())
-    aux.parts["answer_text_leaky"] = float(-right[is_leaky].mean().detach())
-    aux.parts["uniform_text_visual"] = float(-uniform[~is_leaky].mean().detach())
-    loss = loss - (right * is_leaky + uniform_weight * uniform * ~is_leaky).sum() / len(batch)
-    return (
-        loss + aux.loss(model, hidden_image, image_ids, batch, True) + aux.loss(model, hidden_text, texts, batch, False)
-    )
 
 
 def make_vqa(reader, policy):
@@ -221,49 +120,6 @@ def make_vqa(reader, policy):
         raise ValueError(f"make_vqa: weights do not fit (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model.eval()
-
-
-def vqa_draws(rng: random.Random, size: int) -> list[tuple]:
-    """The training stream: (image, MCQ, leaky, scene, kind) of fresh scenes of the "policy" and "reader" parts, one
-    candidate question each (half of them leaky)."""
-    out = []
-    for _ in range(size):
-        scene = sample_scene(rng, rng.choice(TRAIN_PARTS))
-        row = candidate_questions(scene, rng, 1, 0.5)[0]
-        out.append((draw_scene(scene, IMAGE_SIZE), MCQ(row["question"], tuple(row["options"]), row["answer"]),
-                    row["leaky"], scene, row["kind"]))  # fmt: skip
-    return out
-
-
-def train_vqa(model, prompter: VQAPrompter, *, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-              uniform_weight: float = 1.0, language_lr_scale: float = 0.2, cell_weight: float = 0.0,
-              log=None) -> None:  # fmt: skip
-    """Fine-tune `model` in place on `steps` batches of `vqa_draws` (AdamW, warm-up then cosine decay);
-    uniform_weight: the weight of the text-only visual questions' pull towards uniform; log(step, loss, losses by
-    name) after every step."""
-    rng = random.Random(seed)
-    aux = _Aux(prompter.tokenizer, prompter.letter_token_ids(MAX_OPTIONS))
-    # The vision tower must learn to write for a language model it was not trained with; the language model (the
-    # reader's) already reads options and letters, and a smaller step keeps that while it learns the new questions.
-    vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
-    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
-    opt = torch.optim.AdamW([{"params": vision, "lr": lr}, {"params": language, "lr": lr * language_lr_scale}],
-                            weight_decay=0.01, betas=(0.9, 0.98))  # fmt: skip
-    warmup = max(1, min(20, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
-    model.train()
-    for step in range(steps):
-        loss = vqa_loss(model, prompter, aux, vqa_draws(rng, batch_size), uniform_weight, cell_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log is not None:
-            log(step, float(loss.detach()), dict(aux.parts))
-    model.eval()
 
 
 @dataclass
