@@ -108,6 +108,30 @@ def test_world_data_splits_are_fixed_by_seed(tmp_path):
         world.make_world_data(tmp_path, "test")
 
 
+def test_faint_data_has_the_same_scenes_with_shapes_faded_towards_their_cell(tmp_path):
+    """`world data --faint F`: the same scenes and questions as the plain split, each shape's colour moved F of the way
+    to its cell's grey (facts that are hard to see); the cells' greys unchanged; a bad F names the flag."""
+    from PIL import Image
+
+    from caprl_core.world.__main__ import main
+    from caprl_core.world.scenes import CELL_SHADES, COLOURS, GRID_CELLS
+
+    plain = world.make_world_data(tmp_path / "plain", "heldout", 3)
+    assert main(["data", "--split", "heldout", "--out", str(tmp_path / "faint"), "--num", "3", "--faint", "0.5"]) == 0
+    faint = tmp_path / "faint" / "data.jsonl"
+    assert faint.read_text() == plain.read_text()
+    scene = reference_scene(load_jsonl(plain).examples[0].caption)
+    shape = scene.shapes[0]
+    row, col = GRID_CELLS[shape.position]
+    centre = (col * 28 + 14, row * 28 + 18)  # inside the shape whatever its kind
+    got = Image.open(tmp_path / "faint" / "images" / "00000.png").convert("RGB").getpixel(centre)
+    want = tuple(round((c + g) / 2) for c, g in zip(COLOURS[shape.colour], CELL_SHADES[shape.position], strict=True))
+    assert Image.open(plain.parent / "images" / "00000.png").convert("RGB").getpixel(centre) == COLOURS[shape.colour]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1, (got, want)
+    with pytest.raises(SystemExit):
+        main(["data", "--split", "heldout", "--out", str(tmp_path / "bad"), "--faint", "1.0"])
+
+
 def test_shared_draws_give_the_captions_of_a_key_the_same_prompts_but_their_own_captions():
     from caprl_core.models import tiny_qwen2, tiny_tokenizer
     from caprl_core.reward import CapRLReward

@@ -47,9 +47,10 @@ IMAGE_SIZE = 84
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 
 
-def make_world_data(out_dir: str | Path, split: str, num_images: int | None = None) -> Path:
+def make_world_data(out_dir: str | Path, split: str, num_images: int | None = None, faint: float = 0.0) -> Path:
     """Write the `split` ("train" or "heldout") dataset under out_dir (PNGs + data.jsonl); returns the JSONL path.
-    Its scenes are of the split's part only (`splits.sample_scene`); the split's seed fixes every image and question."""
+    Its scenes are of the split's part only (`splits.sample_scene`); the split's seed fixes every image and question,
+    so a faint copy (`scenes.draw_scene`: shapes faded `faint` of the way to their cell's grey) has the same scenes."""
     from caprl_core.world.scenes import make_synthetic_dataset
     from caprl_core.world.splits import sample_scene
 
@@ -57,4 +58,4 @@ def make_world_data(out_dir: str | Path, split: str, num_images: int | None = No
         raise ValueError(f"split: expected one of {sorted(DEFAULT_SIZES)}, got {split!r}")
     num = DEFAULT_SIZES[split] if num_images is None else num_images
     return make_synthetic_dataset(out_dir, num, seed=SPLIT_SEEDS[split], image_size=IMAGE_SIZE,
-                                  sample=lambda rng: sample_scene(rng, split))  # fmt: skip
+                                  sample=lambda rng: sample_scene(rng, split), faint=faint)  # fmt: skip

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--split", choices=sorted(DEFAULT_SIZES), required=True, help="train or heldout")
     d.add_argument("--out", required=True, type=Path, help="output directory")
     d.add_argument("--num", type=int, help="images (default: the split's size, train 256, heldout 64)")
+    d.add_argument("--faint", type=float, default=0.0, help="fade every shape this far towards its cell's grey, in "
+                   "[0, 1) (default 0): the same scenes with facts that are hard to see")  # fmt: skip
     q = commands.add_parser("questions", help="write candidate questions for QA curation, visual and leaky ones with "
                             "their ground truth (PNGs + data.jsonl)")  # fmt: skip
     q.add_argument("--split", choices=sorted(DEFAULT_SIZES), required=True, help="train or heldout")
@@ -69,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("data", "questions"):
         try:
             if args.command == "data":
-                print(make_world_data(args.out, args.split, args.num))
+                print(make_world_data(args.out, args.split, args.num, args.faint))
             else:
                 print(make_question_data(args.out, args.split, args.num, leaky_fraction=args.leaky_fraction,
                                          questions_per_image=args.per_image))  # fmt: skip
         except ValueError as e:
-            parser.error(str(e).replace("leaky_fraction:", "--leaky-fraction:").replace("questions_per_image:",
-                                                                                        "--per-image:"))  # fmt: skip
+            names = {
+                "leaky_fraction:": "--leaky-fraction:",
+                "questions_per_image:": "--per-image:",
+                "faint:": "--faint:",
+            }
+            parser.error(next((str(e).replace(k, v) for k, v in names.items() if str(e).startswith(k)), str(e)))
         return 0
     try:
         config = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})

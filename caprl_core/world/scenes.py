@@ -117,9 +117,12 @@ def _question_candidates(scene: Scene) -> list[tuple[str, str, list[str]]]:
     return candidates
 
 
-def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
+def draw_scene(scene: Scene, image_size: int = 84, faint: float = 0.0) -> Image.Image:
     """The scene as an RGB image [image_size, image_size] on white; each of the four cells of the 3x3 grid is shaded
-    its CELL_SHADES grey, and each shape fills its cell less a margin."""
+    its CELL_SHADES grey, and each shape fills its cell less a margin. faint in [0, 1): each shape's colour moved that
+    far towards its cell's grey (0: as always; near 1: barely there), for facts that are hard to see."""
+    if not 0 <= faint < 1:
+        raise ValueError(f"faint: expected a fraction in [0, 1), got {faint}")
     image = Image.new("RGB", (image_size, image_size), "white")
     draw = ImageDraw.Draw(image)
     cell = image_size // 3
@@ -130,7 +133,9 @@ def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
         row, col = GRID_CELLS[s.position]
         x0, y0 = col * cell + margin, row * cell + margin
         x1, y1 = (col + 1) * cell - 1 - margin, (row + 1) * cell - 1 - margin
-        fill = COLOURS[s.colour]
+        fill = tuple(
+            round(c + faint * (g - c)) for c, g in zip(COLOURS[s.colour], CELL_SHADES[s.position], strict=True)
+        )
         if s.kind == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif s.kind == "square":
@@ -143,12 +148,12 @@ def draw_scene(scene: Scene, image_size: int = 84) -> Image.Image:
 def make_synthetic_dataset(
     out_dir: str | os.PathLike, num_images: int = 32, *, seed: int = 0, image_size: int = 84,
     questions_per_image: int = 6, sample: Callable[[random.Random], Scene] = synthetic_scene,
-    questions: Callable[[Scene, random.Random, int], list[dict]] | None = None,
+    questions: Callable[[Scene, random.Random, int], list[dict]] | None = None, faint: float = 0.0,
 ) -> Path:  # fmt: skip
     """Write `num_images` PNGs under out_dir/images and out_dir/data.jsonl (relative paths); return the JSONL path.
     `sample` draws each scene (the world's splits pass one that keeps to their part: `world.splits.sample_scene`);
     `questions(scene, rng, n)` writes each image's question rows (default: `scene_questions`; the curation candidates
-    of `world.questions` pass theirs, with extra keys).
+    of `world.questions` pass theirs, with extra keys); faint: `draw_scene`'s.
 
     Deterministic: the same arguments give the same JSONL text and the same PNG bytes.
     """
@@ -170,7 +175,7 @@ def make_synthetic_dataset(
         else:
             rows = questions(scene, rng, questions_per_image)
         image = f"images/{i:05d}.png"
-        draw_scene(scene, image_size).save(out_dir / image)
+        draw_scene(scene, image_size, faint).save(out_dir / image)
         record = {
             "id": f"synthetic-{seed}-{i:05d}",
             "image": image,
