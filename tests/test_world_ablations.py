@@ -8,19 +8,21 @@ import json
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from caprl_core.world import ablations
+from caprl_core.world import ablations, make_world_data
 from caprl_core.world.ablations import Arm, arms, markdown_table, summarise, t_interval
 
 
 def test_arms_with_the_same_flags_share_their_runs():
     table = arms(list(ablations.FAMILIES))
-    defaults = [a for a in table if not a.flags]
+    defaults = [a for a in table if not a.flags and a.eval_data is None]
     assert len(defaults) >= 4 and {a.run_name for a in defaults} == {"defaults"}  # one run per seed, not one per family
-    named = {a.run_name for a in table if a.flags}
-    assert len(named) == len([a for a in table if a.flags])  # different flags never share a directory
+    named = {a.run_name for a in table if a.flags or a.eval_data}
+    assert len(named) == len([a for a in table if a.flags or a.eval_data])  # a directory per flags and eval data
+    assert Arm("sight", "plain images", (), "@faint-heldout").run_name == "defaults__eval_faint-heldout"
     assert Arm("draws", "N=1", ("--num-draws", "1")).run_name == "num-draws_1"
     with pytest.raises(ValueError, match="--families: unknown nope"):
         arms(["draws", "nope"])
@@ -100,3 +102,29 @@ def test_the_qa_family_trains_on_the_same_images_with_and_without_leaky_question
     assert os.path.getmtime(files["@qa-leaky"]) == before["@qa-leaky"]
     with pytest.raises(ValueError, match="no data file named @nope"):
         ablations.prepare_data(tmp_path, {"@nope"})
+
+
+def test_the_sight_family_trains_on_faded_images_and_evaluates_on_faded_held_out_ones(tmp_path, monkeypatch):
+    """Its arms are evaluated on the held-out split faded by FAINT (the same scenes as the plain held-out images);
+    "faint images" trains on the faded training split; the evaluation is told which data to read."""
+    assert {a.eval_data for a in arms(["sight"])} == {"@faint-heldout"}
+    files = ablations.prepare_data(tmp_path, {"@faint-train", "@faint-heldout"})
+    plain = make_world_data(tmp_path / "plain", "heldout")
+    assert open(files["@faint-heldout"]).read() == plain.read_text()  # the same scenes and questions, faded images
+    assert len(open(files["@faint-train"]).read().splitlines()) == 256
+    calls = []
+
+    def record(command, **kwargs):
+        calls.append(command)
+        if "caprl_core.eval" in command:  # what run_arm reads back
+            out = Path(command[command.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "summary.json").write_text(json.dumps({m: 0.5 for m in ablations.METRICS}))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", record)
+    arm = next(a for a in arms(["sight"]) if a.name == "faint images")
+    ablations.run_arm(arm, 0, tmp_path / "abl", data=files)
+    train, evaluate = calls
+    assert train[train.index("--data") + 1] == files["@faint-train"]
+    assert evaluate[evaluate.index("--data") + 1] == files["@faint-heldout"]
