@@ -128,3 +128,14 @@ def test_the_sight_family_trains_on_faded_images_and_evaluates_on_faded_held_out
     train, evaluate = calls
     assert train[train.index("--data") + 1] == files["@faint-train"]
     assert evaluate[evaluate.index("--data") + 1] == files["@faint-heldout"]
+
+
+def test_the_faint_level_trains_and_evaluates_every_arm_on_faded_images():
+    plain, faint = arms(["draws", "control"]), arms(["draws", "control"], "faint")
+    assert [(a.family, a.name) for a in faint] == [(a.family, a.name) for a in plain]
+    assert all(a.flags[:2] == ("--data", "@faint-train") and a.eval_data == "@faint-heldout" for a in faint)
+    assert {a.run_name for a in faint}.isdisjoint({a.run_name for a in plain})
+    # the faint level's defaults are the sight family's "faint images" runs: one run, not two
+    assert {a.run_name for a in arms(["sight"]) if a.name == "faint images"} <= {a.run_name for a in faint}
+    with pytest.raises(ValueError, match="--level faint: qa choose their own data"):
+        arms(["draws", "qa"], "faint")

@@ -95,12 +95,27 @@ class Arm:
         return name + (f"__eval_{self.eval_data.lstrip('@')}" if self.eval_data else "")
 
 
-def arms(families: list[str]) -> list[Arm]:
-    """The arms of `families`, in table order; ValueError naming an unknown family."""
+# The levels: "plain", the world's images; "faint", every run trains on the faded training images and is evaluated on
+# the faded held-out ones (`FAINT`), where facts are hard to see and a run does not reach the reader's ceiling.
+LEVELS = ("plain", "faint")
+PLAIN_ONLY = ("qa", "sight")  # families that choose their own data
+
+
+def arms(families: list[str], level: str = "plain") -> list[Arm]:
+    """The arms of `families` at `level`, in table order; ValueError naming an unknown family, or one that has no
+    faint level."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"--families: unknown {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
-    return [Arm(f, name, flags, EVAL_DATA.get(f)) for f in families for name, flags in FAMILIES[f].items()]
+    if level not in LEVELS:
+        raise ValueError(f"--level: expected one of {', '.join(LEVELS)}, got {level!r}")
+    if level == "faint" and set(families) & set(PLAIN_ONLY):
+        raise ValueError(f"--level faint: {', '.join(f for f in families if f in PLAIN_ONLY)} choose their own data; "
+                         f"leave them out (--families)")  # fmt: skip
+    out = [Arm(f, name, flags, EVAL_DATA.get(f)) for f in families for name, flags in FAMILIES[f].items()]
+    if level == "faint":
+        out = [Arm(a.family, a.name, ("--data", "@faint-train", *a.flags), "@faint-heldout") for a in out]
+    return out
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
@@ -247,10 +262,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run_ablations(out: Path, families: list[str], seeds: list[int], extra: tuple[str, ...] = (),
-                  eval_extra: tuple[str, ...] = (), log=print) -> list[dict]:  # fmt: skip
-    """Every arm of `families` with every seed (each distinct configuration once per seed), then the table and
-    figure in `out`; returns the table's rows."""
-    table_arms = arms(families)
+                  eval_extra: tuple[str, ...] = (), log=print, level: str = "plain") -> list[dict]:  # fmt: skip
+    """Every arm of `families` at `level` with every seed (each distinct configuration once per seed), then the table
+    and figure in `out`; returns the table's rows."""
+    table_arms = arms(families, level)
     distinct = {a.run_name: a for a in table_arms}
     todo = [(a, s) for a in distinct.values() for s in seeds]
     named = {f for a in distinct.values() for f in (*a.flags, a.eval_data) if f and f.startswith("@")}
@@ -264,7 +279,7 @@ def run_ablations(out: Path, families: list[str], seeds: list[int], extra: tuple
             f"{row['fact_precision']:.3f}, {row['mean_caption_tokens']:.1f} tokens (train {row['train_s']} s, eval "
             f"{row['eval_s']} s); {time.perf_counter() - started:.0f} s so far")  # fmt: skip
     rows = summarise(results, table_arms, seeds)
-    record = {"seeds": seeds, "train_flags": list(extra), "eval_flags": list(eval_extra), "rows": rows,
+    record = {"level": level, "seeds": seeds, "train_flags": list(extra), "eval_flags": list(eval_extra), "rows": rows,
               "runs": list(results.values())}  # fmt: skip
     (out / "table.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(rows))
@@ -279,15 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, required=True, help="directory for runs/, table.md, table.json, ablations.png"
     )
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), metavar="NAME",
-                        help=f"which families to run, of: {', '.join(FAMILIES)}")  # fmt: skip
+    parser.add_argument("--families", nargs="+", metavar="NAME", default=argparse.SUPPRESS,
+                        help=f"which families to run, of: {', '.join(FAMILIES)} (default: all, less "
+                        f"{', '.join(PLAIN_ONLY)} at --level faint)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every arm")
+    parser.add_argument("--level", choices=LEVELS, default="plain", help="plain: the world's images; faint: train and "
+                        f"evaluate on images whose shapes are faded {FAINT} towards their cell's grey (facts hard to "
+                        f"see; families {', '.join(PLAIN_ONLY)} excepted)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="training steps of every run (default: the world's, 40)")
     parser.add_argument("--eval-images", type=int, help="evaluate each run on the first N held-out images (default: "
                         "all 64); for a quick look, not for the table")  # fmt: skip
     args = parser.parse_args(argv)
+    if "families" not in args:
+        args.families = [f for f in FAMILIES if args.level == "plain" or f not in PLAIN_ONLY]
     try:
-        arms(args.families)
+        arms(args.families, args.level)
     except ValueError as e:
         parser.error(str(e))
     if len(set(args.seeds)) != len(args.seeds):
@@ -298,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         eval_extra = ("--limit", str(args.eval_images)) if args.eval_images is not None else ()
-        rows = run_ablations(args.out, args.families, args.seeds, extra, eval_extra,
+        rows = run_ablations(args.out, args.families, args.seeds, extra, eval_extra, level=args.level,
                              log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     except RuntimeError as e:
         print(f"python -m caprl_core.world ablations: error: {e}", file=sys.stderr)
