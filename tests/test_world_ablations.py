@@ -102,6 +102,8 @@ def test_the_qa_family_trains_on_the_same_images_with_and_without_leaky_question
     assert os.path.getmtime(files["@qa-leaky"]) == before["@qa-leaky"]
     with pytest.raises(ValueError, match="no data file named @nope"):
         ablations.prepare_data(tmp_path, {"@nope"})
+    faded = ablations.prepare_data(tmp_path, {"@qa-leaky-faint"})["@qa-leaky-faint"]
+    assert open(faded).read() == open(files["@qa-leaky"]).read()  # the same scenes and questions, faded images
 
 
 def test_the_sight_family_trains_on_faded_images_and_evaluates_on_faded_held_out_ones(tmp_path, monkeypatch):
@@ -137,5 +139,7 @@ def test_the_faint_level_trains_and_evaluates_every_arm_on_faded_images():
     assert {a.run_name for a in faint}.isdisjoint({a.run_name for a in plain})
     # the faint level's defaults are the sight family's "faint images" runs: one run, not two
     assert {a.run_name for a in arms(["sight"]) if a.name == "faint images"} <= {a.run_name for a in faint}
-    with pytest.raises(ValueError, match="--level faint: qa choose their own data"):
-        arms(["draws", "qa"], "faint")
+    qa = arms(["qa"], "faint")  # its own data files, faded
+    assert [a.flags for a in qa] == [("--data", "@qa-filtered-faint"), ("--data", "@qa-leaky-faint")]
+    with pytest.raises(ValueError, match="--level faint: sight is a comparison of levels itself"):
+        arms(["draws", "sight"], "faint")

@@ -3,6 +3,7 @@ summarised as a table of means with 95% confidence intervals and one figure.
 
     python -m caprl_core.world ablations --out runs/ablations                       # every family, seeds 0 1 2
     python -m caprl_core.world ablations --out runs/ablations --families draws control --seeds 0 1
+    python -m caprl_core.world ablations --out runs/faint --level faint            # facts hard to see (LEVELS)
 
 Each arm is `python -m caprl_core.train` with the world's defaults and the arm's flags, then `python -m caprl_core.eval`
 of its last checkpoint on the world's held-out images (scenes that no training stream draws: caprl_core.world.splits).
@@ -98,7 +99,7 @@ class Arm:
 # The levels: "plain", the world's images; "faint", every run trains on the faded training images and is evaluated on
 # the faded held-out ones (`FAINT`), where facts are hard to see and a run does not reach the reader's ceiling.
 LEVELS = ("plain", "faint")
-PLAIN_ONLY = ("qa", "sight")  # families that choose their own data
+PLAIN_ONLY = ("sight",)  # a family that chooses its own evaluation data
 
 
 def arms(families: list[str], level: str = "plain") -> list[Arm]:
@@ -110,12 +111,19 @@ def arms(families: list[str], level: str = "plain") -> list[Arm]:
     if level not in LEVELS:
         raise ValueError(f"--level: expected one of {', '.join(LEVELS)}, got {level!r}")
     if level == "faint" and set(families) & set(PLAIN_ONLY):
-        raise ValueError(f"--level faint: {', '.join(f for f in families if f in PLAIN_ONLY)} choose their own data; "
-                         f"leave them out (--families)")  # fmt: skip
+        raise ValueError(f"--level faint: {', '.join(f for f in families if f in PLAIN_ONLY)} is a comparison of "
+                         f"levels itself; leave it out (--families)")  # fmt: skip
     out = [Arm(f, name, flags, EVAL_DATA.get(f)) for f in families for name, flags in FAMILIES[f].items()]
-    if level == "faint":
-        out = [Arm(a.family, a.name, ("--data", "@faint-train", *a.flags), "@faint-heldout") for a in out]
+    if level == "faint":  # an arm with data of its own (qa) takes its faded copy
+        out = [Arm(a.family, a.name, _faded(a.flags), "@faint-heldout") for a in out]
     return out
+
+
+def _faded(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """An arm's flags at the faint level: its "@name" data file's faded copy, or the faded training images."""
+    if "--data" in flags:
+        return tuple(f + "-faint" if f.startswith("@") else f for f in flags)
+    return ("--data", "@faint-train", *flags)
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
@@ -132,24 +140,10 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 def prepare_data(out: Path, names: set[str]) -> dict[str, str]:
     """The data files that arms name as "@name" (written once into `out`/data, reused by a rerun): {"@name": path}."""
     files = {}
-    if names & {"@qa-leaky", "@qa-filtered"}:
-        from caprl_core.world.questions import make_question_data
-
-        qa = out / "data" / "qa"
-        if not qa.exists():  # written aside and renamed: a directory that exists is whole
-            shutil.rmtree(qa.with_name("qa.tmp"), ignore_errors=True)
-            made = Path(make_question_data(qa.with_name("qa.tmp"), "train", leaky_fraction=0.5))
-            made.parent.rename(qa)
-        leaky = qa / "data.jsonl"
-        filtered = leaky.with_name("filtered.jsonl")  # beside it: the image paths are relative to the file
-        if not filtered.exists():
-            rows = [json.loads(line) for line in leaky.read_text().splitlines() if line.strip()]
-            for row in rows:
-                row["questions"] = [q for q in row["questions"] if not q.get("leaky")]
-            kept = "".join(json.dumps(row) + "\n" for row in rows if row["questions"])  # all-leaky images go
-            filtered.with_suffix(".tmp").write_text(kept)
-            filtered.with_suffix(".tmp").replace(filtered)
-        files.update({"@qa-leaky": str(leaky), "@qa-filtered": str(filtered)})
+    for suffix, faint in (("", 0.0), ("-faint", FAINT)):
+        if names & {f"@qa-leaky{suffix}", f"@qa-filtered{suffix}"}:
+            leaky, filtered = _qa_data(out / "data" / f"qa{suffix}", faint)
+            files.update({f"@qa-leaky{suffix}": str(leaky), f"@qa-filtered{suffix}": str(filtered)})
     for name, split in (("@faint-train", "train"), ("@faint-heldout", "heldout")):
         if name in names:
             files[name] = str(_faint_data(out / "data" / name.lstrip("@"), split))
@@ -157,6 +151,27 @@ def prepare_data(out: Path, names: set[str]) -> dict[str, str]:
     if unknown:
         raise ValueError(f"no data file named {', '.join(sorted(unknown))}")
     return files
+
+
+def _qa_data(qa: Path, faint: float) -> tuple[Path, Path]:
+    """The curation candidates of the training images (shapes faded `faint`), with and without their leaky
+    questions: (leaky, filtered) JSONL paths."""
+    from caprl_core.world.questions import make_question_data
+
+    if not qa.exists():  # written aside and renamed: a directory that exists is whole
+        shutil.rmtree(qa.with_name(qa.name + ".tmp"), ignore_errors=True)
+        made = Path(make_question_data(qa.with_name(qa.name + ".tmp"), "train", leaky_fraction=0.5, faint=faint))
+        made.parent.rename(qa)
+    leaky = qa / "data.jsonl"
+    filtered = leaky.with_name("filtered.jsonl")  # beside it: the image paths are relative to the file
+    if not filtered.exists():
+        rows = [json.loads(line) for line in leaky.read_text().splitlines() if line.strip()]
+        for row in rows:
+            row["questions"] = [q for q in row["questions"] if not q.get("leaky")]
+        kept = "".join(json.dumps(row) + "\n" for row in rows if row["questions"])  # all-leaky images go
+        filtered.with_suffix(".tmp").write_text(kept)
+        filtered.with_suffix(".tmp").replace(filtered)
+    return leaky, filtered
 
 
 def _faint_data(directory: Path, split: str) -> Path:

@@ -118,11 +118,12 @@ def candidate_questions(
 
 def make_question_data(
     out_dir: str | Path, split: str, num_images: int | None = None, *, leaky_fraction: float = DEFAULT_LEAKY_FRACTION,
-    questions_per_image: int = QUESTIONS_PER_IMAGE,
+    questions_per_image: int = QUESTIONS_PER_IMAGE, faint: float = 0.0,
 ) -> Path:  # fmt: skip
     """Write candidate questions for `split`'s images ("train" or "heldout": scenes of that part of the scene space)
     under out_dir (PNGs + data.jsonl, the project's dataset format, questions with their "leaky" ground truth);
-    returns the JSONL path. Deterministic for given arguments."""
+    returns the JSONL path. Deterministic for given arguments; faint fades the shapes (`scenes.draw_scene`) and
+    changes nothing else."""
     from caprl_core.world import DEFAULT_SIZES, IMAGE_SIZE
     from caprl_core.world.scenes import make_synthetic_dataset
     from caprl_core.world.splits import sample_scene
@@ -135,7 +136,7 @@ def make_question_data(
     return make_synthetic_dataset(
         out_dir, num, seed=QUESTION_SEEDS[split], image_size=IMAGE_SIZE, questions_per_image=questions_per_image,
         sample=lambda rng: sample_scene(rng, split),
-        questions=lambda scene, rng, n: candidate_questions(scene, rng, n, leaky_fraction),
+        questions=lambda scene, rng, n: candidate_questions(scene, rng, n, leaky_fraction), faint=faint,
     )  # fmt: skip
 
 
