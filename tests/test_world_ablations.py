@@ -53,6 +53,10 @@ def test_summary_rows_and_markdown():
     assert rows[0]["mean_accuracy"] == pytest.approx(0.91) and rows[1]["mean_caption_tokens"] == pytest.approx(10.5)
     text = markdown_table(rows)
     assert "| control | true reward | 2 | 91.0 ± " in text and "| control | shuffled | 2 | 31.0 ± " in text
+    # paired by seed: both seeds differ by exactly -0.6, so the interval is 0 though each arm's own is not
+    assert math.isnan(rows[0]["delta_accuracy"]) and rows[1]["delta_accuracy"] == pytest.approx(-0.6)
+    assert rows[1]["delta_accuracy_ci95"] == pytest.approx(0.0, abs=1e-12) and rows[1]["mean_accuracy_ci95"] > 0.1
+    assert "| -60.0 ± 0.0 points |" in text and text.splitlines()[2].endswith("| - |")
 
 
 def test_the_command_runs_each_arm_and_a_rerun_trains_nothing(tmp_path, monkeypatch, capsys):

@@ -225,30 +225,47 @@ def _check_call(command: list[str], log: Path, env: dict) -> None:
 
 
 def summarise(results: dict[tuple[str, int], dict], table_arms: list[Arm], seeds: list[int]) -> list[dict]:
-    """One row per arm: each metric's mean and 95% half-width over the seeds that have a result."""
+    """One row per arm: each metric's mean and 95% half-width over the seeds that have a result, and its held-out
+    accuracy minus its family's first arm's, paired by seed ("delta_accuracy", "delta_accuracy_ci95"; nan for the
+    first arm). Runs of one seed share the data order and the start, so the seed-to-seed spread that widens each
+    arm's own interval cancels in the paired difference."""
     rows = []
+    first: dict[str, Arm] = {}
     for arm in table_arms:
         found = [results[arm.run_name, s] for s in seeds if (arm.run_name, s) in results]
         row = {"family": arm.family, "arm": arm.name, "flags": " ".join(arm.flags) or "(world defaults)",
                "seeds": len(found)}  # fmt: skip
         for m in METRICS:
             row[m], row[m + "_ci95"] = t_interval([r[m] for r in found]) if found else (float("nan"), float("nan"))
+        ref = first.setdefault(arm.family, arm)
+        both = [s for s in seeds if (arm.run_name, s) in results and (ref.run_name, s) in results]
+        diffs = [results[arm.run_name, s]["mean_accuracy"] - results[ref.run_name, s]["mean_accuracy"] for s in both]
+        none = float("nan"), float("nan")
+        row["delta_accuracy"], row["delta_accuracy_ci95"] = t_interval(diffs) if diffs and ref is not arm else none
         rows.append(row)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The table as markdown: mean ± 95% half-width per metric (accuracy in percent)."""
-    head = "| family | arm | seeds | held-out accuracy | fact precision | fact recall | caption tokens |\n"
-    head += "|--------|-----|-------|-------------------|----------------|-------------|----------------|\n"
+    """The table as markdown: mean ± 95% half-width per metric (accuracy in percent), and the accuracy difference to
+    the family's first arm, paired by seed."""
+    head = ("| family | arm | seeds | held-out accuracy | fact precision | fact recall | caption tokens | "
+            "Δ accuracy vs the family's first arm, paired |\n")  # fmt: skip
+    head += "|--------|-----|-------|-------------------|----------------|-------------|----------------|------|\n"
 
     def cell(row: dict, m: str, scale: float, digits: int) -> str:
         mean, half = row[m] * scale, row[m + "_ci95"] * scale
+        if math.isnan(mean):
+            return "-"
         return f"{mean:.{digits}f} ± {half:.{digits}f}" if not math.isnan(half) else f"{mean:.{digits}f}"
+
+    def delta(row: dict) -> str:
+        text = cell(row, "delta_accuracy", 100, 1)
+        return text if text == "-" else ("+" if row["delta_accuracy"] >= 0 else "") + text + " points"
 
     lines = [f"| {r['family']} | {r['arm']} | {r['seeds']} | {cell(r, 'mean_accuracy', 100, 1)}% | "
              f"{cell(r, 'fact_precision', 1, 3)} | {cell(r, 'fact_recall', 1, 3)} | "
-             f"{cell(r, 'mean_caption_tokens', 1, 1)} |" for r in rows]  # fmt: skip
+             f"{cell(r, 'mean_caption_tokens', 1, 1)} | {delta(r)} |" for r in rows]  # fmt: skip
     return head + "\n".join(lines) + "\n"
 
 
