@@ -269,27 +269,32 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """One figure: held-out accuracy and fact precision per arm, grouped by family, with the 95% intervals."""
+def plot(rows: list[dict], path: Path, level: str = "plain") -> None:
+    """One figure: held-out accuracy and fact precision per arm, grouped by family, with the 95% intervals, and each
+    arm's accuracy difference to its family's first arm, paired by seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.45 * len(rows) + 1.5), sharey=True)
     labels = [f"{r['family']}: {r['arm']}" for r in rows]
     ys = list(range(len(rows)))[::-1]
-    for ax, (m, title, scale) in zip(axes, [("mean_accuracy", "held-out accuracy (%)", 100),
-                                            ("fact_precision", "fact precision", 1)], strict=True):  # fmt: skip
-        means = [r[m] * scale for r in rows]
-        halves = [0.0 if math.isnan(r[m + "_ci95"]) else r[m + "_ci95"] * scale for r in rows]
-        ax.errorbar(means, ys, xerr=halves, fmt="o", capsize=3)
+    panels = [("mean_accuracy", "held-out accuracy (%)", 100), ("fact_precision", "fact precision", 1),
+              ("delta_accuracy", "accuracy minus the family's first arm\n(points, paired by seed)", 100)]  # fmt: skip
+    for ax, (m, title, scale) in zip(axes, panels, strict=True):
+        shown = [(y, r) for y, r in zip(ys, rows, strict=True) if not math.isnan(r[m])]
+        means = [r[m] * scale for _, r in shown]
+        halves = [0.0 if math.isnan(r[m + "_ci95"]) else r[m + "_ci95"] * scale for _, r in shown]
+        ax.errorbar(means, [y for y, _ in shown], xerr=halves, fmt="o", capsize=3)
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
+    axes[2].axvline(0, color="grey", lw=1)
     axes[0].set_yticks(ys, labels)
-    fig.suptitle(f"miniature world ablations: mean and 95% CI over seeds ({max(r['seeds'] for r in rows)} per arm)")
+    seeds = max(r["seeds"] for r in rows)
+    fig.suptitle(f"miniature world ablations, {level} level: mean and 95% CI over seeds ({seeds} per arm)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -315,7 +320,7 @@ def run_ablations(out: Path, families: list[str], seeds: list[int], extra: tuple
               "runs": list(results.values())}  # fmt: skip
     (out / "table.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(rows))
-    plot(rows, out / "ablations.png")
+    plot(rows, out / "ablations.png", level)
     return rows
 
 
