@@ -175,7 +175,8 @@ def vqa_draws(rng: random.Random, size: int) -> list[tuple]:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of `train_vqa`: its steps, batch and peak learning rate, and which parameters it trains."""
+    """One stage of `train_vqa`: its name ("read" or "see"), steps, batch and peak learning rate (which parameters it
+    trains is the stage's, in `train_vqa`)."""
 
     name: str
     steps: int
