@@ -158,11 +158,7 @@ def _qa_data(qa: Path, faint: float) -> tuple[Path, Path]:
     questions: (leaky, filtered) JSONL paths."""
     from caprl_core.world.questions import make_question_data
 
-    if not qa.exists():  # written aside and renamed: a directory that exists is whole
-        shutil.rmtree(qa.with_name(qa.name + ".tmp"), ignore_errors=True)
-        made = Path(make_question_data(qa.with_name(qa.name + ".tmp"), "train", leaky_fraction=0.5, faint=faint))
-        made.parent.rename(qa)
-    leaky = qa / "data.jsonl"
+    leaky = _written_once(qa, lambda tmp: make_question_data(tmp, "train", leaky_fraction=0.5, faint=faint))
     filtered = leaky.with_name("filtered.jsonl")  # beside it: the image paths are relative to the file
     if not filtered.exists():
         rows = [json.loads(line) for line in leaky.read_text().splitlines() if line.strip()]
@@ -175,14 +171,19 @@ def _qa_data(qa: Path, faint: float) -> tuple[Path, Path]:
 
 
 def _faint_data(directory: Path, split: str) -> Path:
-    """The world's `split` with its shapes faded FAINT (written once, aside and renamed: a directory that exists is
-    whole); its data.jsonl."""
-    if not directory.exists():
-        from caprl_core.world import make_world_data
+    """The world's `split` with its shapes faded FAINT; its data.jsonl."""
+    from caprl_core.world import make_world_data
 
+    return _written_once(directory, lambda tmp: make_world_data(tmp, split, faint=FAINT))
+
+
+def _written_once(directory: Path, write) -> Path:
+    """directory/data.jsonl, which write(tmp) makes in a directory beside it that is then renamed, so a directory that
+    exists is whole (a rerun reuses it; a write cut short is redone)."""
+    if not directory.exists():
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        make_world_data(tmp, split, faint=FAINT)
+        write(tmp)
         tmp.rename(directory)
     return directory / "data.jsonl"
 
