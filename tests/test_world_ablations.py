@@ -144,6 +144,23 @@ def test_the_faint_level_trains_and_evaluates_every_arm_on_faded_images():
     # the faint level's defaults are the sight family's "faint images" runs: one run, not two
     assert {a.run_name for a in arms(["sight"]) if a.name == "faint images"} <= {a.run_name for a in faint}
     qa = arms(["qa"], "faint")  # its own data files, faded
-    assert [a.flags for a in qa] == [("--data", "@qa-filtered-faint"), ("--data", "@qa-leaky-faint")]
+    assert [a.flags for a in qa] == [
+        ("--data", "@qa-filtered-faint", "--reader", "@qa-reader"),
+        ("--data", "@qa-leaky-faint", "--reader", "@qa-reader"),
+    ]  # one reader for both
     with pytest.raises(ValueError, match="--level faint: sight is a comparison of levels itself"):
         arms(["draws", "sight"], "faint")
+
+
+def test_the_qa_reader_is_built_once_into_the_data_directory(tmp_path, monkeypatch):
+    built = []
+
+    def build(directory):
+        built.append(directory)
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+
+    monkeypatch.setattr(ablations, "_build_qa_reader", build)
+    first = ablations.prepare_data(tmp_path, {"@qa-reader"})["@qa-reader"]
+    assert first == str(tmp_path / "data" / "qa-reader") and (tmp_path / "data" / "qa-reader" / "config.json").exists()
+    assert ablations.prepare_data(tmp_path, {"@qa-reader"}) == {"@qa-reader": first} and len(built) == 1  # reused

@@ -56,8 +56,13 @@ FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "control": {"true reward": (), "shuffled": ("--shuffle-rewards", "true")},
     # The same 256 training images with the curation candidates' questions (caprl_core.world.questions), half of them
     # leaky (answerable from the question alone), against those with the leaky ones removed by the world's ground
-    # truth (a perfect filter); "@name" is a data file `prepare_data` writes.
-    "qa": {"filtered": ("--data", "@qa-filtered"), "leaky": ("--data", "@qa-leaky")},
+    # truth (a perfect filter); "@name" is a data file or model `prepare_data` writes. Both arms are rewarded by a
+    # reader that reads the candidates and answers leaky ones from their text (caprl_core.world.qa_reader says why
+    # the shipped one cannot); both are evaluated by the shipped reader, as every arm is.
+    "qa": {
+        "filtered": ("--data", "@qa-filtered", "--reader", "@qa-reader"),
+        "leaky": ("--data", "@qa-leaky", "--reader", "@qa-reader"),
+    },
     "sight": {
         "plain images": (),
         "faint images": ("--data", "@faint-train"),
@@ -122,7 +127,8 @@ def arms(families: list[str], level: str = "plain") -> list[Arm]:
 def _faded(flags: tuple[str, ...]) -> tuple[str, ...]:
     """An arm's flags at the faint level: its "@name" data file's faded copy, or the faded training images."""
     if "--data" in flags:
-        return tuple(f + "-faint" if f.startswith("@") else f for f in flags)
+        i = flags.index("--data") + 1
+        return (*flags[:i], flags[i] + "-faint", *flags[i + 1 :])
     return ("--data", "@faint-train", *flags)
 
 
@@ -144,6 +150,8 @@ def prepare_data(out: Path, names: set[str]) -> dict[str, str]:
         if names & {f"@qa-leaky{suffix}", f"@qa-filtered{suffix}"}:
             leaky, filtered = _qa_data(out / "data" / f"qa{suffix}", faint)
             files.update({f"@qa-leaky{suffix}": str(leaky), f"@qa-filtered{suffix}": str(filtered)})
+    if "@qa-reader" in names:
+        files["@qa-reader"] = str(_made_once(out / "data" / "qa-reader", _build_qa_reader))
     for name, split in (("@faint-train", "train"), ("@faint-heldout", "heldout")):
         if name in names:
             files[name] = str(_faint_data(out / "data" / name.lstrip("@"), split))
@@ -177,15 +185,27 @@ def _faint_data(directory: Path, split: str) -> Path:
     return _written_once(directory, lambda tmp: make_world_data(tmp, split, faint=FAINT))
 
 
+def _build_qa_reader(directory: Path) -> None:
+    from caprl_core.world.qa_reader import build_qa_reader
+
+    print("building the qa family's reader (caprl_core.world.qa_reader, a few minutes) ...", flush=True)
+    build_qa_reader(directory)
+
+
 def _written_once(directory: Path, write) -> Path:
-    """directory/data.jsonl, which write(tmp) makes in a directory beside it that is then renamed, so a directory that
-    exists is whole (a rerun reuses it; a write cut short is redone)."""
+    """directory/data.jsonl, written once by `_made_once`."""
+    return _made_once(directory, write) / "data.jsonl"
+
+
+def _made_once(directory: Path, write) -> Path:
+    """directory, which write(tmp) makes in a directory beside it that is then renamed, so a directory that exists is
+    whole (a rerun reuses it; a write cut short is redone)."""
     if not directory.exists():
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
         tmp.rename(directory)
-    return directory / "data.jsonl"
+    return directory
 
 
 def run_arm(arm: Arm, seed: int, out: Path, extra: tuple[str, ...] = (), eval_extra: tuple[str, ...] = (),

@@ -125,11 +125,16 @@ class ReaderBatches:
     def sample(self, size: int, step: int) -> list[dict]:
         """`size` examples: prompt ids, label (the letter the caption implies), option count and auxiliary targets."""
         _, mcqs, captions = reader_draws(self.rng, size)
+        implied = [implied_answer(parse_caption(c), q) for c, q in zip(captions, mcqs, strict=True)]
+        return self.examples(mcqs, captions, implied, step)
+
+    def examples(self, mcqs: list[MCQ], captions: list[str], answers: list[int | None], step: int) -> list[dict]:
+        """The training examples of (caption, question) pairs whose right answer is option `answers[i]` of each
+        question (None: "cannot be answered"): prompts as the reward builds them at `step`, labels and auxiliary
+        targets."""
         draws = self.reward.reader_prompts(captions, [[q] for q in mcqs], step=step)
         out = []
-        for p, (mcq, caption) in enumerate(zip(mcqs, captions, strict=True)):
-            claims = parse_caption(caption)
-            implied = implied_answer(claims, mcq)
+        for p, (mcq, implied) in enumerate(zip(mcqs, answers, strict=True)):
             label = len(mcq.options) if implied is None else draws.orders[p].index(implied)
             answer = None if implied is None else mcq.options[implied]  # the words the caption answers with
             out.append(self._targets(draws.prompts[p], label, draws.num_options[p], answer))
@@ -202,11 +207,12 @@ def reader_losses(model, reward: CapRLReward, examples: list[dict]) -> tuple[tor
 
 
 def train_reader(model, tokenizer, *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                 chunk: int = 50, log=None) -> None:  # fmt: skip
+                 chunk: int = 50, log=None, stream: type[ReaderBatches] = ReaderBatches) -> None:  # fmt: skip
     """Train `model` in place on `steps` batches (AdamW, warm-up then cosine decay); prompts are drawn `chunk` batches
-    at a time (one `reader_prompts` call). log(step, losses by name, answer accuracy) is called after every step."""
+    at a time (one `reader_prompts` call) from `stream` (the world's questions; `qa_reader.QAReaderBatches` adds the
+    curation candidates'). log(step, losses by name, answer accuracy) is called after every step."""
     reward = world_reward(model, tokenizer, seed)
-    batches = ReaderBatches(reward, seed)
+    batches = stream(reward, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(100, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -232,11 +238,10 @@ def train_reader(model, tokenizer, *, steps: int, batch_size: int = 64, lr: floa
 
 
 @torch.no_grad()
-def reader_accuracy(
-    model, tokenizer, captions: list[str], questions: list[MCQ], *, seed: int = 0, batch_size: int = 256
-) -> tuple[float, float]:
-    """(accuracy against the truth, agreement with `implied_answer`) of the reader on (caption, question) pairs,
-    through the reward's prompts and read-out."""
+def reader_choices(model, tokenizer, captions: list[str], questions: list[MCQ], *, seed: int = 0,
+                   batch_size: int = 256) -> tuple[list[int], object]:  # fmt: skip
+    """(the option slot the reader picks for each (caption, question) pair, through the reward's prompts and
+    read-out; the reward's draws, with each pair's right slot `answers` and option `orders`)."""
     reward = world_reward(model, tokenizer, seed)
     draws = reward.reader_prompts(captions, [[q] for q in questions], step=0)
     chosen = []
@@ -245,6 +250,15 @@ def reader_accuracy(
         examples = [{"prompt": p, "num_options": n} for p, n in rows]
         hidden = _hidden(model, [e["prompt"] for e in examples])
         chosen += letter_logits(model, hidden, examples, torch.tensor(reward.letter_ids)).argmax(-1).tolist()
+    return chosen, draws
+
+
+def reader_accuracy(
+    model, tokenizer, captions: list[str], questions: list[MCQ], *, seed: int = 0, batch_size: int = 256
+) -> tuple[float, float]:
+    """(accuracy against the truth, agreement with `implied_answer`) of the reader on (caption, question) pairs,
+    through the reward's prompts and read-out."""
+    chosen, draws = reader_choices(model, tokenizer, captions, questions, seed=seed, batch_size=batch_size)
     right = [c == a for c, a in zip(chosen, draws.answers, strict=True)]
     implied = [implied_answer(parse_caption(c), q) for c, q in zip(captions, questions, strict=True)]
     agree = [c == (len(q.options) if i is None else o.index(i))
