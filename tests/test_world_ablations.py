@@ -157,7 +157,7 @@ def test_the_qa_reader_is_built_once_into_the_data_directory(tmp_path, monkeypat
 
     def build(directory):
         built.append(directory)
-        directory.mkdir()
+        directory.mkdir(parents=True)
         (directory / "config.json").write_text("{}")
 
     monkeypatch.setattr(ablations, "_build_qa_reader", build)
