@@ -34,6 +34,10 @@ def test_t_interval_is_students_95_percent():
     mean, half = t_interval([0.5, 0.7])  # sd 0.1414, t(0.975, 1) = 12.706
     assert half == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2), rel=1e-6)
     assert math.isnan(t_interval([0.4])[1])
+    values = [float(i % 2) for i in range(15)]  # 14 degrees of freedom: t = 2.145, not the normal 1.96
+    sd = math.sqrt(sum((v - 7 / 15) ** 2 for v in values) / 14)
+    assert t_interval(values)[1] == pytest.approx(2.145 * sd / math.sqrt(15), rel=1e-6)
+    assert t_interval(values * 4)[1] > 1.96 * math.sqrt(sum((v - 7 / 15) ** 2 for v in values * 4) / 59) / math.sqrt(60)
 
 
 def test_summary_rows_and_markdown():
