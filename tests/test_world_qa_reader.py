@@ -9,7 +9,14 @@ import random
 
 from caprl_core.data import MCQ
 from caprl_core.world import SHIPPED
-from caprl_core.world.qa_reader import QAReaderBatches, build_qa_reader, check_qa_reader, draw_question, qa_label
+from caprl_core.world.qa_reader import (
+    WORLD_SHARE,
+    QAReaderBatches,
+    build_qa_reader,
+    check_qa_reader,
+    draw_question,
+    qa_label,
+)
 from caprl_core.world.reader import world_reward
 from caprl_core.world.splits import sample_scene
 
@@ -31,13 +38,29 @@ def test_the_stream_mixes_the_worlds_questions_with_candidates_and_labels_them()
     drawn = [draw_question(s, rng) for s in scenes]
     world = [q for q, leaky in drawn if len(q.options) <= 4]  # the world's own have 2 to 4 options, candidates 5 to 8
     leaky = [q for q, is_leaky in drawn if is_leaky]
-    assert 0.4 < len(world) / len(drawn) < 0.6 and 0.18 < len(leaky) / len(drawn) < 0.32
+    assert abs(len(world) / len(drawn) - WORLD_SHARE) < 0.08  # the rest candidates, half of them leaky
+    assert abs(len(leaky) / len(drawn) - (1 - WORLD_SHARE) / 2) < 0.08
     from caprl_core.policy import load_reader
 
     reader, tokenizer = load_reader(SHIPPED / "reader")
     examples = QAReaderBatches(world_reward(reader, tokenizer), seed=0).sample(64, step=0)
-    assert len(examples) == 64 and all(0 <= e["label"] <= e["num_options"] for e in examples)
-    assert {e["num_options"] for e in examples} & {5, 6, 7, 8}  # candidates are in it
+    assert len(examples) == 64 and all(0 <= e["label"] < e["num_options"] for e in examples)
+    assert {e["num_options"] for e in examples} & {7, 8, 9}  # candidates are in it (5 to 8 options + cannot answer)
+
+
+def test_with_empty_captions_only_leaky_questions_have_an_answer(monkeypatch):
+    from caprl_core.policy import load_reader
+    from caprl_core.world import qa_reader
+    from caprl_core.world.questions import leaky_question, visual_question
+
+    reader, tokenizer = load_reader(SHIPPED / "reader")
+    stream = QAReaderBatches(world_reward(reader, tokenizer), seed=0)
+    monkeypatch.setattr(qa_reader, "training_caption", lambda scene, rng: "")
+    for make, leaky in ((leaky_question, True), (visual_question, False)):
+        monkeypatch.setattr(qa_reader, "draw_question", lambda s, rng, make=make, leaky=leaky: (make(s, rng)[0], leaky))
+        examples = stream.sample(32, step=0)
+        cannot = [e["label"] == e["num_options"] - 1 for e in examples]  # the last slot: "cannot be answered"
+        assert not any(cannot) if leaky else all(cannot)
 
 
 def test_the_shipped_reader_cannot_read_the_candidates():

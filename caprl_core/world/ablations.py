@@ -22,7 +22,8 @@ The families and what the paper reports for each (CapRL, arXiv 2509.22647; Prism
 - length: with and without the caption-length term;
 - control: the true reward against rewards shuffled across the batch (any gain of the shuffled run is not the
   reward's doing);
-- qa: training questions filtered of leaky ones against leaky ones kept (Table 6: 48.5 against 47.4);
+- qa: training questions filtered of leaky ones against leaky ones kept (Table 6: 48.5 against 47.4), rewarded by a
+  reader that answers leaky questions from their text (caprl_core.world.qa_reader, built once per `--out`);
 - sight: facts that are hard to see (BalCapRL's critique: a utility reward pays for guessing, so it should lower fact
   precision where the policy is unsure): training on the plain images against images whose shapes are faded
   (`world data --faint`), with a shuffled-reward control, every arm evaluated on the faded held-out images.
