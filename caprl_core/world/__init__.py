@@ -17,7 +17,8 @@ model (`world.vqa`), which QA curation's filter scores the world's candidate que
 visual and leaky questions with known ground truth). The package ships the build of the default BuildConfig in
 `SHIPPED` (caprl_core/world/shipped: reader/, policy/, vqa/, card.json); `python -m caprl_core.train` and
 `python -m caprl_core.eval` use them, and this world's data, when given no models and no data (docs/world.md has the
-figures).
+figures). The ablations (`world.ablations`) add, for their `qa` family, the shipped reader fine-tuned to read those
+candidate questions and answer the leaky ones from their text (`world.qa_reader`, built into the ablation's directory).
 
 Data splits are disjoint by construction (`caprl_core.world.splits`): the scene space is partitioned by a stable hash
 of each scene into the trainer's images, the held-out images of evaluations, the reader's and the policy's training
