@@ -102,7 +102,7 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
                      lr=config.reader_lr, seed=SPLIT_SEEDS["reader"] + config.seed, log=log)  # fmt: skip
     card["seconds"]["reader"] = round(time.perf_counter() - started, 1)
     card["reader"] = check_reader(reader, tokenizer, config.eval_pairs)
-    _save(reader, tokenizer, out_dir / "reader")
+    save_model_dir(reader, tokenizer, out_dir / "reader")
     save_prompt_template(WORLD_TEMPLATE, out_dir / "reader")
 
     started = time.perf_counter()
@@ -120,7 +120,7 @@ def build(out_dir: str | Path, config: BuildConfig | None = None, *, progress: b
                      seed=SPLIT_SEEDS["policy"] + config.seed, log=log_policy)  # fmt: skip
     card["seconds"]["policy"] = round(time.perf_counter() - started, 1)
     card["policy"] = check_policy(policy, prompter, config.eval_images)
-    _save(policy, tokenizer, out_dir / "policy", image_processor=prompter.image_processor)
+    save_model_dir(policy, tokenizer, out_dir / "policy", image_processor=prompter.image_processor)
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return build_vqa(out_dir, config, progress=progress)
 
@@ -164,13 +164,15 @@ def build_vqa(out_dir: str | Path, config: BuildConfig | None = None, *, progres
         train_vqa(model, prompter, **stages, seed=SPLIT_SEEDS["vqa"] + config.seed, log=log)
     card["seconds"]["vqa"] = round(time.perf_counter() - started, 1)
     card["vqa"] = measure(model, prompter, heldout_items(config.vqa_eval_images, SPLIT_SEEDS["vqa_eval"]))
-    _save(model, tokenizer, out_dir / "vqa", image_processor=image_processor)
+    save_model_dir(model, tokenizer, out_dir / "vqa", image_processor=image_processor)
     save_vqa_template(WORLD_VQA_TEMPLATE, out_dir / "vqa")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
-def _save(model, tokenizer, directory: Path, image_processor=None) -> None:
+def save_model_dir(model, tokenizer, directory: Path, image_processor=None) -> None:
+    """Save a world model as a Hugging Face directory (weights, config, tokenizer without a separate chat-template
+    file, the image processor if any), with its generation config's eos and pad ids set from the tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

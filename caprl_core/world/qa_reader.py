@@ -100,7 +100,7 @@ def build_qa_reader(out_dir: str | Path, reader_dir: str | Path | None = None, *
     from caprl_core.policy import load_reader
     from caprl_core.reward_prompts import save_prompt_template
     from caprl_core.world import SHIPPED
-    from caprl_core.world.build import _save
+    from caprl_core.world.build import save_model_dir
     from caprl_core.world.reader import WORLD_TEMPLATE
 
     reader_dir = Path(reader_dir) if reader_dir is not None else SHIPPED / "reader"
@@ -119,7 +119,7 @@ def build_qa_reader(out_dir: str | Path, reader_dir: str | Path | None = None, *
     card["seconds"] = round(time.perf_counter() - started, 1)
     card["after"] = check_qa_reader(model, tokenizer)
     out_dir = Path(out_dir)
-    _save(model, tokenizer, out_dir)
+    save_model_dir(model, tokenizer, out_dir)
     save_prompt_template(WORLD_TEMPLATE, out_dir)
     (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     return out_dir
