@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from caprl_core.data import MCQ
 from caprl_core.world import SHIPPED
 from caprl_core.world.qa_reader import (
@@ -84,3 +86,23 @@ def test_a_short_fine_tune_writes_a_reader_directory(tmp_path):
     reader, tokenizer = load_reader(out)
     assert load_prompt_template(out) is not None  # train and eval prompt it the way it was trained
     assert reader.config.hidden_size == 64 and tokenizer.chat_template is None
+
+
+def test_read_candidates_and_qa_reader_commands(tmp_path, capsys):
+    from caprl_core.world.__main__ import main
+    from caprl_core.world.questions import make_question_data
+
+    candidates = make_question_data(tmp_path / "q", "heldout", 4)
+    assert main(["read-candidates", "--candidates", str(candidates)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"reference", "first cell only", "empty"}
+    assert all(0.0 <= p <= 1.0 for by_kind in scores.values() for p in by_kind.values())
+    assert {k.split("-")[0] for k in scores["reference"]} <= {"visual", "leaky"}
+    bad = [
+        (["read-candidates", "--candidates", str(tmp_path / "none.jsonl")], "--candidates:"),
+        (["qa-reader", "--out", str(tmp_path / "r"), "--steps", "0"], "--steps: expected >= 1"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

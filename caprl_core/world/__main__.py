@@ -6,6 +6,8 @@ python -m caprl_core.world data --split heldout --out DIR [--num 64]
 python -m caprl_core.world questions --split heldout --out DIR [--num 64] [--leaky-fraction 0.5]
 python -m caprl_core.world filter-truth --candidates DIR/data.jsonl --scores OUT.scores.jsonl
 python -m caprl_core.world ablations --out DIR [--families ...] [--seeds 0 1 2]   # see caprl_core.world.ablations
+python -m caprl_core.world qa-reader --out DIR [--steps 2000]   # the qa ablation's reader (world.qa_reader)
+python -m caprl_core.world read-candidates --candidates DIR/data.jsonl [--reader DIR]   # how a reader reads them
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from caprl_core.world import DEFAULT_SIZES, make_world_data
 from caprl_core.world.build import BuildConfig, build, build_vqa
+from caprl_core.world.qa_reader import STEPS as QA_READER_STEPS
 from caprl_core.world.questions import DEFAULT_LEAKY_FRACTION, QUESTIONS_PER_IMAGE, filter_truth, make_question_data
 
 
@@ -61,7 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                             "their ground truth: visual questions kept, leaky ones dropped")  # fmt: skip
     t.add_argument("--candidates", required=True, type=Path, help="the candidates' data.jsonl")
     t.add_argument("--scores", required=True, type=Path, help="the filter's NAME.scores.jsonl")
+    r = commands.add_parser("qa-reader", help="fine-tune the shipped reader to read `questions` candidates and answer "
+                            "leaky ones from their text (what the ablations' qa family is rewarded by)")  # fmt: skip
+    r.add_argument("--out", required=True, type=Path, help="output directory (a reader directory with card.json)")
+    r.add_argument("--steps", type=int, default=QA_READER_STEPS, help="fine-tuning steps")
+    c = commands.add_parser("read-candidates", help="a reader's mean probability of the right option on "
+                            "`questions` candidates by question kind, from each image's reference caption, its "
+                            "first cell, and no caption")  # fmt: skip
+    c.add_argument("--candidates", required=True, type=Path, help="the candidates' data.jsonl")
+    c.add_argument("--reader", type=Path, help="reader directory (default: the shipped one)")
     args = parser.parse_args(argv)
+    if args.command in ("qa-reader", "read-candidates"):
+        return _qa_reader_command(args, parser)
     if args.command == "filter-truth":
         try:
             print(json.dumps(filter_truth(args.candidates, args.scores)))
@@ -101,6 +115,28 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"seconds": round(time.perf_counter() - started, 1), "reader": card["reader"], "policy": policy,
                "vqa": card["vqa"], "out": str(args.out)}  # fmt: skip
     print(json.dumps(summary))
+    return 0
+
+
+def _qa_reader_command(args, parser: argparse.ArgumentParser) -> int:
+    from caprl_core.world import qa_reader
+
+    if args.command == "qa-reader":
+        if args.steps < 1:
+            parser.error(f"--steps: expected >= 1, got {args.steps}")
+        out = qa_reader.build_qa_reader(args.out, steps=args.steps, progress=True)
+        print(json.dumps(json.loads((out / "card.json").read_text())))
+        return 0
+    from caprl_core.policy import load_reader
+    from caprl_core.world import SHIPPED
+
+    try:
+        rows = [json.loads(line) for line in args.candidates.read_text().splitlines() if line.strip()]
+        model, tokenizer = load_reader(args.reader or SHIPPED / "reader", what="--reader")
+        print(json.dumps(qa_reader.candidate_scores(model, tokenizer, rows)))
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(f"--candidates: {args.candidates}: {type(e).__name__}: {e}" if not isinstance(e, ValueError)
+                     else str(e))  # fmt: skip
     return 0
 
 

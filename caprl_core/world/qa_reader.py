@@ -14,8 +14,8 @@ space; 35% of the questions are the world's own (so it keeps reading them), the 
 equal odds. A visual question's label is what the caption implies (`grammar.implied_answer`), a leaky one's is the
 right option whatever the caption says.
 
-    from caprl_core.world.qa_reader import build_qa_reader
-    build_qa_reader(out_dir)            # DIR/model.safetensors, ..., caprl_prompt.json, card.json
+    python -m caprl_core.world qa-reader --out DIR           # DIR/model.safetensors, ..., caprl_prompt.json, card.json
+    python -m caprl_core.world read-candidates --candidates DIR/data.jsonl [--reader DIR]   # the figures above
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from caprl_core.data import MCQ
 from caprl_core.world.grammar import implied_answer, parse_caption
 from caprl_core.world.questions import leaky_question, visual_question
-from caprl_core.world.reader import ReaderBatches, reader_choices, train_reader, training_caption
+from caprl_core.world.reader import ReaderBatches, reader_choices, train_reader, training_caption, world_reward
 from caprl_core.world.scenes import describe, scene_questions
 from caprl_core.world.splits import sample_scene
 
@@ -90,6 +90,32 @@ def check_qa_reader(model, tokenizer, num_pairs: int = CHECK_PAIRS) -> dict:
         for caption, captions in (("reference", [describe(s) for s in scenes]), ("empty", [""] * num_pairs)):
             chosen, draws = reader_choices(model, tokenizer, captions, questions, seed=CHECK_SEED)
             out[f"{kind}_{caption}"] = round(sum(map(int.__eq__, chosen, draws.answers)) / num_pairs, 4)
+    return out
+
+
+# The captions `candidate_scores` reads each image's questions with, made from its reference caption.
+CAPTIONS = {
+    "reference": lambda c: c,
+    "first cell only": lambda c: c.split(". ")[0].rstrip(".") + ".",
+    "empty": lambda c: "",
+}
+
+
+@torch.no_grad()
+def candidate_scores(model, tokenizer, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """How `model` reads candidate questions (`rows`: the lines of a `world questions` data.jsonl, each with its
+    reference "caption" and questions with their "kind"): {caption: {question kind: mean probability of the right
+    option}}, through the world reward's prompts and soft read-out (seed 0, step 0), for each caption of CAPTIONS."""
+    reward = world_reward(model, tokenizer)
+    out: dict[str, dict[str, float]] = {}
+    for name, make in CAPTIONS.items():
+        totals: dict[str, list[float]] = {}
+        for row in rows:
+            questions = [MCQ(q["question"], tuple(q["options"]), q["answer"]) for q in row["questions"]]
+            _, details = reward.score([make(row["caption"])] * len(questions), [[q] for q in questions], step=0)
+            for q, p in zip(row["questions"], details.correct_prob, strict=True):
+                totals.setdefault(q["kind"], []).append(p)
+        out[name] = {kind: round(sum(v) / len(v), 4) for kind, v in sorted(totals.items())}
     return out
 
 
