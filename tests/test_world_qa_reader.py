@@ -77,12 +77,16 @@ def test_the_shipped_reader_cannot_read_the_candidates():
 
 
 def test_a_short_fine_tune_writes_a_reader_directory(tmp_path):
+    import torch
+
     from caprl_core.policy import load_reader
     from caprl_core.reward_prompts import load_prompt_template
 
+    threads = torch.get_num_threads()
     out = build_qa_reader(tmp_path / "qa-reader", steps=3)
     card = json.loads((out / "card.json").read_text())
     assert card["steps"] == 3 and set(card["before"]) == set(card["after"]) and card["seconds"] > 0
+    assert card["threads"] == 1 and torch.get_num_threads() == threads  # built on one thread, the caller's restored
     reader, tokenizer = load_reader(out)
     assert load_prompt_template(out) is not None  # train and eval prompt it the way it was trained
     assert reader.config.hidden_size == 64 and tokenizer.chat_template is None
